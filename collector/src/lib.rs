@@ -1,0 +1,1 @@
+//! tailweave collector.

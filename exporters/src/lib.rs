@@ -1,0 +1,78 @@
+//! tailweave exporters: where spans leave.
+//!
+//! # Layout
+//! - [`queue`]: the sending queue (bounded, N consumers), retry with backoff and timeout, wrapped
+//!   around every exporter, like the Collector's exporterhelper.
+//! - [`otlp`]: OTLP/gRPC; [`otlp_http`]: OTLP/HTTP protobuf; [`debug`]: logs what passes;
+//!   [`file`]: OTLP/JSON lines.
+//!
+//! `build` returns a [`RunningExporter`]: the input of its queue and the task that drains it.
+
+use tailweave_core::config::{parse, BuildContext, ConfigIssue};
+use tailweave_core::{ComponentError, SpanBatch};
+use tokio::sync::mpsc;
+
+pub mod debug;
+pub mod file;
+pub mod otlp;
+pub mod otlp_http;
+pub mod queue;
+
+/// Every exporter type this build knows.
+pub const KINDS: &[&str] = &["otlp", "otlp_http", "debug", "file"];
+
+#[derive(Debug, Clone)]
+pub enum ExporterConfig {
+    Otlp(otlp::OtlpExporterConfig),
+    OtlpHttp(otlp_http::OtlpHttpExporterConfig),
+    Debug(debug::DebugExporterConfig),
+    File(file::FileExporterConfig),
+}
+
+/// A started exporter. Dropping every clone of `input` starts its shutdown: it drains what it holds
+/// (bounded by its deadline) and `done` completes.
+pub struct RunningExporter {
+    pub input: mpsc::Sender<SpanBatch>,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+impl ExporterConfig {
+    /// Parses the YAML subtree of an exporter of type `kind`. `Ok(None)`: unknown type.
+    pub fn parse(kind: &str, value: serde_yaml::Value) -> Result<Option<Self>, ConfigIssue> {
+        Ok(Some(match kind {
+            "otlp" => ExporterConfig::Otlp(parse(value)?),
+            "otlp_http" | "otlphttp" => ExporterConfig::OtlpHttp(parse(value)?),
+            "debug" => ExporterConfig::Debug(parse(value)?),
+            "file" => ExporterConfig::File(parse(value)?),
+            _ => return Ok(None),
+        }))
+    }
+
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        match self {
+            ExporterConfig::Otlp(c) => c.validate(),
+            ExporterConfig::OtlpHttp(c) => c.validate(),
+            ExporterConfig::Debug(c) => c.validate(),
+            ExporterConfig::File(c) => c.validate(),
+        }
+    }
+
+    /// The `host:port` of every destination (for the self-filter).
+    pub fn endpoints(&self) -> Vec<String> {
+        match self {
+            ExporterConfig::Otlp(c) => c.endpoints(),
+            ExporterConfig::OtlpHttp(c) => c.endpoints(),
+            ExporterConfig::Debug(_) | ExporterConfig::File(_) => Vec::new(),
+        }
+    }
+
+    /// Starts the exporter. Must run inside a tokio runtime.
+    pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
+        match self {
+            ExporterConfig::Otlp(c) => c.build(ctx),
+            ExporterConfig::OtlpHttp(c) => c.build(ctx),
+            ExporterConfig::Debug(c) => c.build(ctx),
+            ExporterConfig::File(c) => c.build(ctx),
+        }
+    }
+}

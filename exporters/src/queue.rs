@@ -1,0 +1,1 @@
+//! The sending queue and retry. (Skeleton.)

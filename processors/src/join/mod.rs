@@ -1,0 +1,29 @@
+//! The `join` processor. (Skeleton: replaced by the real implementation.)
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use tailweave_core::config::{BuildContext, ConfigIssue};
+use tailweave_core::{ComponentError, Processor, SpanBatch};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {}
+
+impl JoinConfig {
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        Vec::new()
+    }
+
+    pub fn build(&self, ctx: &BuildContext) -> Result<Join, ComponentError> {
+        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+    }
+}
+
+pub struct Join;
+
+impl Processor for Join {
+    fn process(&mut self, _now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        out.push(batch);
+    }
+}

@@ -1,0 +1,31 @@
+//! The `self_filter` processor. (Skeleton: replaced by the real implementation.)
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use tailweave_core::config::{BuildContext, ConfigIssue};
+use tailweave_core::{ComponentError, Processor, SpanBatch};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfFilterConfig {}
+
+impl SelfFilterConfig {
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        Vec::new()
+    }
+    pub fn describe(&self, _ctx: &BuildContext) -> Vec<String> {
+        Vec::new()
+    }
+    pub fn build(&self, ctx: &BuildContext) -> Result<SelfFilter, ComponentError> {
+        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+    }
+}
+
+pub struct SelfFilter;
+
+impl Processor for SelfFilter {
+    fn process(&mut self, _now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        out.push(batch);
+    }
+}

@@ -1,0 +1,29 @@
+//! The `tail_sampling` processor. (Skeleton: replaced by the real implementation.)
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use tailweave_core::config::{BuildContext, ConfigIssue};
+use tailweave_core::{ComponentError, Processor, SpanBatch};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TailSamplingConfig {}
+
+impl TailSamplingConfig {
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        Vec::new()
+    }
+
+    pub fn build(&self, ctx: &BuildContext) -> Result<TailSampling, ComponentError> {
+        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+    }
+}
+
+pub struct TailSampling;
+
+impl Processor for TailSampling {
+    fn process(&mut self, _now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        out.push(batch);
+    }
+}
