@@ -1,1 +1,6 @@
-//! tailweave collector.
+//! tailweave collector: the binary's library half.
+//!
+//! # Layout
+//! - [`loadgen`]: the scenario generator behind `tailweave loadgen`.
+
+pub mod loadgen;
