@@ -114,9 +114,6 @@ impl TapSide {
     }
 }
 
-/// Tenant labels of one side.
-pub type Labels = Vec<(Arc<str>, Arc<str>)>;
-
 /// Bit flags of [`EbpfSpan::flags`].
 pub mod flags {
     pub const REQUEST_ONLY: u16 = 1 << 0;
@@ -127,9 +124,16 @@ pub mod flags {
     pub const FAKE_TRACE_ID: u16 = 1 << 5;
     pub const SELF_PARENT: u16 = 1 << 6;
     pub const NO_TIMESTAMPS: u16 = 1 << 7;
+    /// tracing_info or transport_layer was not exported (`ebpf-spans.md` §7.3): not joinable by key.
+    pub const NO_KEYS: u16 = 1 << 8;
 }
 
 /// One received eBPF-derived span, normalized.
+///
+/// Field meanings follow `ebpf-spans.md` §7.2; `[x; 2]` arrays are indexed by side (0 client,
+/// 1 server) except `syscall_*` and `x_request_id`, which are [request, response]. 0 / `None`
+/// means absent. The tenant is not stored here: it depends on the join's `tenant` config, so the
+/// join reads it from the resource itself.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EbpfSpan {
     pub row_id: u64,
@@ -141,8 +145,6 @@ pub struct EbpfSpan {
     pub signal: Signal,
     pub tap_side: TapSide,
     pub agent: Arc<str>,
-    pub tenant: Option<Arc<str>>,
-    pub tenant_labels: [Labels; 2],
     pub l7_protocol: u8,
     pub is_tls: bool,
     pub request_id: Option<u64>,
@@ -170,19 +172,36 @@ impl EbpfSpan {
     pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
+    /// 0 for `c*`, 1 for `s*`, `None` for `local`/`rest`/unknown.
+    pub fn local_side(&self) -> Option<usize> {
+        self.tap_side.local_side()
+    }
+    /// The pid of the observing process (`c-p`/`s-p`), 0 if unknown.
+    pub fn local_pid(&self) -> u32 {
+        self.local_side().map_or(0, |s| self.pid[s])
+    }
+    pub fn local_instance(&self) -> Option<&Arc<str>> {
+        self.local_side().and_then(|s| self.instance[s].as_ref())
+    }
+    pub fn local_host(&self) -> Option<&Arc<str>> {
+        self.local_side().and_then(|s| self.host[s].as_ref())
+    }
+    /// A system span (`c-p`/`s-p`), captured inside the process.
+    pub fn is_system(&self) -> bool {
+        self.tap_side.is_process()
+    }
+    pub fn is_request_only(&self) -> bool {
+        self.has(flags::REQUEST_ONLY)
+    }
+    pub fn is_response_only(&self) -> bool {
+        self.has(flags::RESPONSE_ONLY)
+    }
     /// Heap bytes beyond the struct itself (strings are shared `Arc<str>`, counted once each here).
     pub fn held_bytes(&self) -> usize {
         let s = |o: &Option<Arc<str>>| o.as_ref().map_or(0, |s| s.len() + 16);
         std::mem::size_of::<EbpfSpan>()
             + self.merged_row_ids.len() * 8
             + self.agent.len()
-            + self.tenant.as_ref().map_or(0, |t| t.len())
-            + self
-                .tenant_labels
-                .iter()
-                .flatten()
-                .map(|(k, v)| k.len() + v.len() + 32)
-                .sum::<usize>()
             + s(&self.endpoint)
             + self.x_request_id.iter().map(s).sum::<usize>()
             + self.process_name.iter().map(s).sum::<usize>()
