@@ -1,0 +1,379 @@
+//! The pipeline graph and its lifecycle.
+//!
+//! Start-up (reverse data flow): telemetry and health listeners are bound; exporters start; each
+//! pipeline's processors are built (one instance per pipeline) and their drivers spawned, last
+//! first; then every receiver binds its sockets, and only when all have bound do they serve.
+//!
+//! Shutdown (data-flow order): health turns 503; receivers are told to stop and finish in-flight
+//! requests; dropping their senders ends each processor's input, so each driver flushes its state
+//! (`Processor::shutdown`) and closes its output; exporters then drain their queues and deliver.
+//! The whole drain is bounded by `service.shutdown_timeout`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tailweave_core::config::{BuildContext, SelfInfo};
+use tailweave_core::limiter::MemoryLimiter;
+use tailweave_core::{names, Consumer, Processor, SpanBatch};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{parse_host_port, Config};
+use crate::telemetry::{self, Health};
+
+/// A running collector.
+pub struct Running {
+    shutdown: CancellationToken,
+    telemetry_stop: CancellationToken,
+    receivers: Vec<(
+        String,
+        JoinHandle<Result<(), tailweave_core::ComponentError>>,
+    )>,
+    processors: Vec<JoinHandle<()>>,
+    exporters: Vec<(String, JoinHandle<()>)>,
+    pub health: Health,
+    /// A component failed while running; the process should stop.
+    pub failed: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+/// What this process looks like from outside, for the self-filter.
+pub fn self_info(cfg: &Config) -> SelfInfo {
+    let mut ports = Vec::new();
+    for r in &cfg.receivers {
+        for a in r.config.listen_addrs() {
+            if let Some((_, p)) = parse_host_port(&a) {
+                ports.push(p);
+            }
+        }
+    }
+    if let Some((_, p)) = parse_host_port(&cfg.service.telemetry.metrics.address) {
+        ports.push(p);
+    }
+    if let Some(h) = &cfg.health_check {
+        if let Some((_, p)) = parse_host_port(&h.endpoint) {
+            ports.push(p);
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    let mut endpoints: Vec<String> = cfg
+        .exporters
+        .iter()
+        .flat_map(|e| e.config.endpoints())
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    let host_name = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    SelfInfo {
+        listen_ports: ports,
+        exporter_endpoints: endpoints,
+        pid: std::process::id(),
+        process_name: std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "tailweave".into()),
+        host_name,
+        pod_name: std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::env::var("K8S_POD_NAME").ok()),
+        service_name: "tailweave".into(),
+    }
+}
+
+/// Where a stage sends its output.
+enum Next {
+    Stage(mpsc::Sender<SpanBatch>),
+    Exporters(Vec<mpsc::Sender<SpanBatch>>),
+}
+
+impl Next {
+    /// Waits for room: a full downstream stops this stage, and so, upstream, the receivers.
+    async fn send(&self, batch: SpanBatch) -> bool {
+        match self {
+            Next::Stage(tx) => tx.send(batch).await.is_ok(),
+            Next::Exporters(txs) => {
+                let mut ok = true;
+                let n = txs.len();
+                let mut batch = Some(batch);
+                for (i, tx) in txs.iter().enumerate() {
+                    let b = if i + 1 == n {
+                        batch.take().unwrap_or_default()
+                    } else {
+                        batch.clone().unwrap_or_default()
+                    };
+                    ok &= tx.send(b).await.is_ok();
+                }
+                ok
+            }
+        }
+    }
+}
+
+/// Runs one stage: a processor (or a pass-through when `None`) between two channels.
+async fn drive(
+    id: String,
+    pipeline: String,
+    mut p: Option<Box<dyn Processor>>,
+    mut rx: mpsc::Receiver<SpanBatch>,
+    next: Next,
+) {
+    let labels = [("processor", id.clone()), ("pipeline", pipeline.clone())];
+    let incoming = metrics::counter!(names::PROCESSOR_INCOMING_SPANS, &labels);
+    let outgoing = metrics::counter!(names::PROCESSOR_OUTGOING_SPANS, &labels);
+    let queue = metrics::gauge!(names::PIPELINE_QUEUE_LENGTH, &labels);
+    let tick_every = p
+        .as_ref()
+        .and_then(|p| p.tick_interval())
+        .unwrap_or(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out: Vec<SpanBatch> = Vec::new();
+    loop {
+        let accepting = p.as_ref().is_none_or(|p| p.accepting());
+        tokio::select! {
+            biased;
+            b = rx.recv(), if accepting => match b {
+                Some(b) => {
+                    queue.set(rx.len() as f64);
+                    incoming.increment(b.len() as u64);
+                    match p.as_mut() {
+                        Some(p) => p.process(Instant::now(), b, &mut out),
+                        None => out.push(b),
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Some(p) = p.as_mut() {
+                    p.tick(Instant::now(), &mut out);
+                }
+            }
+        }
+        for b in out.drain(..) {
+            if b.is_empty() {
+                continue;
+            }
+            outgoing.increment(b.len() as u64);
+            if !next.send(b).await {
+                tracing::error!(processor = %id, pipeline = %pipeline, "downstream closed early");
+            }
+        }
+    }
+    if let Some(p) = p.as_mut() {
+        p.shutdown(Instant::now(), &mut out);
+    }
+    for b in out.drain(..) {
+        if b.is_empty() {
+            continue;
+        }
+        outgoing.increment(b.len() as u64);
+        next.send(b).await;
+    }
+    tracing::debug!(processor = %id, pipeline = %pipeline, "stage drained");
+}
+
+/// Builds and starts everything. Nothing serves unless everything built.
+pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let telemetry_stop = CancellationToken::new();
+    let failed = CancellationToken::new();
+    let health = Health::default();
+    let info = Arc::new(self_info(cfg));
+
+    let prom = telemetry::install_recorder();
+    if cfg.service.telemetry.metrics.address != "none" {
+        let l = telemetry::bind(
+            "service.telemetry.metrics",
+            &cfg.service.telemetry.metrics.address,
+        )
+        .await?;
+        tracing::info!(address = %l.local_addr()?, "serving /metrics");
+        telemetry::serve_metrics(l, prom, telemetry_stop.clone());
+    }
+    if let Some(h) = &cfg.health_check {
+        let l = telemetry::bind("extensions.health_check", &h.endpoint).await?;
+        tracing::info!(address = %l.local_addr()?, path = %h.path, "serving health check");
+        telemetry::serve_health(l, h.path.clone(), health.clone(), telemetry_stop.clone());
+    }
+    let limiter = cfg.service.memory_limit_mib.map(|mib| {
+        let limit = mib << 20;
+        let spike = cfg
+            .service
+            .memory_spike_limit_mib
+            .map(|s| s << 20)
+            .unwrap_or(limit / 5);
+        Arc::new(MemoryLimiter::new(limit, spike))
+    });
+    telemetry::sample_rss(limiter.clone(), telemetry_stop.clone());
+
+    // Exporters: one instance each, shared by the pipelines that name it.
+    let mut exporter_inputs: Vec<(String, mpsc::Sender<SpanBatch>)> = Vec::new();
+    let mut exporters = Vec::new();
+    for (pid, p) in &cfg.service.pipelines {
+        for eid in &p.exporters {
+            if exporter_inputs.iter().any(|(id, _)| id == eid) {
+                continue;
+            }
+            let e = cfg
+                .exporter(eid)
+                .context("validated config names a missing exporter")?;
+            let ctx = BuildContext {
+                id: eid.clone(),
+                pipeline: pid.clone(),
+                self_info: info.clone(),
+            };
+            let running = e
+                .config
+                .build(&ctx)
+                .with_context(|| format!("exporters.{eid}: cannot start"))?;
+            exporter_inputs.push((eid.clone(), running.input));
+            exporters.push((eid.clone(), running.done));
+        }
+    }
+
+    // Pipelines, last stage first.
+    let mut pipeline_inputs: Vec<(String, mpsc::Sender<SpanBatch>)> = Vec::new();
+    let mut processors = Vec::new();
+    for (pid, p) in &cfg.service.pipelines {
+        let fan: Vec<mpsc::Sender<SpanBatch>> = p
+            .exporters
+            .iter()
+            .filter_map(|e| exporter_inputs.iter().find(|(id, _)| id == e))
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        let mut next = Next::Exporters(fan);
+        let mut stages: Vec<(String, Option<Box<dyn Processor>>)> = Vec::new();
+        for prid in &p.processors {
+            let pc = cfg
+                .processor(prid)
+                .context("validated config names a missing processor")?;
+            let ctx = BuildContext {
+                id: prid.clone(),
+                pipeline: pid.clone(),
+                self_info: info.clone(),
+            };
+            let built = pc
+                .config
+                .build(&ctx)
+                .with_context(|| format!("processors.{prid} (pipeline {pid}): cannot build"))?;
+            stages.push((prid.clone(), Some(built)));
+        }
+        if stages.is_empty() {
+            stages.push(("passthrough".into(), None));
+        }
+        for (prid, proc_) in stages.into_iter().rev() {
+            let (tx, rx) = mpsc::channel(cfg.service.queue_size);
+            processors.push(tokio::spawn(drive(prid, pid.clone(), proc_, rx, next)));
+            next = Next::Stage(tx);
+        }
+        let Next::Stage(input) = next else {
+            unreachable!("at least one stage")
+        };
+        pipeline_inputs.push((pid.clone(), input));
+    }
+    drop(exporter_inputs);
+
+    // Receivers: bind all, then serve.
+    let mut bound = Vec::new();
+    for r in &cfg.receivers {
+        let targets: Vec<mpsc::Sender<SpanBatch>> = cfg
+            .service
+            .pipelines
+            .iter()
+            .filter(|(_, p)| p.receivers.contains(&r.id))
+            .filter_map(|(pid, _)| pipeline_inputs.iter().find(|(id, _)| id == pid))
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        let ctx = BuildContext {
+            id: r.id.clone(),
+            pipeline: String::new(),
+            self_info: info.clone(),
+        };
+        let rx = r
+            .config
+            .build(&ctx)
+            .await
+            .with_context(|| format!("receivers.{}: cannot start", r.id))?;
+        bound.push((r.id.clone(), rx, Consumer::new(targets, limiter.clone())));
+    }
+    drop(pipeline_inputs);
+    let mut receivers = Vec::new();
+    for (id, rx, consumer) in bound {
+        let stop = shutdown.clone();
+        let failed = failed.clone();
+        let rid = id.clone();
+        receivers.push((
+            id,
+            tokio::spawn(async move {
+                let r = rx.run(consumer, stop.clone()).await;
+                if !stop.is_cancelled() {
+                    match &r {
+                        Err(e) => tracing::error!(receiver = %rid, error = %e, "receiver failed"),
+                        Ok(()) => tracing::error!(receiver = %rid, "receiver stopped unexpectedly"),
+                    }
+                    failed.cancel();
+                }
+                r
+            }),
+        ));
+    }
+    health.set(true);
+    Ok(Running {
+        shutdown,
+        telemetry_stop,
+        receivers,
+        processors,
+        exporters,
+        health,
+        failed,
+        shutdown_timeout: cfg.service.shutdown_timeout,
+    })
+}
+
+impl Running {
+    /// Stops receiving, drains every stage and delivers, within the shutdown timeout.
+    /// Returns `false` if the deadline passed with work left.
+    pub async fn stop(self) -> bool {
+        self.health.set(false);
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let mut clean = true;
+        for (id, h) in self.receivers {
+            match tokio::time::timeout_at(deadline, h).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(receiver = %id, error = %e, "receiver stopped with an error")
+                }
+                Ok(Err(e)) => tracing::error!(receiver = %id, error = %e, "receiver task panicked"),
+                Err(_) => {
+                    tracing::error!(receiver = %id, "receiver did not stop before the shutdown deadline");
+                    clean = false;
+                }
+            }
+        }
+        for h in self.processors {
+            if tokio::time::timeout_at(deadline, h).await.is_err() {
+                tracing::error!("a pipeline stage did not drain before the shutdown deadline");
+                clean = false;
+            }
+        }
+        for (id, h) in self.exporters {
+            if tokio::time::timeout_at(deadline, h).await.is_err() {
+                tracing::error!(exporter = %id, "exporter did not deliver everything before the shutdown deadline; undelivered spans are lost");
+                clean = false;
+            }
+        }
+        self.telemetry_stop.cancel();
+        clean
+    }
+}
