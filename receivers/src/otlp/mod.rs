@@ -1,21 +1,332 @@
-//! The `otlp` receiver. (Skeleton: replaced by the real implementation.)
+//! The `otlp` receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON) for traces.
+//!
+//! # Layout
+//! - [`config`]: the `protocols` layout shared with the `deepflow` receiver.
+//! - [`ingest`]: decode, classify, hand on, count, answer: the part both transports share.
+//! - [`grpc`]: `TraceService/Export` on tonic with a raw-bytes codec.
+//! - [`http`]: `POST /v1/traces` on hyper.
+//!
+//! `build` binds every socket first (a port in use fails start-up, before anything serves);
+//! `run` serves until shutdown, then closes the listeners and lets in-flight requests finish.
+//! A request is answered only after its batch is in the pipelines' channels or refused, so a
+//! client never sees success for a span that was dropped.
 
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
-use tailweave_core::{ComponentError, Receiver};
+use tailweave_core::otlp::DecodeLimits;
+use tailweave_core::{ComponentError, Consumer, Receiver};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+use config::{DefaultPorts, DEFAULT_SOURCE_HEADER};
+pub use config::{GrpcConfig, HttpConfig, LimitsConfig, Protocols, SourceMode};
+
+use crate::deepflow::normalize::Role;
+
+/// How long in-flight requests may take to finish after shutdown before their connections are
+/// closed.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+const OTLP_PORTS: DefaultPorts = DefaultPorts {
+    grpc: 4317,
+    http: 4318,
+};
+
+/// Configuration of the `otlp` receiver.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct OtlpReceiverConfig {}
+pub struct OtlpReceiverConfig {
+    /// The protocols to serve; at least one. Present keys enable a protocol (`grpc:` alone
+    /// means its defaults).
+    #[serde(default)]
+    pub protocols: Protocols,
+    /// How spans are classified: `auto` (default: DeepFlow markers make a span eBPF-derived),
+    /// `sdk`, or `ebpf`.
+    #[serde(default)]
+    pub source: SourceMode,
+    /// Request limits (spans per request, attributes per span, value depth).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
 
 impl OtlpReceiverConfig {
     pub fn validate(&self) -> Vec<ConfigIssue> {
-        Vec::new()
+        let mut issues = Vec::new();
+        self.protocols.validate(OTLP_PORTS, &mut issues);
+        self.limits.validate(&mut issues);
+        issues
     }
+
     pub fn listen_addrs(&self) -> Vec<String> {
-        Vec::new()
+        self.protocols.listen_addrs(OTLP_PORTS)
     }
+
     pub async fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
-        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+        Ok(Box::new(self.bind(ctx).await?))
+    }
+
+    /// Binds the sockets and returns the concrete receiver (whose bound addresses tests read).
+    pub async fn bind(&self, ctx: &BuildContext) -> Result<OtlpReceiver, ComponentError> {
+        let role = match self.source {
+            SourceMode::Auto => Some(Role::Shared),
+            SourceMode::Sdk => None,
+            SourceMode::Ebpf => Some(Role::Ebpf),
+        };
+        OtlpReceiver::bind(
+            ctx,
+            &self.protocols,
+            OTLP_PORTS,
+            role,
+            self.limits.decode_limits(),
+            DEFAULT_SOURCE_HEADER,
+        )
+        .await
+    }
+}
+
+/// An OTLP receiver with its sockets bound (`otlp`, and `deepflow` with the eBPF role).
+pub struct OtlpReceiver {
+    id: String,
+    role: Option<Role>,
+    limits: DecodeLimits,
+    grpc: Option<(TcpListener, grpc::GrpcSettings)>,
+    http: Option<(TcpListener, http::HttpSettings)>,
+    drain: Duration,
+}
+
+impl std::fmt::Debug for OtlpReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpReceiver")
+            .field("id", &self.id)
+            .field("grpc", &self.grpc_addr())
+            .field("http", &self.http_addr())
+            .finish()
+    }
+}
+
+async fn bind_one(id: &str, addr: &str) -> Result<TcpListener, ComponentError> {
+    let bind_err = |source| ComponentError::Bind {
+        component: id.to_string(),
+        addr: addr.to_string(),
+        source,
+    };
+    let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+    Ok(l)
+}
+
+impl OtlpReceiver {
+    pub(crate) async fn bind(
+        ctx: &BuildContext,
+        protocols: &Protocols,
+        ports: DefaultPorts,
+        role: Option<Role>,
+        limits: DecodeLimits,
+        source_header: &str,
+    ) -> Result<OtlpReceiver, ComponentError> {
+        let id = ctx.id.clone();
+        let source_header = source_header.to_ascii_lowercase();
+        let grpc = match (&protocols.grpc, protocols.grpc_endpoint(ports)) {
+            (Some(g), Some(addr)) => {
+                let l = bind_one(&id, &addr).await?;
+                let settings = grpc::GrpcSettings {
+                    max_recv_msg_size: usize::try_from(g.max_recv_msg_size_mib * 1024 * 1024)
+                        .unwrap_or(usize::MAX),
+                    max_concurrent_streams: g.max_concurrent_streams,
+                    source_header: source_header.clone(),
+                };
+                Some((l, settings))
+            }
+            _ => None,
+        };
+        let http = match (&protocols.http, protocols.http_endpoint(ports)) {
+            (Some(h), Some(addr)) => {
+                let l = bind_one(&id, &addr).await?;
+                let settings = http::HttpSettings {
+                    traces_url_path: h.traces_url_path.clone(),
+                    max_request_body_size: usize::try_from(h.max_request_body_size)
+                        .unwrap_or(usize::MAX),
+                    source_header,
+                };
+                Some((l, settings))
+            }
+            _ => None,
+        };
+        if grpc.is_none() && http.is_none() {
+            return Err(ComponentError::build(&id, "no protocol configured"));
+        }
+        let r = OtlpReceiver {
+            id,
+            role,
+            limits,
+            grpc,
+            http,
+            drain: DRAIN_TIMEOUT,
+        };
+        tracing::info!(
+            receiver = %r.id,
+            grpc = ?r.grpc_addr(),
+            http = ?r.http_addr(),
+            "receiver bound"
+        );
+        Ok(r)
+    }
+
+    /// The bound gRPC address (the real port when the config asked for port 0).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Every bound address, gRPC first.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.grpc_addr()
+            .into_iter()
+            .chain(self.http_addr())
+            .collect()
+    }
+
+    /// Sets how long in-flight requests may take after shutdown (default [`DRAIN_TIMEOUT`]).
+    pub fn with_drain_timeout(mut self, d: Duration) -> Self {
+        self.drain = d;
+        self
+    }
+
+    /// Serves until `shutdown` (the body of [`Receiver::run`], callable on the concrete type).
+    pub async fn serve(
+        self,
+        out: Consumer,
+        shutdown: CancellationToken,
+    ) -> Result<(), ComponentError> {
+        let ingest =
+            std::sync::Arc::new(ingest::Ingest::new(&self.id, self.role, self.limits, out));
+        let id = self.id;
+        let drain = self.drain;
+        let grpc = async {
+            match self.grpc {
+                Some((l, s)) => grpc::serve(l, ingest.clone(), s, shutdown.clone(), drain)
+                    .await
+                    .map_err(|e| ComponentError::runtime(&id, format!("gRPC server: {e}"))),
+                None => Ok(()),
+            }
+        };
+        let http = async {
+            match self.http {
+                Some((l, s)) => http::serve(l, ingest.clone(), s, shutdown.clone(), drain)
+                    .await
+                    .map_err(|e| ComponentError::runtime(&id, format!("HTTP server: {e}"))),
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(grpc, http)?;
+        tracing::info!(receiver = %id, "receiver stopped");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Receiver for OtlpReceiver {
+    async fn run(
+        self: Box<Self>,
+        out: Consumer,
+        shutdown: CancellationToken,
+    ) -> Result<(), ComponentError> {
+        (*self).serve(out, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tailweave_core::config::parse;
+
+    fn cfg(yaml: &str) -> Result<OtlpReceiverConfig, ConfigIssue> {
+        parse(serde_yaml::from_str(yaml).unwrap())
+    }
+
+    #[test]
+    fn null_protocol_means_defaults() {
+        let c = cfg("protocols: {grpc: , http: }").unwrap();
+        assert_eq!(c.protocols.grpc, Some(GrpcConfig::default()));
+        assert_eq!(c.protocols.http, Some(HttpConfig::default()));
+        assert_eq!(c.listen_addrs(), vec!["127.0.0.1:4317", "127.0.0.1:4318"]);
+        assert!(c.validate().is_empty());
+        let c = cfg("protocols: {http: {traces_url_path: /t}}").unwrap();
+        assert_eq!(c.protocols.grpc, None);
+        assert_eq!(c.listen_addrs(), vec!["127.0.0.1:4318"]);
+    }
+
+    #[test]
+    fn no_protocol_is_an_error() {
+        for y in ["~", "protocols: {}", "source: sdk"] {
+            let issues = cfg(y).unwrap().validate();
+            assert_eq!(issues.len(), 1, "{y}: {issues:?}");
+            assert_eq!(issues[0].path, "protocols");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let e = cfg("protocols: {grpc: {endpont: x}}").unwrap_err();
+        assert!(e.path.starts_with("protocols.grpc"), "{e}");
+        assert!(e.message.contains("endpont"), "{e}");
+        assert!(cfg("protocols: {thrift: {}}").is_err());
+        assert!(cfg("protocols: {grpc: }\nsource: magic").is_err());
+    }
+
+    #[test]
+    fn every_problem_reported_with_path() {
+        let c = cfg(
+            "protocols:\n  grpc: {endpoint: '4317', max_recv_msg_size_mib: 0}\n  http: {endpoint: 'h:1:2', traces_url_path: v1, max_request_body_size: 0}\nlimits: {max_spans_per_request: 0}",
+        )
+        .unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "protocols.grpc.endpoint",
+                "protocols.grpc.max_recv_msg_size_mib",
+                "protocols.http.endpoint",
+                "protocols.http.traces_url_path",
+                "protocols.http.max_request_body_size",
+                "limits.max_spans_per_request",
+            ]
+        );
+    }
+
+    #[test]
+    fn same_port_twice_is_an_error() {
+        let c =
+            cfg("protocols: {grpc: {endpoint: '127.0.0.1:9'}, http: {endpoint: '127.0.0.1:9'}}")
+                .unwrap();
+        let issues = c.validate();
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].path, "protocols.http.endpoint");
+    }
+
+    #[tokio::test]
+    async fn bind_error_names_component_and_address() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let c = cfg(&format!("protocols: {{http: {{endpoint: '{addr}'}}}}")).unwrap();
+        let ctx = BuildContext {
+            id: "otlp/in".into(),
+            ..Default::default()
+        };
+        let e = c.build(&ctx).await.err().expect("port in use");
+        let m = e.to_string();
+        assert!(m.contains("otlp/in") && m.contains(&addr), "{m}");
     }
 }

@@ -1,0 +1,333 @@
+//! The configuration shared by the `otlp` and `deepflow` receivers, in the OpenTelemetry
+//! Collector's layout (`protocols: {grpc: {...}, http: {...}}`).
+//!
+//! A protocol is enabled by the presence of its key; `grpc:` with no value (YAML null) enables it
+//! with its defaults. Endpoints left unset take the receiver's own default (loopback only, so a
+//! fresh install is not reachable from the network until the user opens it).
+
+use serde::{Deserialize, Deserializer};
+use tailweave_core::config::ConfigIssue;
+use tailweave_core::otlp::DecodeLimits;
+
+/// The default OTLP/HTTP path for traces.
+pub const DEFAULT_TRACES_URL_PATH: &str = "/v1/traces";
+/// The default largest HTTP body, in bytes, before and after decompression (20 MiB).
+pub const DEFAULT_MAX_REQUEST_BODY_SIZE: u64 = 20 * 1024 * 1024;
+/// The default largest gRPC message, in MiB (the OpenTelemetry Collector's default).
+pub const DEFAULT_MAX_RECV_MSG_SIZE_MIB: u64 = 4;
+/// The default request header that names the sender (DeepFlow's `extra-headers`).
+pub const DEFAULT_SOURCE_HEADER: &str = "x-tailweave-source";
+
+/// Upper bound for message and body size settings: a bigger value is almost certainly a unit
+/// mistake, and every request is held whole in memory while it is read.
+const MAX_SIZE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Which protocols to serve.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Protocols {
+    /// OTLP/gRPC (`TraceService/Export`). Enabled when the key is present.
+    #[serde(default, deserialize_with = "present_means_enabled")]
+    pub grpc: Option<GrpcConfig>,
+    /// OTLP/HTTP (`POST` protobuf or JSON). Enabled when the key is present.
+    #[serde(default, deserialize_with = "present_means_enabled")]
+    pub http: Option<HttpConfig>,
+}
+
+/// OTLP/gRPC settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// `host:port` to listen on. Default `127.0.0.1:4317` (`otlp`) or `127.0.0.1:14317`
+    /// (`deepflow`). Port 0 picks a free port.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The largest accepted message, in MiB, after decompression. Default 4.
+    #[serde(default = "default_max_recv_msg_size_mib")]
+    pub max_recv_msg_size_mib: u64,
+    /// Concurrent streams (requests) per HTTP/2 connection. Default: no limit of our own
+    /// (the HTTP/2 stack's).
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            endpoint: None,
+            max_recv_msg_size_mib: DEFAULT_MAX_RECV_MSG_SIZE_MIB,
+            max_concurrent_streams: None,
+        }
+    }
+}
+
+/// OTLP/HTTP settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to listen on. Default `127.0.0.1:4318` (`otlp`) or `127.0.0.1:14318`
+    /// (`deepflow`). Port 0 picks a free port.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The path that takes trace requests. Default `/v1/traces`.
+    #[serde(default = "default_traces_url_path")]
+    pub traces_url_path: String,
+    /// The largest accepted body in bytes, both as sent and after gzip decompression.
+    /// Default 20971520 (20 MiB).
+    #[serde(default = "default_max_request_body_size")]
+    pub max_request_body_size: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            endpoint: None,
+            traces_url_path: default_traces_url_path(),
+            max_request_body_size: DEFAULT_MAX_REQUEST_BODY_SIZE,
+        }
+    }
+}
+
+/// How spans taken by an `otlp` receiver are classified (`ebpf-spans.md` §7.1).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    /// eBPF-derived when the span carries DeepFlow markers (or the request carries the source
+    /// header with `deepflow`/`ebpf`), SDK otherwise.
+    #[default]
+    Auto,
+    /// Every span is an SDK span; DeepFlow markers are not looked at.
+    Sdk,
+    /// Every span is eBPF-derived (a receiver dedicated to DeepFlow).
+    Ebpf,
+}
+
+/// Limits applied while reading one request (each refusal is counted with its reason).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Spans per request; a request over it is refused whole. Default 1000000.
+    #[serde(default = "default_max_spans_per_request")]
+    pub max_spans_per_request: usize,
+    /// Attributes per span; a span over it is refused alone. Default 10000.
+    #[serde(default = "default_max_attributes_per_span")]
+    pub max_attributes_per_span: usize,
+    /// Nesting depth of array and map attribute values; a deeper span is refused alone.
+    /// Default 32.
+    #[serde(default = "default_max_value_depth")]
+    pub max_value_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = DecodeLimits::default();
+        LimitsConfig {
+            max_spans_per_request: d.max_spans_per_request,
+            max_attributes_per_span: d.max_attributes_per_span,
+            max_value_depth: d.max_value_depth,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_spans_per_request: self.max_spans_per_request,
+            max_attributes_per_span: self.max_attributes_per_span,
+            max_value_depth: self.max_value_depth,
+        }
+    }
+
+    pub(crate) fn validate(&self, issues: &mut Vec<ConfigIssue>) {
+        if self.max_spans_per_request == 0 {
+            issues.push(ConfigIssue::new(
+                "limits.max_spans_per_request",
+                "must be at least 1",
+            ));
+        }
+        if self.max_attributes_per_span == 0 {
+            issues.push(ConfigIssue::new(
+                "limits.max_attributes_per_span",
+                "must be at least 1",
+            ));
+        }
+        if self.max_value_depth == 0 {
+            issues.push(ConfigIssue::new(
+                "limits.max_value_depth",
+                "must be at least 1",
+            ));
+        }
+    }
+}
+
+fn default_max_recv_msg_size_mib() -> u64 {
+    DEFAULT_MAX_RECV_MSG_SIZE_MIB
+}
+fn default_traces_url_path() -> String {
+    DEFAULT_TRACES_URL_PATH.to_string()
+}
+fn default_max_request_body_size() -> u64 {
+    DEFAULT_MAX_REQUEST_BODY_SIZE
+}
+fn default_max_spans_per_request() -> usize {
+    DecodeLimits::default().max_spans_per_request
+}
+fn default_max_attributes_per_span() -> usize {
+    DecodeLimits::default().max_attributes_per_span
+}
+fn default_max_value_depth() -> usize {
+    DecodeLimits::default().max_value_depth
+}
+
+/// `grpc:` (null) enables the protocol with defaults; an absent key (serde `default`) disables it.
+fn present_means_enabled<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(Option::<T>::deserialize(d)?.unwrap_or_default()))
+}
+
+/// The default ports of a receiver type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DefaultPorts {
+    pub grpc: u16,
+    pub http: u16,
+}
+
+impl Protocols {
+    pub(crate) fn grpc_endpoint(&self, ports: DefaultPorts) -> Option<String> {
+        self.grpc.as_ref().map(|g| {
+            g.endpoint
+                .clone()
+                .unwrap_or_else(|| format!("127.0.0.1:{}", ports.grpc))
+        })
+    }
+
+    pub(crate) fn http_endpoint(&self, ports: DefaultPorts) -> Option<String> {
+        self.http.as_ref().map(|h| {
+            h.endpoint
+                .clone()
+                .unwrap_or_else(|| format!("127.0.0.1:{}", ports.http))
+        })
+    }
+
+    pub(crate) fn listen_addrs(&self, ports: DefaultPorts) -> Vec<String> {
+        self.grpc_endpoint(ports)
+            .into_iter()
+            .chain(self.http_endpoint(ports))
+            .collect()
+    }
+
+    pub(crate) fn validate(&self, ports: DefaultPorts, issues: &mut Vec<ConfigIssue>) {
+        if self.grpc.is_none() && self.http.is_none() {
+            issues.push(ConfigIssue::new(
+                "protocols",
+                "at least one protocol (grpc or http) must be configured",
+            ));
+        }
+        if let Some(g) = &self.grpc {
+            if let Some(e) = &g.endpoint {
+                if let Err(m) = check_endpoint(e) {
+                    issues.push(ConfigIssue::new("protocols.grpc.endpoint", m));
+                }
+            }
+            if g.max_recv_msg_size_mib == 0
+                || g.max_recv_msg_size_mib * 1024 * 1024 > MAX_SIZE_BYTES
+            {
+                issues.push(ConfigIssue::new(
+                    "protocols.grpc.max_recv_msg_size_mib",
+                    format!(
+                        "must be between 1 and {} (MiB), got {}",
+                        MAX_SIZE_BYTES / 1024 / 1024,
+                        g.max_recv_msg_size_mib
+                    ),
+                ));
+            }
+            if g.max_concurrent_streams == Some(0) {
+                issues.push(ConfigIssue::new(
+                    "protocols.grpc.max_concurrent_streams",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(h) = &self.http {
+            if let Some(e) = &h.endpoint {
+                if let Err(m) = check_endpoint(e) {
+                    issues.push(ConfigIssue::new("protocols.http.endpoint", m));
+                }
+            }
+            if !h.traces_url_path.starts_with('/') {
+                issues.push(ConfigIssue::new(
+                    "protocols.http.traces_url_path",
+                    format!("must start with '/', got {:?}", h.traces_url_path),
+                ));
+            }
+            if h.max_request_body_size == 0 || h.max_request_body_size > MAX_SIZE_BYTES {
+                issues.push(ConfigIssue::new(
+                    "protocols.http.max_request_body_size",
+                    format!(
+                        "must be between 1 and {MAX_SIZE_BYTES} (bytes), got {}",
+                        h.max_request_body_size
+                    ),
+                ));
+            }
+        }
+        if let (Some(g), Some(h)) = (self.grpc_endpoint(ports), self.http_endpoint(ports)) {
+            if g == h && !g.ends_with(":0") {
+                issues.push(ConfigIssue::new(
+                    "protocols.http.endpoint",
+                    format!("{h} is also the grpc endpoint; each protocol needs its own port"),
+                ));
+            }
+        }
+    }
+}
+
+/// `host:port`, with a non-empty host (a name, an IPv4 address or a bracketed IPv6 address).
+pub(crate) fn check_endpoint(e: &str) -> Result<(), String> {
+    let bad = || format!("must be host:port (e.g. 127.0.0.1:4317), got {e:?}");
+    let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+        inner.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+    } else if host.contains(':') {
+        // An unbracketed IPv6 address is ambiguous with the port separator.
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        for ok in [
+            "127.0.0.1:4317",
+            "0.0.0.0:0",
+            "localhost:1",
+            "[::1]:4317",
+            "[::]:9",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "4317",
+            ":4317",
+            "127.0.0.1:",
+            "127.0.0.1:70000",
+            "::1:4317",
+            "[::1:4317",
+            "[nothex]:1",
+            "a b:1",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! OTLP/HTTP: `POST {traces_url_path}` with a protobuf or JSON body, optionally gzip-compressed.
+//!
+//! Answers follow the OTLP/HTTP specification: the response is in the encoding of the request;
+//! refusals carry a `google.rpc.Status` body (protobuf or JSON), and retryable ones a
+//! `Retry-After` header.
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use prost::Message;
+use tailweave_core::otlp::{decode_json_request, decode_request};
+use tailweave_core::proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
+};
+use tailweave_core::Refused;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
+
+/// A client that sends its headers slower than this is disconnected (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of one HTTP server, resolved from config.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub traces_url_path: String,
+    pub max_request_body_size: usize,
+    /// Request header naming the sender (lower case).
+    pub source_header: String,
+}
+
+/// The body encodings of OTLP/HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn from_headers(h: &HeaderMap) -> Option<Encoding> {
+        let ct = h.get(CONTENT_TYPE)?.to_str().ok()?;
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime.eq_ignore_ascii_case("application/x-protobuf")
+            || mime.eq_ignore_ascii_case("application/protobuf")
+        {
+            Some(Encoding::Protobuf)
+        } else if mime.eq_ignore_ascii_case("application/json") {
+            Some(Encoding::Json)
+        } else {
+            None
+        }
+    }
+    fn content_type(&self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// `google.rpc.Status`, the body of an OTLP/HTTP refusal.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+struct State {
+    ingest: Arc<Ingest>,
+    settings: HttpSettings,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(msg.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A refusal as `google.rpc.Status` in the request's encoding.
+fn status(status: StatusCode, grpc_code: tonic::Code, enc: Encoding, msg: String) -> Resp {
+    let s = RpcStatus {
+        code: grpc_code as i32,
+        message: msg,
+    };
+    let body = match enc {
+        Encoding::Protobuf => s.encode_to_vec(),
+        Encoding::Json => serde_json::json!({"code": s.code, "message": s.message})
+            .to_string()
+            .into_bytes(),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(enc.content_type()));
+    r
+}
+
+fn success(enc: Encoding, rejected: u64, message: String) -> Resp {
+    let resp = ExportTraceServiceResponse {
+        partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
+            rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),
+            error_message: message,
+        }),
+    };
+    let body = match enc {
+        Encoding::Protobuf => resp.encode_to_vec(),
+        // Serializing a plain struct of an integer and a string cannot fail.
+        Encoding::Json => serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec()),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(enc.content_type()));
+    r
+}
+
+enum BodyError {
+    TooLarge,
+    Bad(String),
+}
+
+/// Inflates a gzip body, refusing output beyond `limit` (so a small bomb cannot exhaust memory).
+fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, BodyError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    let mut d = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    d.read_to_end(&mut out)
+        .map_err(|e| BodyError::Bad(format!("body is not valid gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(out))
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let ing = &state.ingest;
+    let count = |outcome| ing.count_request(Transport::Http, outcome);
+    if req.uri().path() != state.settings.traces_url_path {
+        count("not_found");
+        return Ok(text(StatusCode::NOT_FOUND, "not found"));
+    }
+    if req.method() != Method::POST {
+        count("method_not_allowed");
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {} not allowed, use POST", req.method()),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return Ok(r);
+    }
+    let Some(enc) = Encoding::from_headers(req.headers()) else {
+        count("unsupported_media_type");
+        return Ok(text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content type must be application/x-protobuf or application/json",
+        ));
+    };
+    let gzip = match req
+        .headers()
+        .get(CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    {
+        None => false,
+        Some(e) if e.is_empty() || e == "identity" => false,
+        Some(e) if e == "gzip" => true,
+        Some(e) => {
+            count("unsupported_media_type");
+            return Ok(text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("content encoding {e:?} is not supported (use gzip or none)"),
+            ));
+        }
+    };
+    let limit = state.settings.max_request_body_size;
+    let too_large = || {
+        count("too_large");
+        status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            tonic::Code::InvalidArgument,
+            enc,
+            format!("request body exceeds {limit} bytes (protocols.http.max_request_body_size)"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Ok(too_large());
+    }
+    let hint = role_from_header(
+        req.headers()
+            .get(state.settings.source_header.as_str())
+            .map(|v| v.as_bytes()),
+    );
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
+        Err(e) => {
+            count("malformed_request");
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                format!("reading the body failed: {e}"),
+            ));
+        }
+    };
+    let body = if gzip {
+        match gunzip(&body, limit) {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => return Ok(too_large()),
+            Err(BodyError::Bad(m)) => {
+                count("malformed_request");
+                return Ok(status(
+                    StatusCode::BAD_REQUEST,
+                    tonic::Code::InvalidArgument,
+                    enc,
+                    m,
+                ));
+            }
+        }
+    } else {
+        body
+    };
+    let decoded = match enc {
+        Encoding::Protobuf => decode_request(body, &ing.limits),
+        Encoding::Json => decode_json_request(&body, &ing.limits),
+    };
+    Ok(match ing.ingest(Transport::Http, decoded, hint) {
+        Answer::Accepted { rejected, message } => success(enc, rejected, message),
+        Answer::Malformed(m) => status(
+            StatusCode::BAD_REQUEST,
+            tonic::Code::InvalidArgument,
+            enc,
+            m,
+        ),
+        Answer::TooManySpans(m) => status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            tonic::Code::InvalidArgument,
+            enc,
+            m,
+        ),
+        Answer::Refused { reason, spans } => {
+            let m = format!("{spans} span(s) refused: {reason}; retry later");
+            let (code, grpc) = match reason {
+                Refused::MemoryLimit => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    tonic::Code::ResourceExhausted,
+                ),
+                Refused::Full | Refused::Closed => {
+                    (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable)
+                }
+            };
+            let mut r = status(code, grpc, enc, m);
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            r
+        }
+    })
+}
+
+/// Serves until `shutdown`, then closes the listener and lets in-flight requests finish
+/// (bounded by `drain`); idle keep-alive connections are closed at once.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ingest: Arc<Ingest>,
+    settings: HttpSettings,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<(), String> {
+    let state = Arc::new(State { ingest, settings });
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!("accepting an HTTP connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("HTTP connection ended with an error: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open {drain:?} after shutdown; closing them");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert_eq!(Encoding::from_headers(&h), None);
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert_eq!(Encoding::from_headers(&h), Some(Encoding::Json));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("Application/X-Protobuf"),
+        );
+        assert_eq!(Encoding::from_headers(&h), Some(Encoding::Protobuf));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(Encoding::from_headers(&h), None);
+    }
+
+    #[test]
+    fn gunzip_limits_output() {
+        use flate2::write::GzEncoder;
+        use std::io::Write;
+        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&[0u8; 10_000]).unwrap();
+        let z = e.finish().unwrap();
+        assert_eq!(gunzip(&z, 10_000).ok().map(|b| b.len()), Some(10_000));
+        assert!(matches!(gunzip(&z, 9_999), Err(BodyError::TooLarge)));
+        assert!(matches!(gunzip(b"not gzip", 100), Err(BodyError::Bad(_))));
+    }
+}

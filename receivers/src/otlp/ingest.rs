@@ -1,0 +1,280 @@
+//! What both transports do with a request once its bytes are read: decode, classify, hand to the
+//! pipelines, count, and decide the answer. The transports only map an [`Answer`] to their own
+//! status codes, so gRPC and HTTP refuse and count exactly alike.
+
+use std::sync::Arc;
+
+use tailweave_core::names;
+use tailweave_core::otlp::{DecodeError, DecodeLimits, Decoded};
+use tailweave_core::{Consumer, Refused, SpanBatch};
+
+use crate::deepflow::normalize::{self, Role};
+
+/// Spans accepted into the pipelines (`receiver`, `transport`).
+pub const ACCEPTED_SPANS: &str = names::RECEIVER_ACCEPTED_SPANS;
+/// Spans refused (`receiver`, `transport`, `reason`): `pipeline_full`, `memory_limit`,
+/// `shutting_down`, the per-span reasons of `decode_request` (`invalid_trace_id`, ...), and
+/// `too_many_spans`. Requests refused before their spans could be counted (`malformed_request`,
+/// `too_large`, ...) appear only in [`REQUESTS`].
+pub const REFUSED_SPANS: &str = names::RECEIVER_REFUSED_SPANS;
+/// Requests by `outcome` (`receiver`, `transport`, `outcome`): `success`, `partial_success`,
+/// the [`Refused`] reasons, `malformed_request`, `too_large`, `too_many_spans`, and for HTTP
+/// `not_found`, `method_not_allowed`, `unsupported_media_type`.
+pub const REQUESTS: &str = names::RECEIVER_REQUESTS;
+
+/// How long a refused client is asked to wait before retrying (HTTP `Retry-After`, seconds).
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// The transport a request came in on (the `transport` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+impl Transport {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// The result of one request, independent of the transport.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Accepted; `rejected > 0` means partial success with `message`.
+    Accepted { rejected: u64, message: String },
+    /// The body is not a readable request (the message says where).
+    Malformed(String),
+    /// More spans than `limits.max_spans_per_request`.
+    TooManySpans(String),
+    /// The pipelines did not take the batch; `spans` were refused and counted.
+    Refused { reason: Refused, spans: u64 },
+}
+
+/// Per-receiver state shared by every request of every transport.
+pub struct Ingest {
+    pub(crate) id: Arc<str>,
+    /// `None`: every span is an SDK span (`source: sdk`).
+    pub(crate) role: Option<Role>,
+    pub(crate) limits: DecodeLimits,
+    pub(crate) consumer: Consumer,
+}
+
+impl Ingest {
+    pub fn new(id: &str, role: Option<Role>, limits: DecodeLimits, consumer: Consumer) -> Self {
+        Ingest {
+            id: id.into(),
+            role,
+            limits,
+            consumer,
+        }
+    }
+
+    /// Counts a request that ended before decoding (size, media type, path, ...).
+    pub fn count_request(&self, transport: Transport, outcome: &'static str) {
+        metrics::counter!(REQUESTS, "receiver" => self.id.to_string(),
+            "transport" => transport.as_str(), "outcome" => outcome)
+        .increment(1);
+    }
+
+    fn count_refused(&self, transport: Transport, reason: &'static str, n: u64) {
+        if n > 0 {
+            metrics::counter!(REFUSED_SPANS, "receiver" => self.id.to_string(),
+                "transport" => transport.as_str(), "reason" => reason)
+            .increment(n);
+        }
+    }
+
+    /// Takes a decoded request: classifies its spans, hands them on, counts, and answers.
+    /// `role_hint` is the request's own claim (the source header) and only ever upgrades a
+    /// shared receiver to eBPF.
+    pub fn ingest(
+        &self,
+        transport: Transport,
+        decoded: Result<Decoded, DecodeError>,
+        role_hint: Option<Role>,
+    ) -> Answer {
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(DecodeError::TooManySpans(max)) => {
+                self.count_request(transport, "too_many_spans");
+                return Answer::TooManySpans(format!(
+                    "request holds more than {max} spans (limits.max_spans_per_request)"
+                ));
+            }
+            Err(e) => {
+                self.count_request(transport, "malformed_request");
+                return Answer::Malformed(e.to_string());
+            }
+        };
+        for (reason, n) in &decoded.rejected {
+            self.count_refused(transport, reason.as_str(), *n);
+        }
+        let rejected = decoded.rejected_total();
+        let message = if rejected > 0 {
+            decoded.partial_message()
+        } else {
+            String::new()
+        };
+        let mut spans = decoded.spans;
+        let role = match (self.role, role_hint) {
+            (Some(Role::Shared), Some(Role::Ebpf)) => Some(Role::Ebpf),
+            (r, _) => r,
+        };
+        if let Some(role) = role {
+            normalize::normalize_spans(&mut spans, role);
+        }
+        let n = spans.len() as u64;
+        if n > 0 {
+            if let Err(reason) = self.consumer.try_send(SpanBatch::new(spans)) {
+                self.count_refused(transport, reason.as_str(), n);
+                self.count_request(transport, reason.as_str());
+                return Answer::Refused { reason, spans: n };
+            }
+            metrics::counter!(ACCEPTED_SPANS, "receiver" => self.id.to_string(),
+                "transport" => transport.as_str())
+            .increment(n);
+        }
+        self.count_request(
+            transport,
+            if rejected > 0 {
+                "partial_success"
+            } else {
+                "success"
+            },
+        );
+        Answer::Accepted { rejected, message }
+    }
+}
+
+/// Reads the source header's value as a role claim: DeepFlow's exporter is configured to send
+/// `x-tailweave-source: deepflow` (`ebpf-spans.md` §8).
+pub fn role_from_header(value: Option<&[u8]>) -> Option<Role> {
+    let v = value?;
+    if v.eq_ignore_ascii_case(b"deepflow") || v.eq_ignore_ascii_case(b"ebpf") {
+        Some(Role::Ebpf)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tailweave_core::otlp::decode_request;
+    use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use tailweave_core::proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as PS};
+    use tokio::sync::mpsc;
+
+    fn request(ids: &[(u8, u8)]) -> Bytes {
+        use prost::Message;
+        let spans = ids
+            .iter()
+            .map(|&(t, s)| PS {
+                trace_id: vec![t; 16],
+                span_id: vec![s; 8],
+                name: "x".into(),
+                ..Default::default()
+            })
+            .collect();
+        let r = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        Bytes::from(r.encode_to_vec())
+    }
+
+    fn ingest(cap: usize) -> (Ingest, mpsc::Receiver<SpanBatch>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let c = Consumer::new(vec![tx], None);
+        (
+            Ingest::new("otlp", Some(Role::Shared), DecodeLimits::default(), c),
+            rx,
+        )
+    }
+
+    #[test]
+    fn accepted_and_partial() {
+        let (ing, mut rx) = ingest(4);
+        let d = decode_request(request(&[(1, 1), (0, 2), (1, 3)]), &ing.limits);
+        match ing.ingest(Transport::Grpc, d, None) {
+            Answer::Accepted { rejected, message } => {
+                assert_eq!(rejected, 1);
+                assert!(message.contains("invalid_trace_id"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(rx.try_recv().unwrap().spans.len(), 2);
+    }
+
+    #[test]
+    fn nothing_valid_sends_nothing() {
+        let (ing, mut rx) = ingest(4);
+        let d = decode_request(request(&[(0, 1)]), &ing.limits);
+        assert!(matches!(
+            ing.ingest(Transport::Http, d, None),
+            Answer::Accepted { rejected: 1, .. }
+        ));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn full_and_closed_are_refused_with_count() {
+        let (ing, rx) = ingest(1);
+        let d = decode_request(request(&[(1, 1)]), &ing.limits);
+        assert!(matches!(
+            ing.ingest(Transport::Grpc, d, None),
+            Answer::Accepted { .. }
+        ));
+        let d = decode_request(request(&[(1, 1), (1, 2)]), &ing.limits);
+        assert_eq!(
+            ing.ingest(Transport::Grpc, d, None),
+            Answer::Refused {
+                reason: Refused::Full,
+                spans: 2
+            }
+        );
+        drop(rx);
+        let d = decode_request(request(&[(1, 1)]), &ing.limits);
+        assert_eq!(
+            ing.ingest(Transport::Grpc, d, None),
+            Answer::Refused {
+                reason: Refused::Closed,
+                spans: 1
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_and_too_many() {
+        let (mut ing, _rx) = ingest(1);
+        let d = decode_request(Bytes::from_static(b"\xff\xff\xff"), &ing.limits);
+        assert!(matches!(
+            ing.ingest(Transport::Http, d, None),
+            Answer::Malformed(_)
+        ));
+        ing.limits.max_spans_per_request = 1;
+        let d = decode_request(request(&[(1, 1), (1, 2)]), &ing.limits);
+        assert!(matches!(
+            ing.ingest(Transport::Http, d, None),
+            Answer::TooManySpans(_)
+        ));
+    }
+
+    #[test]
+    fn header_roles() {
+        assert_eq!(role_from_header(Some(b"DeepFlow")), Some(Role::Ebpf));
+        assert_eq!(role_from_header(Some(b"ebpf")), Some(Role::Ebpf));
+        assert_eq!(role_from_header(Some(b"sdk")), None);
+        assert_eq!(role_from_header(None), None);
+    }
+}
