@@ -661,7 +661,8 @@ pub(crate) mod tests {
 
     #[test]
     fn malformed_rows_pass_as_plain_spans() {
-        let cases: Vec<(Box<dyn Fn(&mut Row)>, Malformed)> = vec![
+        type Case = (Box<dyn Fn(&mut Row)>, Malformed);
+        let cases: Vec<Case> = vec![
             (Box::new(|r| r.attrs.clear()), Malformed::MissingSpanType),
             (
                 Box::new(|r| r.attrs[0] = s("df.span.type", "half")),
