@@ -1,29 +1,715 @@
-//! The `tail_sampling` processor. (Skeleton: replaced by the real implementation.)
+//! The `tail_sampling` processor: holds every span of a trace until the trace is decided, then
+//! forwards all of it or none of it.
+//!
+//! # Layout
+//! - [`config`]: the config (the OpenTelemetry Collector's syntax plus tailweave's triggers,
+//!   caps and tenants) and its validation.
+//! - `policy`: compiled policies and how a policy set votes on one trace.
+//! - `cache`: remembered decisions for late spans.
+//! - this file: the state machine (`process`, `tick`, `shutdown`) and its self-metrics.
+//!
+//! # Triggers
+//! A trace is decided at the first of: `decision_wait` since its first span; `decision_wait_after_root`
+//! without a new span once its root has arrived; `max_spans_per_trace` / `max_trace_bytes`; a
+//! [`SpanBatch`] marked `whole` (the join assembled it, so there is nothing to wait for); the caps
+//! (`num_traces`, `max_memory_mib`, oldest first, unless `on_full: backpressure`); shutdown.
+//!
+//! # Why it is shaped like this
+//! Time is a parameter, so every trigger is tested without sleeping. Deadlines live in one
+//! min-heap with lazy invalidation: a trace has at most two entries, and a deadline that moved
+//! later (a new span after the root) is re-pushed when the old one comes due instead of being
+//! searched for. An instance holds no global state, so the driver can shard traces by id across
+//! instances (rate limits then apply per instance). Counters are plain integers on the hot path
+//! and are handed to `metrics` on each tick.
 
-use std::time::Instant;
+pub mod config;
 
-use serde::Deserialize;
-use tailweave_core::config::{BuildContext, ConfigIssue};
-use tailweave_core::{ComponentError, Processor, SpanBatch};
+mod cache;
+mod policy;
+#[cfg(test)]
+mod tests;
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TailSamplingConfig {}
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
 
-impl TailSamplingConfig {
-    pub fn validate(&self) -> Vec<ConfigIssue> {
-        Vec::new()
+use hashbrown::HashMap;
+use tailweave_core::config::BuildContext;
+use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use tailweave_core::{ComponentError, Processor, Span, SpanBatch, TraceId};
+
+pub use config::{OnFull, PolicyConfig, PolicyKind, TailSamplingConfig};
+
+use cache::{Cached, DecisionCache};
+use policy::{Ctx, Outcome, PolicySet, Summary, TraceView};
+
+/// Span attribute naming the policy that kept the trace.
+pub const ATTR_POLICY: &str = "sampling.policy";
+/// Span attribute with the trace's adjusted count (1/p for a probabilistic keep, else 1).
+pub const ATTR_ADJUSTED_COUNT: &str = "sampling.adjusted_count";
+
+/// Traces decided, by `decision` (`kept`/`dropped`), `policy` (the keeping or vetoing policy,
+/// `none` when no policy kept the trace) and `tenant`.
+pub const METRIC_TRACES: &str = "tailweave_tail_sampling_traces_total";
+/// Spans of decided traces, labelled like [`METRIC_TRACES`].
+pub const METRIC_SPANS: &str = "tailweave_tail_sampling_spans_total";
+/// Decisions by `trigger` (`decision_wait`, `after_root`, `whole`, `size`, `cap`, `memory`,
+/// `shutdown`).
+pub const METRIC_DECISIONS: &str = "tailweave_tail_sampling_decisions_total";
+/// Traces decided before their wait ended, by `cause` (`size`, `cap`, `memory`, `shutdown`).
+pub const METRIC_EARLY_DECISIONS: &str = "tailweave_tail_sampling_early_decisions_total";
+/// Spans that arrived after their trace was decided, by `outcome` (`kept`/`dropped`).
+pub const METRIC_LATE_SPANS: &str = "tailweave_tail_sampling_late_spans_total";
+/// Undecided traces held.
+pub const METRIC_TRACES_IN_MEMORY: &str = "tailweave_tail_sampling_traces_in_memory";
+/// Spans of undecided traces held.
+pub const METRIC_SPANS_IN_MEMORY: &str = "tailweave_tail_sampling_spans_in_memory";
+/// Bytes held by undecided traces (spans, their headers, per-trace bookkeeping).
+pub const METRIC_BYTES_HELD: &str = "tailweave_tail_sampling_bytes_held";
+/// Seconds from a trace's first span to its decision.
+pub const METRIC_DECISION_LATENCY: &str = "tailweave_tail_sampling_decision_latency_seconds";
+/// Kept spans that could not be decoded to add the sampling attributes (forwarded as they were).
+pub const METRIC_ANNOTATE_FAILED: &str = "tailweave_tail_sampling_annotate_failed_spans_total";
+
+/// What decided a trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    DecisionWait = 0,
+    AfterRoot = 1,
+    Whole = 2,
+    Size = 3,
+    Cap = 4,
+    Memory = 5,
+    Shutdown = 6,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 7] = [
+        Trigger::DecisionWait,
+        Trigger::AfterRoot,
+        Trigger::Whole,
+        Trigger::Size,
+        Trigger::Cap,
+        Trigger::Memory,
+        Trigger::Shutdown,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Trigger::DecisionWait => "decision_wait",
+            Trigger::AfterRoot => "after_root",
+            Trigger::Whole => "whole",
+            Trigger::Size => "size",
+            Trigger::Cap => "cap",
+            Trigger::Memory => "memory",
+            Trigger::Shutdown => "shutdown",
+        }
     }
 
-    pub fn build(&self, ctx: &BuildContext) -> Result<TailSampling, ComponentError> {
-        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+    /// Decided before the trace's wait ended, on what it had.
+    pub fn is_early(&self) -> bool {
+        matches!(
+            self,
+            Trigger::Size | Trigger::Cap | Trigger::Memory | Trigger::Shutdown
+        )
     }
 }
 
-pub struct TailSampling;
+/// Counts for one top-level policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounts {
+    pub kept_traces: u64,
+    pub kept_spans: u64,
+    /// Traces vetoed by this (drop) policy.
+    pub dropped_traces: u64,
+    pub dropped_spans: u64,
+}
+
+/// Cumulative counts since start; the same numbers go to `metrics` on every tick.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TailSamplingStats {
+    pub traces_kept: u64,
+    pub spans_kept: u64,
+    pub traces_dropped: u64,
+    pub spans_dropped: u64,
+    /// Dropped because no policy kept them (not vetoed).
+    pub traces_not_kept: u64,
+    pub spans_not_kept: u64,
+    /// Per policy id (see [`TailSampling::policy_stats`]).
+    pub per_policy: Vec<PolicyCounts>,
+    /// Decisions per [`Trigger`], indexed by its value.
+    pub decided_by: [u64; 7],
+    pub late_spans_kept: u64,
+    pub late_spans_dropped: u64,
+    pub annotate_failed: u64,
+}
+
+impl TailSamplingStats {
+    pub fn decided(&self, t: Trigger) -> u64 {
+        self.decided_by[t as usize]
+    }
+}
+
+/// The name of a top-level policy and the set it belongs to.
+#[derive(Clone, Debug)]
+struct PolicyName {
+    name: String,
+    tenant: String,
+}
+
+#[derive(Debug)]
+struct Trace {
+    spans: Vec<Span>,
+    summary: Summary,
+    first: Instant,
+    last: Instant,
+    root: bool,
+    /// Held bytes: the spans' `held_bytes`, the unused capacity of `spans`, bookkeeping.
+    bytes: usize,
+    /// Arrival order, to tell a live entry of `arrivals`/`timers` from a stale one.
+    seq: u64,
+    /// The deadline of the trace's current `timers` entry.
+    scheduled: Instant,
+}
+
+type TimerEntry = Reverse<(Instant, u64, TraceId)>;
+
+/// Bytes per trace beyond its spans: its map slot, its timer and arrival entries.
+const TRACE_OVERHEAD: usize = std::mem::size_of::<(TraceId, Trace)>()
+    + 1
+    + std::mem::size_of::<TimerEntry>()
+    + std::mem::size_of::<(u64, TraceId)>();
+const SPAN_SIZE: usize = std::mem::size_of::<Span>();
+
+/// Most decision-latency samples kept between two ticks (the rest are not recorded).
+const MAX_LATENCY_SAMPLES: usize = 8192;
+
+/// The state machine. See the module docs.
+pub struct TailSampling {
+    id: String,
+    pipeline: String,
+    decision_wait: Duration,
+    after_root: Option<Duration>,
+    num_traces: usize,
+    max_bytes: usize,
+    max_spans_per_trace: usize,
+    max_trace_bytes: usize,
+    on_full: OnFull,
+    sets: Vec<PolicySet>,
+    tenant_key: Option<String>,
+    tenants: HashMap<String, usize>,
+    names: Vec<PolicyName>,
+
+    traces: HashMap<TraceId, Trace>,
+    timers: BinaryHeap<TimerEntry>,
+    arrivals: VecDeque<(u64, TraceId)>,
+    next_seq: u64,
+    cache: DecisionCache,
+    bytes_held: usize,
+    spans_held: usize,
+
+    stats: TailSamplingStats,
+    flushed: TailSamplingStats,
+    latencies: Vec<f64>,
+    out_kept: Vec<Span>,
+    out_late: Vec<Span>,
+    scratch: Vec<TraceId>,
+}
+
+impl TailSamplingConfig {
+    pub fn build(&self, ctx: &BuildContext) -> Result<TailSampling, ComponentError> {
+        let issues = self.validate();
+        if !issues.is_empty() {
+            let msg = issues
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ComponentError::build(&ctx.id, msg));
+        }
+        Ok(TailSampling::new(self, &ctx.id, &ctx.pipeline))
+    }
+}
+
+impl TailSampling {
+    /// Builds the state machine from a config that passed `validate`.
+    pub fn new(cfg: &TailSamplingConfig, id: &str, pipeline: &str) -> Self {
+        let mut names: Vec<PolicyName> = Vec::new();
+        let mut compile = |policies: &[PolicyConfig], tenant: &str| {
+            PolicySet::compile(policies, cfg.sample_on_first_match, |name| {
+                names.push(PolicyName {
+                    name: name.to_string(),
+                    tenant: tenant.to_string(),
+                });
+                (names.len() - 1) as u32
+            })
+        };
+        let mut sets = vec![compile(&cfg.policies, "default")];
+        let mut tenants = HashMap::new();
+        for (tenant, t) in &cfg.tenants {
+            tenants.insert(tenant.clone(), sets.len());
+            sets.push(compile(&t.policies, tenant));
+        }
+        let expected = (cfg.expected_new_traces_per_sec as f64 * cfg.decision_wait.as_secs_f64())
+            .min(cfg.num_traces as f64) as usize;
+        let stats = TailSamplingStats {
+            per_policy: vec![PolicyCounts::default(); names.len()],
+            ..Default::default()
+        };
+        TailSampling {
+            id: id.to_string(),
+            pipeline: pipeline.to_string(),
+            decision_wait: cfg.decision_wait,
+            after_root: (!cfg.decision_wait_after_root.is_zero())
+                .then_some(cfg.decision_wait_after_root),
+            num_traces: cfg.num_traces,
+            max_bytes: (cfg.max_memory_mib as usize).saturating_mul(1 << 20),
+            max_spans_per_trace: cfg.max_spans_per_trace,
+            max_trace_bytes: cfg.max_trace_bytes,
+            on_full: cfg.effective_on_full(),
+            sets,
+            tenant_key: cfg.tenant_key.clone(),
+            tenants,
+            traces: HashMap::with_capacity(expected),
+            timers: BinaryHeap::new(),
+            arrivals: VecDeque::new(),
+            next_seq: 0,
+            cache: DecisionCache::new(
+                cfg.decision_cache.sampled_cache_size,
+                cfg.decision_cache.non_sampled_cache_size,
+            ),
+            bytes_held: 0,
+            spans_held: 0,
+            flushed: stats.clone(),
+            stats,
+            names,
+            latencies: Vec::new(),
+            out_kept: Vec::new(),
+            out_late: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> &TailSamplingStats {
+        &self.stats
+    }
+
+    /// Counts of the top-level policy `name` (of the default set, or of `tenant`'s).
+    pub fn policy_stats(&self, tenant: Option<&str>, name: &str) -> Option<&PolicyCounts> {
+        let tenant = tenant.unwrap_or("default");
+        let i = self
+            .names
+            .iter()
+            .position(|n| n.name == name && n.tenant == tenant)?;
+        self.stats.per_policy.get(i)
+    }
+
+    /// Undecided traces held.
+    pub fn traces_held(&self) -> usize {
+        self.traces.len()
+    }
+
+    /// Spans of undecided traces held.
+    pub fn spans_held(&self) -> usize {
+        self.spans_held
+    }
+
+    /// Bytes held by undecided traces.
+    pub fn bytes_held(&self) -> usize {
+        self.bytes_held
+    }
+
+    /// Decisions remembered for late spans: (kept, dropped).
+    pub fn cached_decisions(&self) -> (usize, usize) {
+        self.cache.len()
+    }
+
+    fn is_full(&self) -> bool {
+        self.traces.len() >= self.num_traces || self.bytes_held >= self.max_bytes
+    }
+
+    fn ingest(&mut self, now: Instant, span: Span) {
+        let id = span.trace_id;
+        if let Some(t) = self.traces.get_mut(&id) {
+            let before = t.bytes;
+            add_span(t, now, span, self.after_root, &mut self.timers);
+            self.bytes_held += t.bytes - before;
+            self.spans_held += 1;
+            if t.spans.len() >= self.max_spans_per_trace || t.bytes >= self.max_trace_bytes {
+                self.decide(now, &id, Trigger::Size);
+            }
+        } else if let Some(c) = self.cache.get(&id) {
+            self.late(span, c);
+        } else {
+            if self.on_full == OnFull::DecideEarly {
+                while self.traces.len() >= self.num_traces {
+                    if !self.decide_oldest(now, Trigger::Cap) {
+                        break;
+                    }
+                }
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let deadline = now + self.decision_wait;
+            let mut t = Trace {
+                spans: Vec::new(),
+                summary: Summary::default(),
+                first: now,
+                last: now,
+                root: false,
+                bytes: TRACE_OVERHEAD,
+                seq,
+                scheduled: deadline,
+            };
+            self.timers.push(Reverse((deadline, seq, id)));
+            self.arrivals.push_back((seq, id));
+            add_span(&mut t, now, span, self.after_root, &mut self.timers);
+            self.bytes_held += t.bytes;
+            self.spans_held += 1;
+            let size_reached =
+                t.spans.len() >= self.max_spans_per_trace || t.bytes >= self.max_trace_bytes;
+            self.traces.insert(id, t);
+            if size_reached {
+                self.decide(now, &id, Trigger::Size);
+            }
+        }
+        if self.on_full == OnFull::DecideEarly {
+            while self.bytes_held > self.max_bytes {
+                if !self.decide_oldest(now, Trigger::Memory) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A span of a trace decided earlier: it follows that decision.
+    fn late(&mut self, mut span: Span, c: Cached) {
+        match c {
+            Cached::Kept { policy, adjusted } => {
+                let name = &self.names[policy as usize].name;
+                if !annotate(&mut span, name, adjusted) {
+                    self.stats.annotate_failed += 1;
+                }
+                self.stats.late_spans_kept += 1;
+                self.out_late.push(span);
+            }
+            Cached::Dropped => self.stats.late_spans_dropped += 1,
+        }
+    }
+
+    /// Decides the trace that arrived first among those still undecided.
+    fn decide_oldest(&mut self, now: Instant, why: Trigger) -> bool {
+        while let Some((seq, id)) = self.arrivals.pop_front() {
+            if self.traces.get(&id).is_some_and(|t| t.seq == seq) {
+                self.decide(now, &id, why);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn tenant_set(&self, spans: &[Span]) -> usize {
+        let Some(key) = &self.tenant_key else {
+            return 0;
+        };
+        spans
+            .iter()
+            .find_map(|s| s.resource().attr(key).and_then(|v| v.as_str()))
+            .and_then(|v| self.tenants.get(v).copied())
+            .unwrap_or(0)
+    }
+
+    fn decide(&mut self, now: Instant, id: &TraceId, why: Trigger) {
+        let Some(t) = self.traces.remove(id) else {
+            return;
+        };
+        self.bytes_held -= t.bytes;
+        self.spans_held -= t.spans.len();
+        let set = self.tenant_set(&t.spans);
+        let view = TraceView {
+            trace_id: *id,
+            spans: &t.spans,
+            summary: t.summary,
+        };
+        let outcome = self.sets[set].decide(&view, &Ctx { now });
+        let n = t.spans.len() as u64;
+        self.stats.decided_by[why as usize] += 1;
+        if self.latencies.len() < MAX_LATENCY_SAMPLES {
+            self.latencies
+                .push(now.saturating_duration_since(t.first).as_secs_f64());
+        }
+        match outcome {
+            Outcome::Kept { policy, adjusted } => {
+                self.stats.traces_kept += 1;
+                self.stats.spans_kept += n;
+                let pc = &mut self.stats.per_policy[policy as usize];
+                pc.kept_traces += 1;
+                pc.kept_spans += n;
+                let name = &self.names[policy as usize].name;
+                for mut s in t.spans {
+                    if !annotate(&mut s, name, adjusted) {
+                        self.stats.annotate_failed += 1;
+                    }
+                    self.out_kept.push(s);
+                }
+                self.cache.remember(id, Cached::Kept { policy, adjusted });
+            }
+            Outcome::Dropped { policy } => {
+                self.stats.traces_dropped += 1;
+                self.stats.spans_dropped += n;
+                match policy {
+                    Some(p) => {
+                        let pc = &mut self.stats.per_policy[p as usize];
+                        pc.dropped_traces += 1;
+                        pc.dropped_spans += n;
+                    }
+                    None => {
+                        self.stats.traces_not_kept += 1;
+                        self.stats.spans_not_kept += n;
+                    }
+                }
+                self.cache.remember(id, Cached::Dropped);
+            }
+        }
+    }
+
+    /// Runs every deadline that is due.
+    fn expire(&mut self, now: Instant) {
+        while let Some(Reverse((d, seq, id))) = self.timers.peek().copied() {
+            if d > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(t) = self.traces.get_mut(&id) else {
+                continue;
+            };
+            if t.seq != seq || t.scheduled != d {
+                continue;
+            }
+            let wait_end = t.first + self.decision_wait;
+            let root_end = match (t.root, self.after_root) {
+                (true, Some(w)) => Some(t.last + w),
+                _ => None,
+            };
+            let due = root_end.map_or(wait_end, |r| r.min(wait_end));
+            if due <= now {
+                let why = if root_end.is_some_and(|r| r < wait_end) {
+                    Trigger::AfterRoot
+                } else {
+                    Trigger::DecisionWait
+                };
+                self.decide(now, &id, why);
+            } else {
+                t.scheduled = due;
+                self.timers.push(Reverse((due, seq, id)));
+            }
+        }
+        self.compact();
+    }
+
+    /// Drops stale bookkeeping entries once they outnumber the live traces.
+    fn compact(&mut self) {
+        let live = self.traces.len();
+        if self.arrivals.len() > 2 * live + 1024 {
+            let traces = &self.traces;
+            self.arrivals
+                .retain(|(seq, id)| traces.get(id).is_some_and(|t| t.seq == *seq));
+        }
+        if self.timers.len() > 3 * live + 1024 {
+            let traces = &self.traces;
+            self.timers.retain(|Reverse((d, seq, id))| {
+                traces
+                    .get(id)
+                    .is_some_and(|t| t.seq == *seq && t.scheduled == *d)
+            });
+        }
+    }
+
+    fn emit(&mut self, out: &mut Vec<SpanBatch>) {
+        if !self.out_kept.is_empty() {
+            out.push(SpanBatch::new(std::mem::take(&mut self.out_kept)));
+        }
+        if !self.out_late.is_empty() {
+            out.push(SpanBatch::new(std::mem::take(&mut self.out_late)));
+        }
+    }
+
+    /// Hands the counts since the last flush to `metrics`.
+    fn flush_metrics(&mut self) {
+        let (id, pipeline) = (self.id.clone(), self.pipeline.clone());
+        let s = &self.stats;
+        let f = &self.flushed;
+        for (i, (now, was)) in s.per_policy.iter().zip(&f.per_policy).enumerate() {
+            let n = &self.names[i];
+            let labels = |decision: &'static str| {
+                [
+                    ("processor", id.clone()),
+                    ("pipeline", pipeline.clone()),
+                    ("decision", decision.to_string()),
+                    ("policy", n.name.clone()),
+                    ("tenant", n.tenant.clone()),
+                ]
+            };
+            if now.kept_traces > was.kept_traces {
+                metrics::counter!(METRIC_TRACES, &labels("kept"))
+                    .increment(now.kept_traces - was.kept_traces);
+                metrics::counter!(METRIC_SPANS, &labels("kept"))
+                    .increment(now.kept_spans - was.kept_spans);
+            }
+            if now.dropped_traces > was.dropped_traces {
+                metrics::counter!(METRIC_TRACES, &labels("dropped"))
+                    .increment(now.dropped_traces - was.dropped_traces);
+                metrics::counter!(METRIC_SPANS, &labels("dropped"))
+                    .increment(now.dropped_spans - was.dropped_spans);
+            }
+        }
+        if s.traces_not_kept > f.traces_not_kept {
+            let labels = [
+                ("processor", id.clone()),
+                ("pipeline", pipeline.clone()),
+                ("decision", "dropped".to_string()),
+                ("policy", "none".to_string()),
+            ];
+            metrics::counter!(METRIC_TRACES, &labels)
+                .increment(s.traces_not_kept - f.traces_not_kept);
+            metrics::counter!(METRIC_SPANS, &labels).increment(s.spans_not_kept - f.spans_not_kept);
+        }
+        let dropped_spans = s.spans_dropped + s.late_spans_dropped;
+        let was_dropped = f.spans_dropped + f.late_spans_dropped;
+        if dropped_spans > was_dropped {
+            metrics::counter!(
+                tailweave_core::names::PROCESSOR_DROPPED_SPANS,
+                "processor" => id.clone(), "pipeline" => pipeline.clone(), "reason" => "sampled_out"
+            )
+            .increment(dropped_spans - was_dropped);
+        }
+        for t in Trigger::ALL {
+            let d = s.decided(t) - f.decided(t);
+            if d == 0 {
+                continue;
+            }
+            metrics::counter!(METRIC_DECISIONS, "processor" => id.clone(), "pipeline" => pipeline.clone(), "trigger" => t.as_str())
+                .increment(d);
+            if t.is_early() {
+                metrics::counter!(METRIC_EARLY_DECISIONS, "processor" => id.clone(), "pipeline" => pipeline.clone(), "cause" => t.as_str())
+                    .increment(d);
+            }
+        }
+        if s.late_spans_kept > f.late_spans_kept {
+            metrics::counter!(METRIC_LATE_SPANS, "processor" => id.clone(), "pipeline" => pipeline.clone(), "outcome" => "kept")
+                .increment(s.late_spans_kept - f.late_spans_kept);
+        }
+        if s.late_spans_dropped > f.late_spans_dropped {
+            metrics::counter!(METRIC_LATE_SPANS, "processor" => id.clone(), "pipeline" => pipeline.clone(), "outcome" => "dropped")
+                .increment(s.late_spans_dropped - f.late_spans_dropped);
+        }
+        if s.annotate_failed > f.annotate_failed {
+            metrics::counter!(METRIC_ANNOTATE_FAILED, "processor" => id.clone(), "pipeline" => pipeline.clone())
+                .increment(s.annotate_failed - f.annotate_failed);
+        }
+        metrics::gauge!(METRIC_TRACES_IN_MEMORY, "processor" => id.clone(), "pipeline" => pipeline.clone())
+            .set(self.traces.len() as f64);
+        metrics::gauge!(METRIC_SPANS_IN_MEMORY, "processor" => id.clone(), "pipeline" => pipeline.clone())
+            .set(self.spans_held as f64);
+        metrics::gauge!(METRIC_BYTES_HELD, "processor" => id.clone(), "pipeline" => pipeline.clone())
+            .set(self.bytes_held as f64);
+        let h =
+            metrics::histogram!(METRIC_DECISION_LATENCY, "processor" => id, "pipeline" => pipeline);
+        for l in self.latencies.drain(..) {
+            h.record(l);
+        }
+        self.flushed = self.stats.clone();
+    }
+}
+
+/// Appends a span to its trace, keeping the summary, the byte count and the root deadline.
+fn add_span(
+    t: &mut Trace,
+    now: Instant,
+    span: Span,
+    after_root: Option<Duration>,
+    timers: &mut BinaryHeap<TimerEntry>,
+) {
+    t.summary.add(&span);
+    t.last = now;
+    if span.is_root() && !t.root {
+        t.root = true;
+        if let Some(w) = after_root {
+            let d = now + w;
+            if d < t.scheduled {
+                t.scheduled = d;
+                timers.push(Reverse((d, t.seq, span.trace_id)));
+            }
+        }
+    }
+    let cap = t.spans.capacity();
+    t.bytes += span.held_bytes() - SPAN_SIZE;
+    t.spans.push(span);
+    t.bytes += (t.spans.capacity() - cap) * SPAN_SIZE;
+}
+
+/// Writes the sampling attributes, replacing any that an upstream sampler wrote.
+fn annotate(span: &mut Span, policy: &str, adjusted: f64) -> bool {
+    span.edit(|p| {
+        p.attributes
+            .retain(|kv| kv.key != ATTR_POLICY && kv.key != ATTR_ADJUSTED_COUNT);
+        p.attributes.push(KeyValue {
+            key: ATTR_POLICY.to_string(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(policy.to_string())),
+            }),
+            ..Default::default()
+        });
+        p.attributes.push(KeyValue {
+            key: ATTR_ADJUSTED_COUNT.to_string(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::DoubleValue(adjusted)),
+            }),
+            ..Default::default()
+        });
+    })
+    .is_ok()
+}
 
 impl Processor for TailSampling {
-    fn process(&mut self, _now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
-        out.push(batch);
+    fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        if batch.whole {
+            let mut touched = std::mem::take(&mut self.scratch);
+            for s in batch.spans {
+                if touched.last() != Some(&s.trace_id) {
+                    touched.push(s.trace_id);
+                }
+                self.ingest(now, s);
+            }
+            for id in touched.drain(..) {
+                self.decide(now, &id, Trigger::Whole);
+            }
+            self.scratch = touched;
+        } else {
+            for s in batch.spans {
+                self.ingest(now, s);
+            }
+        }
+        self.emit(out);
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        self.expire(now);
+        self.emit(out);
+        self.flush_metrics();
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(Duration::from_millis(100))
+    }
+
+    fn accepting(&self) -> bool {
+        self.on_full == OnFull::DecideEarly || !self.is_full()
+    }
+
+    fn shutdown(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        while self.decide_oldest(now, Trigger::Shutdown) {}
+        self.emit(out);
+        self.flush_metrics();
     }
 }
