@@ -120,11 +120,7 @@ impl Ingest {
             String::new()
         };
         let mut spans = decoded.spans;
-        let role = match (self.role, role_hint) {
-            (Some(Role::Shared), Some(Role::Ebpf)) => Some(Role::Ebpf),
-            (r, _) => r,
-        };
-        if let Some(role) = role {
+        if let Some(role) = effective_role(self.role, role_hint) {
             normalize::normalize_spans(&mut spans, role);
         }
         let n = spans.len() as u64;
@@ -147,6 +143,15 @@ impl Ingest {
             },
         );
         Answer::Accepted { rejected, message }
+    }
+}
+
+/// A request's claim to come from DeepFlow turns a shared receiver into an eBPF one for that
+/// request; it never changes an `sdk` or an `ebpf` receiver.
+fn effective_role(receiver: Option<Role>, hint: Option<Role>) -> Option<Role> {
+    match (receiver, hint) {
+        (Some(Role::Shared), Some(Role::Ebpf)) => Some(Role::Ebpf),
+        (r, _) => r,
     }
 }
 
@@ -276,5 +281,10 @@ mod tests {
         assert_eq!(role_from_header(Some(b"ebpf")), Some(Role::Ebpf));
         assert_eq!(role_from_header(Some(b"sdk")), None);
         assert_eq!(role_from_header(None), None);
+        let e = Some(Role::Ebpf);
+        assert_eq!(effective_role(Some(Role::Shared), e), e);
+        assert_eq!(effective_role(Some(Role::Shared), None), Some(Role::Shared));
+        assert_eq!(effective_role(None, e), None);
+        assert_eq!(effective_role(e, None), e);
     }
 }
