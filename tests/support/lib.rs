@@ -1,1 +1,565 @@
-//! Test support.
+//! Test support for the end-to-end tests and benches: start the real `tailweave` binary on free
+//! loopback ports and poll its readiness, an in-process OTLP/gRPC sink that can be stalled, a small
+//! HTTP client, `/metrics` scraping, and the Python OpenTelemetry SDK environment.
+//!
+//! Nothing here sleeps for a fixed time to wait for readiness: every wait polls a condition with a
+//! bounded deadline.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `tailweave` binary, built once per test process (`cargo build` is a no-op when fresh).
+pub fn tailweave_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("TAILWEAVE_BIN") {
+            return PathBuf::from(p);
+        }
+        let release = std::env::var("TAILWEAVE_TEST_RELEASE").is_ok();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root())
+            .args(["build", "-q", "-p", "tailweave-collector", "--bin", "tailweave"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cargo build of tailweave failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root().join("target"));
+        target
+            .join(if release { "release" } else { "debug" })
+            .join("tailweave")
+    })
+    .clone()
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Async version of [`wait_for`].
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Free ports for one collector instance.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub grpc: u16,
+    pub http: u16,
+    pub metrics: u16,
+    pub health: u16,
+    pub extra: [u16; 4],
+}
+
+impl Ports {
+    pub fn new() -> Ports {
+        Ports {
+            grpc: free_port(),
+            http: free_port(),
+            metrics: free_port(),
+            health: free_port(),
+            extra: [free_port(), free_port(), free_port(), free_port()],
+        }
+    }
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports::new()
+    }
+}
+
+/// A running `tailweave` process. Killed on drop if still running.
+pub struct Collector {
+    pub child: Child,
+    pub ports: Ports,
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Collector {
+    /// Starts `tailweave --config <yaml>` and waits until the health endpoint answers 200.
+    /// The YAML must enable `health_check` on `ports.health` and metrics on `ports.metrics`;
+    /// `{GRPC}`, `{HTTP}`, `{METRICS}`, `{HEALTH}`, `{EXTRA0..3}` and `{DIR}` are replaced.
+    pub fn start(yaml: &str, ports: Ports) -> Collector {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = fill(yaml, &ports, dir.path());
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, yaml).expect("write config");
+        let mut child = Command::new(tailweave_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tailweave");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var("TEST_ECHO").is_ok() {
+                        eprintln!("[tailweave] {line}");
+                    }
+                    log.lock().expect("log").push(line);
+                }
+            });
+        }
+        let mut c = Collector {
+            child,
+            ports,
+            dir,
+            log,
+        };
+        let health = format!("127.0.0.1:{}", ports.health);
+        wait_for("tailweave health endpoint", Duration::from_secs(60), || {
+            if let Ok(Some(st)) = c.child.try_wait() {
+                panic!(
+                    "tailweave exited early with {st}; log:\n{}",
+                    c.log_text()
+                );
+            }
+            match http_request(&health, "GET", "/", &[], &[]) {
+                Ok((200, _, _)) => Some(()),
+                _ => None,
+            }
+        });
+        c
+    }
+
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.grpc)
+    }
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// The current `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (st, _, body) = http_request(
+            &format!("127.0.0.1:{}", self.ports.metrics),
+            "GET",
+            "/metrics",
+            &[],
+            &[],
+        )
+        .expect("scrape /metrics");
+        assert_eq!(st, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels` (`k="v"` pairs).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(), name, labels)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "tailweave did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces the port and dir placeholders of a config template.
+pub fn fill(yaml: &str, p: &Ports, dir: &Path) -> String {
+    yaml.replace("{GRPC}", &p.grpc.to_string())
+        .replace("{HTTP}", &p.http.to_string())
+        .replace("{METRICS}", &p.metrics.to_string())
+        .replace("{HEALTH}", &p.health.to_string())
+        .replace("{EXTRA0}", &p.extra[0].to_string())
+        .replace("{EXTRA1}", &p.extra[1].to_string())
+        .replace("{EXTRA2}", &p.extra[2].to_string())
+        .replace("{EXTRA3}", &p.extra[3].to_string())
+        .replace("{DIR}", &dir.display().to_string())
+}
+
+/// Sum of the samples of `name` with all `labels`, from Prometheus text.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            if !labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A blocking HTTP/1.1 request over a fresh connection: `(status, headers, body)`.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let hdrs: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[split + 4..].to_vec();
+    if hdrs
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, hdrs, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..nl]).split(';').next().unwrap_or("0").trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = nl + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+}
+
+/// How the sink answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkMode {
+    Accept,
+    /// Answer UNAVAILABLE (a downstream outage).
+    Unavailable,
+    /// Hold every call open until the mode changes (a stalled downstream).
+    Stall,
+}
+
+#[derive(Default)]
+struct SinkState {
+    requests: Vec<ExportTraceServiceRequest>,
+    mode: Option<SinkMode>,
+    calls: u64,
+}
+
+/// An in-process OTLP/gRPC sink on 127.0.0.1 collecting what it receives.
+#[derive(Clone)]
+pub struct Sink {
+    state: Arc<Mutex<SinkState>>,
+    changed: Arc<tokio::sync::Notify>,
+    pub addr: SocketAddr,
+}
+
+struct SinkSvc(Sink);
+
+#[tonic::async_trait]
+impl TraceService for SinkSvc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let req = req.into_inner();
+        loop {
+            let notified = self.0.changed.notified();
+            let mode = self.0.mode();
+            match mode {
+                SinkMode::Accept => break,
+                SinkMode::Unavailable => {
+                    self.0.state.lock().expect("sink").calls += 1;
+                    return Err(tonic::Status::unavailable("sink is down"));
+                }
+                SinkMode::Stall => notified.await,
+            }
+        }
+        let mut st = self.0.state.lock().expect("sink");
+        st.calls += 1;
+        st.requests.push(req);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Sink {
+    /// Starts a sink on a free port of the current tokio runtime.
+    pub async fn start() -> Sink {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        let addr = l.local_addr().expect("addr");
+        let sink = Sink {
+            state: Arc::new(Mutex::new(SinkState::default())),
+            changed: Arc::new(tokio::sync::Notify::new()),
+            addr,
+        };
+        let svc = TraceServiceServer::new(SinkSvc(sink.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(256 << 20);
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream_from(l))
+                .await;
+        });
+        sink
+    }
+
+    /// Starts a sink on its own runtime thread (for synchronous tests).
+    pub fn start_blocking() -> Sink {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let s = Sink::start().await;
+                tx.send(s).expect("send sink");
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv().expect("sink started")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn mode(&self) -> SinkMode {
+        self.state.lock().expect("sink").mode.unwrap_or(SinkMode::Accept)
+    }
+
+    pub fn set_mode(&self, m: SinkMode) {
+        self.state.lock().expect("sink").mode = Some(m);
+        self.changed.notify_waiters();
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.state.lock().expect("sink").calls
+    }
+
+    pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
+        self.state.lock().expect("sink").requests.clone()
+    }
+
+    /// Every span received, with its resource attributes and scope name.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        let mut out = Vec::new();
+        for r in self.requests() {
+            for rs in r.resource_spans {
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        out.push(ReceivedSpan {
+                            resource: rs.resource.clone().unwrap_or_default(),
+                            scope: ss.scope.clone().unwrap_or_default(),
+                            span: s,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn span_count(&self) -> usize {
+        self.requests()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum()
+    }
+}
+
+/// One span as the sink saw it.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    pub resource: opentelemetry_proto::tonic::resource::v1::Resource,
+    pub scope: opentelemetry_proto::tonic::common::v1::InstrumentationScope,
+    pub span: ProtoSpan,
+}
+
+fn tokio_stream_from(
+    l: tokio::net::TcpListener,
+) -> impl futures_core_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_core_stream::unfold(l)
+}
+
+/// A tiny `Stream` over accepted connections, so the sink needs no extra crates.
+mod futures_core_stream {
+    pub use tokio_stream::Stream;
+
+    pub fn unfold(
+        l: tokio::net::TcpListener,
+    ) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        tokio_stream::wrappers::TcpListenerStream::new(l)
+    }
+}
+
+/// The Python interpreter of a venv with the OpenTelemetry SDK and OTLP exporters, created once
+/// under `target/pyenv` (a file lock guards concurrent test binaries).
+pub fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Ok(p) = std::env::var("TAILWEAVE_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let dir = root().join("target").join("pyenv");
+        std::fs::create_dir_all(root().join("target")).expect("target dir");
+        let lock = std::fs::File::create(root().join("target").join("pyenv.lock")).expect("lock file");
+        lock.lock().expect("lock pyenv");
+        let py = dir.join("bin").join("python");
+        let marker = dir.join(".ready");
+        if !marker.exists() {
+            let st = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&dir)
+                .status()
+                .expect("python3 -m venv");
+            assert!(st.success(), "python3 -m venv failed");
+            let st = Command::new(&py)
+                .args(["-m", "pip", "install", "-q", "-r"])
+                .arg(root().join("tests").join("python").join("requirements.txt"))
+                .status()
+                .expect("pip install");
+            assert!(st.success(), "pip install of the OpenTelemetry SDK failed");
+            std::fs::write(&marker, b"ok").expect("marker");
+        }
+        let _ = lock.unlock();
+        py
+    })
+    .clone()
+}
+
+/// Runs a script from `tests/python/` with args; returns its stdout, panicking with stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join("tests").join("python").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
