@@ -4,7 +4,8 @@
 //! - [`queue`]: the sending queue (bounded, N consumers), retry with backoff and timeout, wrapped
 //!   around every exporter, like the Collector's exporterhelper.
 //! - [`otlp`]: OTLP/gRPC; [`otlp_http`]: OTLP/HTTP protobuf; [`debug`]: logs what passes;
-//!   [`file`]: OTLP/JSON lines.
+//!   [`file`]: OTLP/JSON lines; [`load_balancing`]: routes traces to several tailweave instances by
+//!   trace id; [`prometheus`] and [`prometheus_remote_write`]: the span metrics (RED).
 //!
 //! `build` returns a [`RunningExporter`]: the input of its queue and the task that drains it.
 
@@ -14,12 +15,23 @@ use tokio::sync::mpsc;
 
 pub mod debug;
 pub mod file;
+pub mod load_balancing;
 pub mod otlp;
 pub mod otlp_http;
+pub mod prometheus;
+pub mod prometheus_remote_write;
 pub mod queue;
 
 /// Every exporter type this build knows.
-pub const KINDS: &[&str] = &["otlp", "otlp_http", "debug", "file"];
+pub const KINDS: &[&str] = &[
+    "otlp",
+    "otlp_http",
+    "debug",
+    "file",
+    "load_balancing",
+    "prometheus",
+    "prometheus_remote_write",
+];
 
 #[derive(Debug, Clone)]
 pub enum ExporterConfig {
@@ -27,6 +39,9 @@ pub enum ExporterConfig {
     OtlpHttp(otlp_http::OtlpHttpExporterConfig),
     Debug(debug::DebugExporterConfig),
     File(file::FileExporterConfig),
+    LoadBalancing(Box<load_balancing::LoadBalancingExporterConfig>),
+    Prometheus(prometheus::PrometheusExporterConfig),
+    PrometheusRemoteWrite(Box<prometheus_remote_write::PrometheusRemoteWriteExporterConfig>),
 }
 
 /// A started exporter. Dropping every clone of `input` starts its shutdown: it drains what it holds
@@ -44,6 +59,13 @@ impl ExporterConfig {
             "otlp_http" | "otlphttp" => ExporterConfig::OtlpHttp(parse(value)?),
             "debug" => ExporterConfig::Debug(parse(value)?),
             "file" => ExporterConfig::File(parse(value)?),
+            "load_balancing" | "loadbalancing" => {
+                ExporterConfig::LoadBalancing(Box::new(parse(value)?))
+            }
+            "prometheus" => ExporterConfig::Prometheus(parse(value)?),
+            "prometheus_remote_write" | "prometheusremotewrite" => {
+                ExporterConfig::PrometheusRemoteWrite(Box::new(parse(value)?))
+            }
             _ => return Ok(None),
         }))
     }
@@ -54,6 +76,9 @@ impl ExporterConfig {
             ExporterConfig::OtlpHttp(c) => c.validate(),
             ExporterConfig::Debug(c) => c.validate(),
             ExporterConfig::File(c) => c.validate(),
+            ExporterConfig::LoadBalancing(c) => c.validate(),
+            ExporterConfig::Prometheus(c) => c.validate(),
+            ExporterConfig::PrometheusRemoteWrite(c) => c.validate(),
         }
     }
 
@@ -62,6 +87,9 @@ impl ExporterConfig {
         match self {
             ExporterConfig::Otlp(c) => c.endpoints(),
             ExporterConfig::OtlpHttp(c) => c.endpoints(),
+            ExporterConfig::LoadBalancing(c) => c.endpoints(),
+            ExporterConfig::Prometheus(c) => c.endpoints(),
+            ExporterConfig::PrometheusRemoteWrite(c) => c.endpoints(),
             ExporterConfig::Debug(_) | ExporterConfig::File(_) => Vec::new(),
         }
     }
@@ -73,6 +101,9 @@ impl ExporterConfig {
             ExporterConfig::OtlpHttp(c) => c.build(ctx),
             ExporterConfig::Debug(c) => c.build(ctx),
             ExporterConfig::File(c) => c.build(ctx),
+            ExporterConfig::LoadBalancing(c) => c.build(ctx),
+            ExporterConfig::Prometheus(c) => c.build(ctx),
+            ExporterConfig::PrometheusRemoteWrite(c) => c.build(ctx),
         }
     }
 }

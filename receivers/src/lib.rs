@@ -4,6 +4,7 @@
 //! - [`otlp`]: OTLP/gRPC and OTLP/HTTP (protobuf and JSON) for SDK spans; recognises DeepFlow spans.
 //! - [`deepflow`]: an OTLP endpoint dedicated to DeepFlow's exporter, plus the normalizer that reads
 //!   DeepFlow rows into the eBPF model (`deepflow::normalize`).
+//! - [`ebpf`]: tailweave's own kernel capture (Linux): syscall tracepoints into eBPF spans.
 //!
 //! A receiver config is parsed and validated without side effects; `build` binds its sockets
 //! (so a port in use fails start-up, before anything serves) and returns a [`Receiver`].
@@ -12,15 +13,17 @@ use tailweave_core::config::{parse, BuildContext, ConfigIssue};
 use tailweave_core::{ComponentError, Receiver};
 
 pub mod deepflow;
+pub mod ebpf;
 pub mod otlp;
 
 /// Every receiver type this build knows.
-pub const KINDS: &[&str] = &["otlp", "deepflow"];
+pub const KINDS: &[&str] = &["otlp", "deepflow", "ebpf"];
 
 #[derive(Debug, Clone)]
 pub enum ReceiverConfig {
     Otlp(otlp::OtlpReceiverConfig),
     Deepflow(deepflow::DeepflowReceiverConfig),
+    Ebpf(Box<ebpf::EbpfReceiverConfig>),
 }
 
 impl ReceiverConfig {
@@ -29,6 +32,7 @@ impl ReceiverConfig {
         Ok(Some(match kind {
             "otlp" => ReceiverConfig::Otlp(parse(value)?),
             "deepflow" => ReceiverConfig::Deepflow(parse(value)?),
+            "ebpf" => ReceiverConfig::Ebpf(Box::new(parse(value)?)),
             _ => return Ok(None),
         }))
     }
@@ -37,6 +41,7 @@ impl ReceiverConfig {
         match self {
             ReceiverConfig::Otlp(c) => c.validate(),
             ReceiverConfig::Deepflow(c) => c.validate(),
+            ReceiverConfig::Ebpf(c) => c.validate(),
         }
     }
 
@@ -45,6 +50,7 @@ impl ReceiverConfig {
         match self {
             ReceiverConfig::Otlp(c) => c.listen_addrs(),
             ReceiverConfig::Deepflow(c) => c.listen_addrs(),
+            ReceiverConfig::Ebpf(c) => c.listen_addrs(),
         }
     }
 
@@ -53,6 +59,7 @@ impl ReceiverConfig {
         match self {
             ReceiverConfig::Otlp(c) => c.build(ctx).await,
             ReceiverConfig::Deepflow(c) => c.build(ctx).await,
+            ReceiverConfig::Ebpf(c) => c.build(ctx).await,
         }
     }
 }
