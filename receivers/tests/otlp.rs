@@ -27,6 +27,7 @@ use tailweave_core::proto::tonic::resource::v1::Resource;
 use tailweave_core::proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as PS};
 use tailweave_core::{Consumer, SpanBatch, SpanSource};
 use tailweave_receivers::deepflow::DeepflowReceiverConfig;
+use tailweave_receivers::otlp::rpc::{RetryInfo, RpcStatus};
 use tailweave_receivers::otlp::{OtlpReceiver, OtlpReceiverConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -305,15 +306,6 @@ fn gzip(b: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// `google.rpc.Status` as the receiver writes it.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-}
-
 // ---------- gRPC ----------
 
 #[tokio::test]
@@ -459,6 +451,9 @@ async fn grpc_full_pipeline_is_unavailable_and_counted() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
+    let details = RpcStatus::decode(e.details()).unwrap();
+    let info = RetryInfo::decode(details.details[0].value.as_slice()).unwrap();
+    assert_eq!(info.retry_delay.unwrap().seconds, 1);
     let l = [("receiver", "otlp/grpc_full"), ("reason", "pipeline_full")];
     assert_eq!(counter(names::RECEIVER_REFUSED_SPANS, &l), 2);
     // Downstream drains: the first batch was kept, and the client's retry now succeeds.
@@ -895,4 +890,72 @@ async fn shutdown_lets_in_flight_http_request_finish() {
         .unwrap();
     let mut rx = r.rx;
     assert_eq!(rx.recv().await.unwrap().spans.len(), 1);
+}
+
+// ---------- auth ----------
+
+#[tokio::test]
+async fn bearer_token_required_when_configured() {
+    let dir = std::env::temp_dir().join(format!("tailweave-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, "# team tokens\n\nfrom-file\n").unwrap();
+    let yaml = format!(
+        "{BOTH}\nauth: {{bearer_tokens: [inline-token], bearer_tokens_file: '{}'}}",
+        file.display()
+    );
+    let mut r = start_with("otlp/auth", &yaml, 8, None).await;
+    let body = request(vec![span(1, 1)]).encode_to_vec();
+    let http = r.http.unwrap();
+
+    let reply = http_send(http, "POST", "/v1/traces", &[PB], body.clone()).await;
+    assert_eq!(reply.status, http::StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.headers["www-authenticate"], "Bearer");
+    let wrong = ("authorization", "Bearer nope");
+    let reply = http_send(http, "POST", "/v1/traces", &[PB, wrong], body.clone()).await;
+    assert_eq!(reply.status, http::StatusCode::UNAUTHORIZED);
+    for good in ["Bearer inline-token", "Bearer from-file"] {
+        let reply = http_send(
+            http,
+            "POST",
+            "/v1/traces",
+            &[PB, ("authorization", good)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, http::StatusCode::OK, "{good}");
+    }
+
+    let mut c = grpc_client(r.grpc.unwrap()).await;
+    let e = c.export(request(vec![span(1, 1)])).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(request(vec![span(1, 1)]));
+    req.metadata_mut()
+        .insert("authorization", "Bearer from-file".parse().unwrap());
+    c.export(req).await.unwrap();
+
+    for _ in 0..3 {
+        assert_eq!(r.rx.recv().await.unwrap().spans.len(), 1);
+    }
+    assert!(r.rx.try_recv().is_err());
+    let l = [("receiver", "otlp/auth"), ("outcome", "unauthenticated")];
+    assert_eq!(counter(names::RECEIVER_REQUESTS, &l), 3);
+    r.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_token_file_fails_build() {
+    let yaml = format!("{BOTH}\nauth: {{bearer_tokens_file: /nonexistent/tailweave/tokens}}");
+    let cfg: OtlpReceiverConfig = parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
+    assert!(cfg.validate().is_empty());
+    let ctx = BuildContext {
+        id: "otlp/auth_file".into(),
+        ..Default::default()
+    };
+    let e = cfg.bind(&ctx).await.unwrap_err().to_string();
+    assert!(
+        e.contains("otlp/auth_file") && e.contains("bearer_tokens_file"),
+        "{e}"
+    );
 }

@@ -11,7 +11,7 @@ use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::{ComponentError, Receiver};
 
 use crate::otlp::config::{DefaultPorts, DEFAULT_SOURCE_HEADER};
-use crate::otlp::{LimitsConfig, OtlpReceiver, Protocols};
+use crate::otlp::{AuthConfig, LimitsConfig, OtlpReceiver, Protocols, ServerSpec};
 use normalize::Role;
 
 const DEEPFLOW_PORTS: DefaultPorts = DefaultPorts {
@@ -34,6 +34,9 @@ pub struct DeepflowReceiverConfig {
     /// Request limits (spans per request, attributes per span, value depth).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Bearer-token authentication; absent means none.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for DeepflowReceiverConfig {
@@ -42,6 +45,7 @@ impl Default for DeepflowReceiverConfig {
             protocols: Protocols::default(),
             source_header: default_source_header(),
             limits: LimitsConfig::default(),
+            auth: None,
         }
     }
 }
@@ -55,6 +59,9 @@ impl DeepflowReceiverConfig {
         let mut issues = Vec::new();
         self.protocols.validate(DEEPFLOW_PORTS, &mut issues);
         self.limits.validate(&mut issues);
+        if let Some(a) = &self.auth {
+            a.validate(&mut issues);
+        }
         if http::HeaderName::from_bytes(self.source_header.as_bytes()).is_err() {
             issues.push(ConfigIssue::new(
                 "source_header",
@@ -76,11 +83,14 @@ impl DeepflowReceiverConfig {
     pub async fn bind(&self, ctx: &BuildContext) -> Result<OtlpReceiver, ComponentError> {
         OtlpReceiver::bind(
             ctx,
-            &self.protocols,
-            DEEPFLOW_PORTS,
-            Some(Role::Ebpf),
-            self.limits.decode_limits(),
-            &self.source_header,
+            ServerSpec {
+                protocols: &self.protocols,
+                ports: DEEPFLOW_PORTS,
+                role: Some(Role::Ebpf),
+                limits: self.limits.decode_limits(),
+                source_header: &self.source_header,
+                auth: self.auth.as_ref(),
+            },
         )
         .await
     }

@@ -160,6 +160,74 @@ impl LimitsConfig {
     }
 }
 
+/// Who may send. Absent: anyone who can reach the endpoint (the default endpoints are loopback).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted bearer tokens (`Authorization: Bearer <token>` header or gRPC metadata). Write
+    /// `${env:NAME}` to keep a token out of the file.
+    #[serde(default)]
+    pub bearer_tokens: Vec<String>,
+    /// A file of accepted tokens, one a line (blank lines and lines starting with `#` are
+    /// skipped), read at start-up. May be combined with `bearer_tokens`.
+    #[serde(default)]
+    pub bearer_tokens_file: Option<std::path::PathBuf>,
+}
+
+impl AuthConfig {
+    pub(crate) fn validate(&self, issues: &mut Vec<ConfigIssue>) {
+        if self.bearer_tokens.is_empty() && self.bearer_tokens_file.is_none() {
+            issues.push(ConfigIssue::new(
+                "auth",
+                "set bearer_tokens or bearer_tokens_file (or remove auth)",
+            ));
+        }
+        for (i, t) in self.bearer_tokens.iter().enumerate() {
+            if let Err(m) = check_token(t) {
+                issues.push(ConfigIssue::new(format!("auth.bearer_tokens[{i}]"), m));
+            }
+        }
+    }
+
+    /// Every accepted token: the inline ones and those of the file.
+    pub(crate) fn tokens(&self) -> Result<Vec<String>, String> {
+        let mut out = self.bearer_tokens.clone();
+        if let Some(p) = &self.bearer_tokens_file {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("auth.bearer_tokens_file {}: {e}", p.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let t = line.trim();
+                if t.is_empty() || t.starts_with('#') {
+                    continue;
+                }
+                check_token(t).map_err(|m| {
+                    format!(
+                        "auth.bearer_tokens_file {} line {}: {m}",
+                        p.display(),
+                        n + 1
+                    )
+                })?;
+                out.push(t.to_string());
+            }
+        }
+        if out.is_empty() {
+            return Err("auth: no bearer token configured".into());
+        }
+        Ok(out)
+    }
+}
+
+/// A token must fit in a header value after `Bearer `: visible ASCII, no spaces.
+fn check_token(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("is empty (an unset ${env:...}?)".into());
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII without spaces".into());
+    }
+    Ok(())
+}
+
 fn default_max_recv_msg_size_mib() -> u64 {
     DEFAULT_MAX_RECV_MSG_SIZE_MIB
 }

@@ -25,7 +25,8 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Code, Status};
 
-use super::ingest::{role_from_header, Answer, Ingest, Transport};
+use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
+use super::rpc::retryable_status;
 
 /// The gRPC service name of OTLP traces.
 pub const SERVICE_NAME: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
@@ -115,6 +116,15 @@ where
                 Ok(Status::unimplemented("only TraceService/Export is served").into_http())
             });
         }
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if !self.ingest.authorized(Transport::Grpc, auth) {
+            return Box::pin(async move {
+                Ok(Status::unauthenticated("missing or invalid bearer token").into_http())
+            });
+        }
         let handled = Arc::new(AtomicBool::new(false));
         let export = Export {
             ingest: self.ingest.clone(),
@@ -189,10 +199,15 @@ fn answer_to_grpc(a: Answer) -> Result<tonic::Response<ExportTraceServiceRespons
         Answer::Malformed(m) | Answer::TooManySpans(m) => Err(Status::invalid_argument(m)),
         Answer::Refused { reason, spans } => {
             let m = format!("{spans} span(s) refused: {reason}; retry later");
-            Err(match reason {
-                Refused::MemoryLimit => Status::resource_exhausted(m),
-                Refused::Full | Refused::Closed => Status::unavailable(m),
-            })
+            let code = match reason {
+                Refused::MemoryLimit => Code::ResourceExhausted,
+                Refused::Full | Refused::Closed => Code::Unavailable,
+            };
+            Err(retryable_status(
+                code,
+                m,
+                Duration::from_secs(RETRY_AFTER_SECS),
+            ))
         }
     }
 }

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -26,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
+use super::rpc::RpcStatus;
 
 /// A client that sends its headers slower than this is disconnected (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,15 +72,6 @@ impl Encoding {
     }
 }
 
-/// `google.rpc.Status`, the body of an OTLP/HTTP refusal.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-}
-
 struct State {
     ingest: Arc<Ingest>,
     settings: HttpSettings,
@@ -99,6 +94,7 @@ fn status(status: StatusCode, grpc_code: tonic::Code, enc: Encoding, msg: String
     let s = RpcStatus {
         code: grpc_code as i32,
         message: msg,
+        details: Vec::new(),
     };
     let body = match enc {
         Encoding::Protobuf => s.encode_to_vec(),
@@ -154,6 +150,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     if req.uri().path() != state.settings.traces_url_path {
         count("not_found");
         return Ok(text(StatusCode::NOT_FOUND, "not found"));
+    }
+    let auth = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    if !ing.authorized(Transport::Http, auth) {
+        let mut r = text(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(r);
     }
     if req.method() != Method::POST {
         count("method_not_allowed");

@@ -8,6 +8,7 @@ use tailweave_core::names;
 use tailweave_core::otlp::{DecodeError, DecodeLimits, Decoded};
 use tailweave_core::{Consumer, Refused, SpanBatch};
 
+use super::auth::BearerAuth;
 use crate::deepflow::normalize::{self, Role};
 
 /// Spans accepted into the pipelines (`receiver`, `transport`).
@@ -18,8 +19,8 @@ pub const ACCEPTED_SPANS: &str = names::RECEIVER_ACCEPTED_SPANS;
 /// `too_large`, ...) appear only in [`REQUESTS`].
 pub const REFUSED_SPANS: &str = names::RECEIVER_REFUSED_SPANS;
 /// Requests by `outcome` (`receiver`, `transport`, `outcome`): `success`, `partial_success`,
-/// the [`Refused`] reasons, `malformed_request`, `too_large`, `too_many_spans`, and for HTTP
-/// `not_found`, `method_not_allowed`, `unsupported_media_type`.
+/// the [`Refused`] reasons, `malformed_request`, `too_large`, `too_many_spans`,
+/// `unauthenticated`, and for HTTP `not_found`, `method_not_allowed`, `unsupported_media_type`.
 pub const REQUESTS: &str = names::RECEIVER_REQUESTS;
 
 /// How long a refused client is asked to wait before retrying (HTTP `Retry-After`, seconds).
@@ -61,6 +62,7 @@ pub struct Ingest {
     pub(crate) role: Option<Role>,
     pub(crate) limits: DecodeLimits,
     pub(crate) consumer: Consumer,
+    pub(crate) auth: Option<BearerAuth>,
 }
 
 impl Ingest {
@@ -70,6 +72,24 @@ impl Ingest {
             role,
             limits,
             consumer,
+            auth: None,
+        }
+    }
+
+    pub fn with_auth(mut self, auth: Option<BearerAuth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Checks the `Authorization` header when auth is configured; a refusal is counted.
+    pub fn authorized(&self, transport: Transport, header: Option<&[u8]>) -> bool {
+        match &self.auth {
+            None => true,
+            Some(a) if a.allows(header) => true,
+            Some(_) => {
+                self.count_request(transport, "unauthenticated");
+                false
+            }
         }
     }
 

@@ -1,20 +1,24 @@
 //! The `otlp` receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON) for traces.
 //!
 //! # Layout
+//! - [`auth`]: bearer tokens.
 //! - [`config`]: the `protocols` layout shared with the `deepflow` receiver.
 //! - [`ingest`]: decode, classify, hand on, count, answer: the part both transports share.
 //! - [`grpc`]: `TraceService/Export` on tonic with a raw-bytes codec.
 //! - [`http`]: `POST /v1/traces` on hyper.
+//! - [`rpc`]: the `google.rpc` status and retry messages both write.
 //!
 //! `build` binds every socket first (a port in use fails start-up, before anything serves);
 //! `run` serves until shutdown, then closes the listeners and lets in-flight requests finish.
 //! A request is answered only after its batch is in the pipelines' channels or refused, so a
 //! client never sees success for a span that was dropped.
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod rpc;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,8 +31,8 @@ use tailweave_core::{ComponentError, Consumer, Receiver};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use config::{AuthConfig, GrpcConfig, HttpConfig, LimitsConfig, Protocols, SourceMode};
 use config::{DefaultPorts, DEFAULT_SOURCE_HEADER};
-pub use config::{GrpcConfig, HttpConfig, LimitsConfig, Protocols, SourceMode};
 
 use crate::deepflow::normalize::Role;
 
@@ -56,6 +60,9 @@ pub struct OtlpReceiverConfig {
     /// Request limits (spans per request, attributes per span, value depth).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Bearer-token authentication; absent means none.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
 }
 
 impl OtlpReceiverConfig {
@@ -63,6 +70,9 @@ impl OtlpReceiverConfig {
         let mut issues = Vec::new();
         self.protocols.validate(OTLP_PORTS, &mut issues);
         self.limits.validate(&mut issues);
+        if let Some(a) = &self.auth {
+            a.validate(&mut issues);
+        }
         issues
     }
 
@@ -83,14 +93,27 @@ impl OtlpReceiverConfig {
         };
         OtlpReceiver::bind(
             ctx,
-            &self.protocols,
-            OTLP_PORTS,
-            role,
-            self.limits.decode_limits(),
-            DEFAULT_SOURCE_HEADER,
+            ServerSpec {
+                protocols: &self.protocols,
+                ports: OTLP_PORTS,
+                role,
+                limits: self.limits.decode_limits(),
+                source_header: DEFAULT_SOURCE_HEADER,
+                auth: self.auth.as_ref(),
+            },
         )
         .await
     }
+}
+
+/// What distinguishes the receiver types that share [`OtlpReceiver`].
+pub(crate) struct ServerSpec<'a> {
+    pub protocols: &'a Protocols,
+    pub ports: DefaultPorts,
+    pub role: Option<Role>,
+    pub limits: DecodeLimits,
+    pub source_header: &'a str,
+    pub auth: Option<&'a AuthConfig>,
 }
 
 /// An OTLP receiver with its sockets bound (`otlp`, and `deepflow` with the eBPF role).
@@ -98,6 +121,7 @@ pub struct OtlpReceiver {
     id: String,
     role: Option<Role>,
     limits: DecodeLimits,
+    auth: Option<auth::BearerAuth>,
     grpc: Option<(TcpListener, grpc::GrpcSettings)>,
     http: Option<(TcpListener, http::HttpSettings)>,
     drain: Duration,
@@ -126,13 +150,24 @@ async fn bind_one(id: &str, addr: &str) -> Result<TcpListener, ComponentError> {
 impl OtlpReceiver {
     pub(crate) async fn bind(
         ctx: &BuildContext,
-        protocols: &Protocols,
-        ports: DefaultPorts,
-        role: Option<Role>,
-        limits: DecodeLimits,
-        source_header: &str,
+        spec: ServerSpec<'_>,
     ) -> Result<OtlpReceiver, ComponentError> {
+        let ServerSpec {
+            protocols,
+            ports,
+            role,
+            limits,
+            source_header,
+            auth,
+        } = spec;
         let id = ctx.id.clone();
+        // Read token files before binding: a bad file must not leave a port half-open.
+        let auth = match auth {
+            Some(a) => Some(auth::BearerAuth::new(
+                a.tokens().map_err(|m| ComponentError::build(&id, m))?,
+            )),
+            None => None,
+        };
         let source_header = source_header.to_ascii_lowercase();
         let grpc = match (&protocols.grpc, protocols.grpc_endpoint(ports)) {
             (Some(g), Some(addr)) => {
@@ -167,6 +202,7 @@ impl OtlpReceiver {
             id,
             role,
             limits,
+            auth,
             grpc,
             http,
             drain: DRAIN_TIMEOUT,
@@ -210,8 +246,9 @@ impl OtlpReceiver {
         out: Consumer,
         shutdown: CancellationToken,
     ) -> Result<(), ComponentError> {
-        let ingest =
-            std::sync::Arc::new(ingest::Ingest::new(&self.id, self.role, self.limits, out));
+        let ingest = std::sync::Arc::new(
+            ingest::Ingest::new(&self.id, self.role, self.limits, out).with_auth(self.auth),
+        );
         let id = self.id;
         let drain = self.drain;
         let grpc = async {
@@ -314,6 +351,18 @@ mod tests {
         let issues = c.validate();
         assert_eq!(issues.len(), 1);
         assert_eq!(issues[0].path, "protocols.http.endpoint");
+    }
+
+    #[test]
+    fn auth_needs_usable_tokens() {
+        let c = cfg("protocols: {grpc: }\nauth: {bearer_tokens: ['', 'a b', ok]}").unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec!["auth.bearer_tokens[0]", "auth.bearer_tokens[1]"]
+        );
+        let c = cfg("protocols: {grpc: }\nauth: {}").unwrap();
+        assert_eq!(c.validate()[0].path, "auth");
     }
 
     #[tokio::test]
