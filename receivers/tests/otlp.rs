@@ -744,6 +744,43 @@ async fn http_oversize_is_413() {
 }
 
 #[tokio::test]
+async fn http_big_oversize_bodies_are_413_declared_or_chunked() {
+    let r = start_with(
+        "otlp/http_huge",
+        "protocols: {http: {endpoint: '127.0.0.1:0', max_request_body_size: 1048576}}",
+        8,
+        None,
+    )
+    .await;
+    let addr = r.http.unwrap();
+    // Declared too large: refused from the head, body read and thrown away.
+    let reply = http_send(addr, "POST", "/v1/traces", &[PB], vec![0u8; 8 << 20]).await;
+    assert_eq!(reply.status, http::StatusCode::PAYLOAD_TOO_LARGE);
+    // Undeclared (chunked) and too large: refused while reading.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'a'; 512 * 1024];
+    for _ in 0..6 {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&chunk).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut head = vec![0u8; 64];
+    let n = s.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let l = [("receiver", "otlp/http_huge"), ("outcome", "too_large")];
+    assert_eq!(counter(names::RECEIVER_REQUESTS, &l), 2);
+    let mut rx = r.stop().await;
+    assert!(rx.recv().await.is_none());
+}
+
+#[tokio::test]
 async fn http_full_pipeline_is_503_with_retry_after() {
     let mut r = start("otlp/http_full", 1).await;
     let addr = r.http.unwrap();

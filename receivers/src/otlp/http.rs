@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER,
     WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -30,9 +30,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
 use super::rpc::RpcStatus;
+use crate::deepflow::normalize::Role;
 
 /// A client that sends its headers slower than this is disconnected (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this much of a refused body is read (and thrown away) before the connection closes.
+const DISCARD_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// ... and for at most this long.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of one HTTP server, resolved from config.
 #[derive(Clone, Debug)]
@@ -144,39 +149,47 @@ fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, BodyError> {
     Ok(Bytes::from(out))
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+/// What the headers say about a request that passed the checks.
+struct Accepted {
+    enc: Encoding,
+    gzip: bool,
+    hint: Option<Role>,
+}
+
+/// The checks that need only the head: path, auth, method, media type, declared size.
+fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, Resp> {
     let ing = &state.ingest;
     let count = |outcome| ing.count_request(Transport::Http, outcome);
-    if req.uri().path() != state.settings.traces_url_path {
+    if parts.uri.path() != state.settings.traces_url_path {
         count("not_found");
-        return Ok(text(StatusCode::NOT_FOUND, "not found"));
+        return Err(text(StatusCode::NOT_FOUND, "not found"));
     }
-    let auth = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    let auth = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
     if !ing.authorized(Transport::Http, auth) {
         let mut r = text(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Ok(r);
+        return Err(r);
     }
-    if req.method() != Method::POST {
+    if parts.method != Method::POST {
         count("method_not_allowed");
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {} not allowed, use POST", req.method()),
+            format!("method {} not allowed, use POST", parts.method),
         );
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("POST"));
-        return Ok(r);
+        return Err(r);
     }
-    let Some(enc) = Encoding::from_headers(req.headers()) else {
+    let Some(enc) = Encoding::from_headers(&parts.headers) else {
         count("unsupported_media_type");
-        return Ok(text(
+        return Err(text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "content type must be application/x-protobuf or application/json",
         ));
     };
-    let gzip = match req
-        .headers()
+    let gzip = match parts
+        .headers
         .get(CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
     {
@@ -185,40 +198,101 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         Some(e) if e == "gzip" => true,
         Some(e) => {
             count("unsupported_media_type");
-            return Ok(text(
+            return Err(text(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("content encoding {e:?} is not supported (use gzip or none)"),
             ));
         }
     };
-    let limit = state.settings.max_request_body_size;
-    let too_large = || {
-        count("too_large");
-        status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            tonic::Code::InvalidArgument,
-            enc,
-            format!("request body exceeds {limit} bytes (protocols.http.max_request_body_size)"),
-        )
-    };
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Ok(too_large());
+    if declared.is_some_and(|n| n > state.settings.max_request_body_size as u64) {
+        return Err(too_large(state, enc));
     }
     let hint = role_from_header(
-        req.headers()
+        parts
+            .headers
             .get(state.settings.source_header.as_str())
             .map(|v| v.as_bytes()),
     );
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
-        Err(e) => {
-            count("malformed_request");
+    Ok(Accepted { enc, gzip, hint })
+}
+
+fn too_large(state: &State, enc: Encoding) -> Resp {
+    state.ingest.count_request(Transport::Http, "too_large");
+    status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        tonic::Code::InvalidArgument,
+        enc,
+        format!(
+            "request body exceeds {} bytes (protocols.http.max_request_body_size)",
+            state.settings.max_request_body_size
+        ),
+    )
+}
+
+/// Reads the rest of a body we will not use, within bounds. Closing a connection with unread
+/// request data makes the kernel reset it, and the client may then lose our answer (a 413 seen
+/// as "connection reset"); reading a bounded amount first lets the answer arrive.
+async fn discard(mut body: Incoming, already: usize) {
+    let read = async {
+        let mut n = already;
+        while n < DISCARD_MAX_BYTES {
+            match body.frame().await {
+                Some(Ok(f)) => n += f.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, read).await;
+}
+
+enum ReadError {
+    TooLarge,
+    Io(String),
+}
+
+/// Collects the body, refusing it as soon as it passes `limit`.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ReadError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Io(e.to_string()))?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > limit {
+                let seen = buf.len() + d.len();
+                drop(buf);
+                discard(body, seen).await;
+                return Err(ReadError::TooLarge);
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let (parts, body) = req.into_parts();
+    let Accepted { enc, gzip, hint } = match check_head(&state, &parts) {
+        Ok(a) => a,
+        Err(resp) => {
+            // With `Expect: 100-continue` the client waits for us before sending the body, so
+            // there is nothing to read (and reading would invite it).
+            if !parts.headers.contains_key(EXPECT) {
+                discard(body, 0).await;
+            }
+            return Ok(resp);
+        }
+    };
+    let ing = &state.ingest;
+    let limit = state.settings.max_request_body_size;
+    let body = match read_body(body, limit).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => return Ok(too_large(&state, enc)),
+        Err(ReadError::Io(e)) => {
+            ing.count_request(Transport::Http, "malformed_request");
             return Ok(text(
                 StatusCode::BAD_REQUEST,
                 format!("reading the body failed: {e}"),
@@ -228,9 +302,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     let body = if gzip {
         match gunzip(&body, limit) {
             Ok(b) => b,
-            Err(BodyError::TooLarge) => return Ok(too_large()),
+            Err(BodyError::TooLarge) => return Ok(too_large(&state, enc)),
             Err(BodyError::Bad(m)) => {
-                count("malformed_request");
+                ing.count_request(Transport::Http, "malformed_request");
                 return Ok(status(
                     StatusCode::BAD_REQUEST,
                     tonic::Code::InvalidArgument,
