@@ -773,6 +773,66 @@ mod tests {
         assert_eq!(n.load(Ordering::Relaxed), 4);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn metrics_are_labelled_by_exporter_and_reason() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        // A current-thread runtime: every task of the queue records on this thread.
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let fake = Fake::with(vec![
+            Step::Fail(ExportError::retryable("down")),
+            Step::Fail(ExportError::permanent("no")),
+        ]);
+        let mut s = no_jitter();
+        s.queue.num_consumers = 1;
+        s.queue.queue_size = 7;
+        let (running, _) = spawn("otlp/x", &s, fake);
+        // The first batch fails retryably, then permanently on its retry; the second is sent.
+        running.input.send(SpanBatch::new(spans(3))).await.unwrap();
+        running.input.send(SpanBatch::new(spans(2))).await.unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+
+        let mut got: Vec<(String, Vec<String>, String)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| {
+                let key = k.key();
+                let labels = key
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                let v = match v {
+                    DebugValue::Counter(c) => c.to_string(),
+                    DebugValue::Gauge(g) => g.to_string(),
+                    DebugValue::Histogram(h) => format!("{h:?}"),
+                };
+                (key.name().to_string(), labels, v)
+            })
+            .collect();
+        got.sort();
+        let ex = || "exporter=otlp/x".to_string();
+        let mut want = vec![
+            (
+                EXPORTER_FAILED_SPANS.to_string(),
+                vec![ex(), "reason=permanent".to_string()],
+                "3".to_string(),
+            ),
+            (
+                EXPORTER_QUEUE_CAPACITY.to_string(),
+                vec![ex()],
+                "7".to_string(),
+            ),
+            (EXPORTER_QUEUE_SIZE.to_string(), vec![ex()], "0".to_string()),
+            (EXPORTER_RETRIES.to_string(), vec![ex()], "1".to_string()),
+            (EXPORTER_SENT_SPANS.to_string(), vec![ex()], "2".to_string()),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn defaults_and_durations_parse() {
         #[derive(Deserialize)]

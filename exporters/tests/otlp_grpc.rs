@@ -76,6 +76,24 @@ impl Sink {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
     }
+    /// Serves on `listener` until `stop` fires, then closes every connection.
+    fn serve_until(
+        &self,
+        listener: TcpListener,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<()> {
+        let svc =
+            TraceServiceServer::new(self.clone()).accept_compressed(CompressionEncoding::Gzip);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await;
+        })
+    }
     async fn start(&self) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -242,4 +260,41 @@ async fn reconnects_when_the_destination_comes_back() {
     assert_eq!(stats.sent(), common::spans().len() as u64);
     assert_eq!(sink.received().len(), 1);
     assert_eq!(sink.received()[0].req, common::request());
+}
+
+#[tokio::test]
+async fn survives_a_destination_restart() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = Sink::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let server = first.serve_until(listener, stopped);
+    let cfg = config(addr, "");
+    let dest = Arc::new(cfg.destination("otlp/test").unwrap());
+    let (running, stats) = queue::spawn("otlp/test", &cfg.settings(), dest);
+    let spans = common::spans();
+    running
+        .input
+        .send(SpanBatch::new(spans[..3].to_vec()))
+        .await
+        .unwrap();
+    common::wait_for("the first delivery", || first.received().len() == 1).await;
+
+    // The destination goes away with the connection established, then comes back.
+    stop.send(()).unwrap();
+    server.await.unwrap();
+    running
+        .input
+        .send(SpanBatch::new(spans[3..].to_vec()))
+        .await
+        .unwrap();
+    common::wait_for("a failed attempt", || stats.retried() >= 2).await;
+    let second = Sink::default();
+    second.serve(TcpListener::bind(addr).await.unwrap());
+    common::finish(running).await;
+
+    assert_eq!(second.received().len(), 1);
+    assert_eq!(second.received()[0].req, to_proto_request(&spans[3..]));
+    assert_eq!(stats.sent(), spans.len() as u64);
+    assert_eq!(stats.failed(), 0);
 }
