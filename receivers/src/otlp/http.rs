@@ -157,19 +157,19 @@ struct Accepted {
 }
 
 /// The checks that need only the head: path, auth, method, media type, declared size.
-fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, Resp> {
+fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, Box<Resp>> {
     let ing = &state.ingest;
     let count = |outcome| ing.count_request(Transport::Http, outcome);
     if parts.uri.path() != state.settings.traces_url_path {
         count("not_found");
-        return Err(text(StatusCode::NOT_FOUND, "not found"));
+        return Err(Box::new(text(StatusCode::NOT_FOUND, "not found")));
     }
     let auth = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
     if !ing.authorized(Transport::Http, auth) {
         let mut r = text(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(r);
+        return Err(Box::new(r));
     }
     if parts.method != Method::POST {
         count("method_not_allowed");
@@ -179,14 +179,14 @@ fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, R
         );
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("POST"));
-        return Err(r);
+        return Err(Box::new(r));
     }
     let Some(enc) = Encoding::from_headers(&parts.headers) else {
         count("unsupported_media_type");
-        return Err(text(
+        return Err(Box::new(text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "content type must be application/x-protobuf or application/json",
-        ));
+        )));
     };
     let gzip = match parts
         .headers
@@ -198,10 +198,10 @@ fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, R
         Some(e) if e == "gzip" => true,
         Some(e) => {
             count("unsupported_media_type");
-            return Err(text(
+            return Err(Box::new(text(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("content encoding {e:?} is not supported (use gzip or none)"),
-            ));
+            )));
         }
     };
     let declared = parts
@@ -210,7 +210,7 @@ fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, R
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > state.settings.max_request_body_size as u64) {
-        return Err(too_large(state, enc));
+        return Err(Box::new(too_large(state, enc)));
     }
     let hint = role_from_header(
         parts
@@ -283,7 +283,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             if !parts.headers.contains_key(EXPECT) {
                 discard(body, 0).await;
             }
-            return Ok(resp);
+            return Ok(*resp);
         }
     };
     let ing = &state.ingest;
