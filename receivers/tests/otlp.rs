@@ -929,6 +929,61 @@ async fn shutdown_lets_in_flight_http_request_finish() {
     assert_eq!(rx.recv().await.unwrap().spans.len(), 1);
 }
 
+#[tokio::test]
+async fn dropping_an_unstarted_receiver_frees_its_ports() {
+    let cfg: OtlpReceiverConfig = parse(serde_yaml::from_str(BOTH).unwrap()).unwrap();
+    let ctx = BuildContext {
+        id: "otlp/unstarted".into(),
+        ..Default::default()
+    };
+    let r = cfg.bind(&ctx).await.unwrap();
+    let (g, h) = (r.grpc_addr().unwrap(), r.http_addr().unwrap());
+    let yaml = format!("protocols: {{grpc: {{endpoint: '{g}'}}, http: {{endpoint: '{h}'}}}}");
+    let again: OtlpReceiverConfig = parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
+    assert!(
+        again.bind(&ctx).await.is_err(),
+        "ports are held while bound"
+    );
+    drop(r);
+    let r = again.bind(&ctx).await.unwrap();
+    assert_eq!(r.local_addrs(), vec![g, h]);
+}
+
+#[tokio::test]
+async fn concurrent_clients_lose_nothing() {
+    let r = start("otlp/concurrent", 1024).await;
+    let (g, h) = (r.grpc.unwrap(), r.http.unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..4u8 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = grpc_client(g).await;
+            for i in 0..25u8 {
+                c.export(request(vec![span(t + 1, i + 1), span(t + 1, i + 101)]))
+                    .await
+                    .unwrap();
+            }
+        }));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u8 {
+                let body = request(vec![span(t + 11, i + 1)]).encode_to_vec();
+                let reply = http_send(h, "POST", "/v1/traces", &[PB], body).await;
+                assert_eq!(reply.status, http::StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut rx = r.stop().await;
+    let mut spans = 0;
+    while let Some(b) = rx.recv().await {
+        spans += b.spans.len();
+    }
+    assert_eq!(spans, 4 * 25 * 2 + 4 * 25);
+    let l = [("receiver", "otlp/concurrent")];
+    assert_eq!(counter(names::RECEIVER_ACCEPTED_SPANS, &l), spans as u64);
+}
+
 // ---------- auth ----------
 
 #[tokio::test]

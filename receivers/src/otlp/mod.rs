@@ -8,6 +8,28 @@
 //! - [`http`]: `POST /v1/traces` on hyper.
 //! - [`rpc`]: the `google.rpc` status and retry messages both write.
 //!
+//! # Configuration
+//!
+//! ```yaml
+//! receivers:
+//!   otlp:
+//!     protocols:
+//!       grpc:                        # null: defaults (127.0.0.1:4317, 4 MiB messages)
+//!       http:
+//!         endpoint: 0.0.0.0:4318     # open to the network: consider `auth`
+//!         traces_url_path: /v1/traces
+//!         max_request_body_size: 20971520
+//!     source: auto                   # auto | sdk | ebpf
+//!     auth:
+//!       bearer_tokens: ["${env:OTLP_TOKEN}"]
+//! ```
+//!
+//! Answers: success or `partial_success` (spans with invalid ids are refused one by one);
+//! `INVALID_ARGUMENT` / 400 for an unreadable body; `UNAVAILABLE` / 503 when the pipeline is
+//! full or shutting down and `RESOURCE_EXHAUSTED` / 429 above the memory limit, both with a
+//! retry delay (gRPC `RetryInfo`, HTTP `Retry-After`); `UNAUTHENTICATED` / 401 without a valid
+//! token. Every refusal is counted ([`ingest::REFUSED_SPANS`], [`ingest::REQUESTS`]).
+//!
 //! `build` binds every socket first (a port in use fails start-up, before anything serves);
 //! `run` serves until shutdown, then closes the listeners and lets in-flight requests finish.
 //! A request is answered only after its batch is in the pipelines' channels or refused, so a
