@@ -59,7 +59,7 @@ pub struct OtlpExporterConfig {
     pub headers: BTreeMap<String, String>,
     /// `gzip` or `none`. Default `gzip`.
     pub compression: Compression,
-    /// Bound of one delivery attempt. Default `5s`.
+    /// Bound of one delivery attempt; `0s` means none. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Retry with backoff on retryable answers; see [`RetryConfig`].
@@ -211,10 +211,12 @@ impl OtlpExporterConfig {
             parse_grpc_endpoint(&self.endpoint).map_err(|m| ComponentError::build(id, m))?;
         let headers = grpc_metadata(&self.headers)
             .map_err(|_| ComponentError::build(id, "headers: invalid gRPC metadata".to_string()))?;
-        let channel = Channel::from_shared(format!("http://{}", target.authority))
-            .map_err(|e| ComponentError::build(id, format!("endpoint: {e}")))?
-            .connect_timeout(self.timeout)
-            .connect_lazy();
+        let mut endpoint = Channel::from_shared(format!("http://{}", target.authority))
+            .map_err(|e| ComponentError::build(id, format!("endpoint: {e}")))?;
+        if !self.timeout.is_zero() {
+            endpoint = endpoint.connect_timeout(self.timeout);
+        }
+        let channel = endpoint.connect_lazy();
         Ok(GrpcExporter {
             target: target.authority,
             channel,
@@ -254,8 +256,10 @@ impl Destination for GrpcExporter {
         })?;
         let mut req = tonic::Request::new(encode_request(spans));
         *req.metadata_mut() = self.headers.clone();
-        // Tells the destination our deadline (grpc-timeout); the queue enforces it here.
-        req.set_timeout(self.timeout);
+        if !self.timeout.is_zero() {
+            // Tells the destination our deadline (grpc-timeout); the queue enforces it here.
+            req.set_timeout(self.timeout);
+        }
         let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
         match grpc.unary(req, path, RawCodec).await {
             Ok(resp) => Ok(accepted(resp.into_inner())),
@@ -458,7 +462,7 @@ mod tests {
     #[test]
     fn validate_reports_all_problems() {
         let c = cfg(
-            "endpoint: nowhere\nheaders: {\"bad key\": v, x-ok: \"a\\nb\"}\ntimeout: 0s\nsending_queue: {queue_size: 0}",
+            "endpoint: nowhere\nheaders: {\"bad key\": v, x-ok: \"a\\nb\"}\nsending_queue: {queue_size: 0}",
         );
         assert_eq!(
             paths(&c),
@@ -466,7 +470,6 @@ mod tests {
                 "endpoint",
                 "headers.bad key",
                 "headers.x-ok",
-                "timeout",
                 "sending_queue.queue_size"
             ]
         );

@@ -54,7 +54,7 @@ pub struct OtlpHttpExporterConfig {
     pub headers: BTreeMap<String, String>,
     /// `gzip` or `none`. Default `gzip`.
     pub compression: Compression,
-    /// Bound of one delivery attempt. Default `5s`.
+    /// Bound of one delivery attempt; `0s` means none. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Retry with backoff on retryable answers; see [`RetryConfig`].
@@ -195,7 +195,7 @@ impl OtlpHttpExporterConfig {
             .map_err(|_| ComponentError::build(id, "headers: invalid HTTP header"))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(self.timeout));
+        connector.set_connect_timeout((!self.timeout.is_zero()).then_some(self.timeout));
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(HttpExporter {
             url,

@@ -108,6 +108,7 @@ impl Default for QueueConfig {
 /// The `timeout`, `retry_on_failure` and `sending_queue` settings of one exporter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportSettings {
+    /// Bound of one attempt; zero means none (as in the Collector).
     pub timeout: Duration,
     pub retry: RetryConfig,
     pub queue: QueueConfig,
@@ -127,9 +128,6 @@ impl ExportSettings {
     /// Every problem, with key paths relative to the exporter.
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut out = Vec::new();
-        if self.timeout.is_zero() {
-            out.push(ConfigIssue::new("timeout", "must be greater than 0"));
-        }
         let r = &self.retry;
         if r.enabled {
             if r.initial_interval.is_zero() {
@@ -402,7 +400,12 @@ pub async fn send_with_retry(
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);
-        let error = match tokio::time::timeout(settings.timeout, dest.send(spans)).await {
+        let attempt = if settings.timeout.is_zero() {
+            Ok(dest.send(spans).await)
+        } else {
+            tokio::time::timeout(settings.timeout, dest.send(spans)).await
+        };
+        let error = match attempt {
             Ok(Ok(acc)) => return Ok(acc),
             Ok(Err(e)) => e,
             Err(_) => ExportError::retryable(format!(
@@ -673,6 +676,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn zero_timeout_waits_for_the_answer() {
+        let fake = Fake::with(vec![Step::Hang]);
+        let mut s = no_jitter();
+        s.timeout = Duration::ZERO;
+        let start = Instant::now();
+        run(&fake, &s, 1).await.unwrap();
+        assert_eq!(fake.calls(), 1);
+        assert_eq!(start.elapsed(), secs(3600.0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn jittered_waits_stay_in_range() {
         let fake = Fake::with(
             (0..5)
@@ -884,7 +898,6 @@ mod tests {
         assert_eq!(
             paths,
             [
-                "timeout",
                 "retry_on_failure.max_interval",
                 "retry_on_failure.multiplier",
                 "retry_on_failure.randomization_factor",

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prost::Message;
+use tailweave_core::otlp::to_proto_request;
 use tailweave_core::proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -105,11 +106,19 @@ impl Sink {
     async fn start(&self) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        self.serve(listener);
+        addr
+    }
+
+    /// Serves on `listener`; aborting the returned task closes the listener and every open
+    /// connection (they live in its JoinSet), as a crash of the destination would.
+    fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
         let sink = self.clone();
         tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 let sink = sink.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let sink = sink.clone();
                         async move { sink.handle(req).await }
@@ -119,8 +128,7 @@ impl Sink {
                         .await;
                 });
             }
-        });
-        addr
+        })
     }
 }
 
@@ -265,4 +273,39 @@ async fn connection_refused_is_retryable() {
     let dest = config(addr, "").destination("otlp_http/test").unwrap();
     let err = dest.send(&common::spans()).await.unwrap_err();
     assert!(err.retryable, "{err}");
+}
+
+#[tokio::test]
+async fn survives_a_destination_restart() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = Sink::default();
+    let server = first.serve(listener);
+    let cfg = config(addr, "");
+    let dest = Arc::new(cfg.destination("otlp_http/test").unwrap());
+    let (running, stats) = queue::spawn("otlp_http/test", &cfg.settings(), dest);
+    let spans = common::spans();
+    running
+        .input
+        .send(SpanBatch::new(spans[..3].to_vec()))
+        .await
+        .unwrap();
+    common::wait_for("the first delivery", || first.received().len() == 1).await;
+
+    // The pooled keep-alive connection dies with the destination.
+    server.abort();
+    let _ = server.await;
+    running
+        .input
+        .send(SpanBatch::new(spans[3..].to_vec()))
+        .await
+        .unwrap();
+    common::wait_for("a failed attempt", || stats.retried() >= 2).await;
+    let second = Sink::default();
+    second.serve(TcpListener::bind(addr).await.unwrap());
+    common::finish(running).await;
+
+    assert_eq!(second.received().len(), 1);
+    assert_eq!(second.received()[0].req, to_proto_request(&spans[3..]));
+    assert_eq!((stats.sent(), stats.failed()), (spans.len() as u64, 0));
 }
