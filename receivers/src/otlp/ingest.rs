@@ -127,7 +127,10 @@ impl Ingest {
             }
             Err(e) => {
                 self.count_request(transport, "malformed_request");
-                return Answer::Malformed(e.to_string());
+                let m = e.to_string();
+                tracing::debug!(receiver = %self.id, transport = transport.as_str(), error = %m,
+                    "request refused");
+                return Answer::Malformed(m);
             }
         };
         for (reason, n) in &decoded.rejected {
@@ -146,6 +149,8 @@ impl Ingest {
         let n = spans.len() as u64;
         if n > 0 {
             if let Err(reason) = self.consumer.try_send(SpanBatch::new(spans)) {
+                tracing::debug!(receiver = %self.id, transport = transport.as_str(), spans = n,
+                    %reason, "batch refused");
                 self.count_refused(transport, reason.as_str(), n);
                 self.count_request(transport, reason.as_str());
                 return Answer::Refused { reason, spans: n };
