@@ -1,29 +1,933 @@
-//! The `join` processor. (Skeleton: replaced by the real implementation.)
+//! The `join` processor: SDK spans and DeepFlow eBPF spans into one trace tree per
+//! (tenant, trace id) (`shared/docs/join.md`).
+//!
+//! # Layout
+//! - [`config`]: `JoinConfig` (join.md §8) and its validation.
+//! - [`rules`]: the merge and association rules (join.md §3, §4) as pure functions.
+//! - this module: the streaming state machine (join.md §5): spans go into a slab, union-find
+//!   groups them through indexes keyed by tenant, deadlines flush the groups, tombstones catch
+//!   late spans.
+//! - [`tree`]: builds one unit's tree at flush (join.md §6).
+//! - [`output`]: rewrites the spans of a unit (join.md §7).
+//!
+//! Grouping happens as spans arrive (each span is tested against what is indexed, later spans
+//! against it), so no query loop is needed; placement happens once, at flush, on the merged models.
+//!
+//! Timeouts: a request row that no response row merged into keeps `marks.timed_out` and is given
+//! ERROR status in the output (with a status message saying so), so both a `status_code` policy
+//! and a policy reading `Span::is_error` keep the trace.
 
-use std::time::Instant;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use tailweave_core::config::{BuildContext, ConfigIssue};
-use tailweave_core::{ComponentError, Processor, SpanBatch};
+use hashbrown::HashMap;
+use tailweave_core::config::BuildContext;
+use tailweave_core::ebpf::{flags, EbpfSpan};
+use tailweave_core::{ComponentError, Processor, Span, SpanBatch, SpanId};
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinConfig {}
+pub mod config;
+pub mod output;
+pub mod rules;
+#[doc(hidden)]
+pub mod testkit;
+pub mod tree;
+
+pub use config::{JoinConfig, ThreadCheck, Unassociated, UnknownTenant};
+use rules::{Pair, Tol, Via};
+
+/// Units emitted, by `outcome` (`complete`, `expired`, `forced`, `limit`, `shutdown`).
+pub const UNITS: &str = "tailweave_join_units_total";
+/// Spans emitted in units, by `source` (`sdk`/`ebpf`) and `via`.
+pub const SPANS: &str = "tailweave_join_spans_total";
+/// Spans received, by `source`.
+pub const SPANS_IN: &str = "tailweave_join_incoming_spans_total";
+/// Unassociated eBPF spans, by `action` (`drop`/`passthrough`).
+pub const UNASSOCIATED: &str = "tailweave_join_unassociated_total";
+/// Request and response rows merged into one span.
+pub const MERGED_FRAGMENTS: &str = "tailweave_join_merged_fragments_total";
+/// Traces emitted early or unions refused because of `max_spans_per_trace`.
+pub const LIMIT: &str = "tailweave_join_limit_total";
+/// Groups emitted early because of `max_pending_spans`.
+pub const FORCED_FLUSH: &str = "tailweave_join_forced_flush_total";
+/// Spans emitted after their unit (`tailweave.join.late`).
+pub const LATE: &str = "tailweave_join_late_total";
+/// Groups waiting.
+pub const PENDING_GROUPS: &str = "tailweave_join_pending_groups";
+/// Spans held.
+pub const PENDING_SPANS: &str = "tailweave_join_pending_spans";
+/// Bytes held by the spans waiting (`Span::held_bytes`).
+pub const PENDING_BYTES: &str = "tailweave_join_pending_bytes";
+/// Spans dropped for other reasons than being unassociated, by `reason` (`unknown_tenant`).
+pub const DROPPED: &str = "tailweave_join_dropped_spans_total";
+/// Unions refused because the groups carry different trace ids.
+pub const REFUSED_UNIONS: &str = "tailweave_join_refused_unions_total";
 
 impl JoinConfig {
-    pub fn validate(&self) -> Vec<ConfigIssue> {
-        Vec::new()
-    }
-
-    pub fn build(&self, ctx: &BuildContext) -> Result<Join, ComponentError> {
-        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+    pub fn build(&self, _ctx: &BuildContext) -> Result<Join, ComponentError> {
+        Ok(Join::new(self.clone()))
     }
 }
 
-pub struct Join;
+/// The join state machine.
+pub struct Join {
+    cfg: JoinConfig,
+    tol: Tol,
+    ebpf_keys: [Vec<String>; 2],
+    nodes: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    bytes: usize,
+    groups: HashMap<u32, Group>,
+    tenants: HashMap<Arc<str>, u32>,
+    agents: HashMap<Arc<str>, u32>,
+    trace_idx: HashMap<(u32, [u8; 16]), u32>,
+    req_idx: HashMap<(u32, u32), IdList>,
+    resp_idx: HashMap<(u32, u32), IdList>,
+    sys_idx: HashMap<(u32, u32, u64), IdList>,
+    xreq_idx: HashMap<(u32, Arc<str>), IdList>,
+    merge_idx: HashMap<(u32, u32, u64, u8), IdList>,
+    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    arrivals: VecDeque<(u32, u32)>,
+    tombs: tomb::Tombs,
+    /// Tenant lookups by resource: spans of one ResourceSpans share it.
+    /// (resource address, tenant); the address is only compared, never dereferenced.
+    last_tenant: Option<(usize, Option<u32>)>,
+}
+
+struct Slot {
+    gen: u32,
+    node: Option<Node>,
+}
+
+struct Node {
+    span: Span,
+    tenant: u32,
+    agent: u32,
+    uf: u32,
+    /// A fragment merged into the request fragment with this id.
+    merged_into: Option<u32>,
+    /// A fragment that found its partner (either side).
+    paired: bool,
+    other_traces: Vec<[u8; 16]>,
+}
+
+struct Group {
+    tenant: u32,
+    trace_key: Option<[u8; 16]>,
+    has_sdk: bool,
+    first_sdk: Option<Instant>,
+    first_any: Instant,
+    last_seen: Instant,
+    members: Vec<u32>,
+    bytes: usize,
+    scheduled: Instant,
+}
+
+/// A few node ids per key, inline for the common single entry.
+#[derive(Debug)]
+enum IdList {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl IdList {
+    fn push(&mut self, id: u32) {
+        match self {
+            IdList::One(x) => *self = IdList::Many(vec![*x, id]),
+            IdList::Many(v) => v.push(id),
+        }
+    }
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            IdList::One(x) => std::slice::from_ref(x),
+            IdList::Many(v) => v,
+        }
+    }
+    /// Removes `id`; `true` when the list is now empty.
+    fn remove(&mut self, id: u32) -> bool {
+        match self {
+            IdList::One(x) => *x == id,
+            IdList::Many(v) => {
+                v.retain(|x| *x != id);
+                v.is_empty()
+            }
+        }
+    }
+}
+
+fn idx_push<K: std::hash::Hash + Eq>(m: &mut HashMap<K, IdList>, k: K, id: u32) {
+    match m.get_mut(&k) {
+        Some(l) => l.push(id),
+        None => {
+            m.insert(k, IdList::One(id));
+        }
+    }
+}
+
+fn idx_remove<K: std::hash::Hash + Eq>(m: &mut HashMap<K, IdList>, k: &K, id: u32) {
+    if let Some(l) = m.get_mut(k) {
+        if l.remove(id) {
+            m.remove(k);
+        }
+    }
+}
+
+/// At most this many candidates per key are tested, newest first: a hot key (seq reuse, a
+/// gateway's X-Request-ID) must not make each arrival linear in the state.
+const MAX_CANDIDATES: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Complete,
+    Expired,
+    Forced,
+    Limit,
+    Shutdown,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Expired => "expired",
+            Outcome::Forced => "forced",
+            Outcome::Limit => "limit",
+            Outcome::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl Join {
+    pub fn new(cfg: JoinConfig) -> Join {
+        let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        let tol = Tol {
+            network_delay: ns(cfg.tolerance.network_delay),
+            host_clock_offset: ns(cfg.tolerance.host_clock_offset),
+            app_slack: ns(cfg.tolerance.app_slack),
+            syscall_ttl: ns(cfg.syscall.ttl),
+        };
+        let sfx = |s: &str| {
+            cfg.tenant
+                .ebpf_keys
+                .iter()
+                .map(|k| format!("{k}_{s}"))
+                .collect()
+        };
+        let mut j = Join {
+            ebpf_keys: [sfx("0"), sfx("1")],
+            tol,
+            cfg,
+            nodes: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            bytes: 0,
+            groups: HashMap::new(),
+            tenants: HashMap::new(),
+            agents: HashMap::new(),
+            trace_idx: HashMap::new(),
+            req_idx: HashMap::new(),
+            resp_idx: HashMap::new(),
+            sys_idx: HashMap::new(),
+            xreq_idx: HashMap::new(),
+            merge_idx: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            arrivals: VecDeque::new(),
+            tombs: tomb::Tombs::default(),
+            last_tenant: None,
+        };
+        j.tombs.cap = j.cfg.max_pending_spans;
+        j
+    }
+
+    /// Spans held.
+    pub fn pending_spans(&self) -> usize {
+        self.live
+    }
+    /// Bytes held (`Span::held_bytes` of every held span).
+    pub fn pending_bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn pending_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn intern(map: &mut HashMap<Arc<str>, u32>, s: &str) -> u32 {
+        if let Some(v) = map.get(s) {
+            return *v;
+        }
+        let id = map.len() as u32;
+        map.insert(Arc::from(s), id);
+        id
+    }
+
+    /// join.md §2. `None`: unknown tenant and `unknown: drop`.
+    fn tenant_of(&mut self, span: &Span) -> Option<u32> {
+        let found: Option<&str> = match span.ebpf.as_deref() {
+            None => {
+                let ptr = span.resource() as *const tailweave_core::Resource as usize;
+                if let Some((p, t)) = self.last_tenant {
+                    if p == ptr {
+                        return t;
+                    }
+                }
+                let r = span.resource();
+                let v = self
+                    .cfg
+                    .tenant
+                    .sdk_keys
+                    .iter()
+                    .find_map(|k| r.attr(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()));
+                let t = self.tenant_id(v);
+                self.last_tenant = Some((ptr, t));
+                return t;
+            }
+            Some(e) => {
+                let r = span.resource();
+                let read = |keys: &[String]| {
+                    keys.iter()
+                        .find_map(|k| r.attr(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()))
+                };
+                match e.local_side() {
+                    Some(side) => read(&self.ebpf_keys[side]),
+                    None => match (read(&self.ebpf_keys[0]), read(&self.ebpf_keys[1])) {
+                        (Some(a), Some(b)) if a == b => Some(a),
+                        _ => None,
+                    },
+                }
+            }
+        };
+        // `found` borrows the span, not self.
+        let found = found.map(|s| s.to_owned());
+        self.tenant_id(found.as_deref())
+    }
+
+    fn tenant_id(&mut self, v: Option<&str>) -> Option<u32> {
+        match v {
+            Some(s) => Some(Self::intern(&mut self.tenants, s)),
+            None if self.cfg.tenant.unknown == UnknownTenant::Isolate => {
+                Some(Self::intern(&mut self.tenants, ""))
+            }
+            None => None,
+        }
+    }
+
+    fn node(&self, id: u32) -> &Node {
+        self.nodes[id as usize].node.as_ref().expect("live node")
+    }
+    fn node_mut(&mut self, id: u32) -> &mut Node {
+        self.nodes[id as usize].node.as_mut().expect("live node")
+    }
+    fn model(&self, id: u32) -> Option<&EbpfSpan> {
+        self.node(id).span.ebpf.as_deref()
+    }
+
+    fn find(&mut self, mut x: u32) -> u32 {
+        let mut root = x;
+        while self.node(root).uf != root {
+            root = self.node(root).uf;
+        }
+        while x != root {
+            let next = self.node(x).uf;
+            self.node_mut(x).uf = root;
+            x = next;
+        }
+        root
+    }
+
+    fn deadline(&self, g: &Group) -> Instant {
+        let w = &self.cfg.wait;
+        match g.first_sdk {
+            Some(f) => (f + w.min).max(g.last_seen + w.idle).min(f + w.max),
+            None => g.first_any + w.orphan_ttl(),
+        }
+    }
+
+    fn schedule(&mut self, root: u32) {
+        let Some(g) = self.groups.get(&root) else {
+            return;
+        };
+        let d = self.deadline(g);
+        if d < g.scheduled {
+            let gen = self.nodes[root as usize].gen;
+            self.groups.get_mut(&root).expect("group").scheduled = d;
+            self.deadlines.push(Reverse((d, root, gen)));
+        }
+    }
+
+    /// Unites the groups of `a` and `b` under the §5.3 guards. `false` if refused.
+    fn union(&mut self, a: u32, b: u32) -> bool {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return true;
+        }
+        let (ga, gb) = (&self.groups[&ra], &self.groups[&rb]);
+        if let (Some(ka), Some(kb)) = (ga.trace_key, gb.trace_key) {
+            if ka != kb && !self.cfg.allow_multiple_trace_ids {
+                metrics::counter!(REFUSED_UNIONS).increment(1);
+                // The arriving span `a` bridges to another trace: say so on it.
+                let other = if self.find(a) == ra { kb } else { ka };
+                let n = self.node_mut(a);
+                if !n.other_traces.contains(&other) {
+                    n.other_traces.push(other);
+                }
+                return false;
+            }
+        }
+        if ga.members.len() + gb.members.len() > self.cfg.max_spans_per_trace {
+            metrics::counter!(LIMIT).increment(1);
+            return false;
+        }
+        let (keep, gone) = if ga.members.len() >= gb.members.len() {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        let g2 = self.groups.remove(&gone).expect("group");
+        self.node_mut(gone).uf = keep;
+        let g = self.groups.get_mut(&keep).expect("group");
+        g.members.extend_from_slice(&g2.members);
+        g.bytes += g2.bytes;
+        g.trace_key = g.trace_key.or(g2.trace_key);
+        g.has_sdk |= g2.has_sdk;
+        g.first_sdk = match (g.first_sdk, g2.first_sdk) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        g.first_any = g.first_any.min(g2.first_any);
+        g.last_seen = g.last_seen.max(g2.last_seen);
+        self.schedule(keep);
+        true
+    }
+
+    fn insert_node(&mut self, span: Span, tenant: u32, agent: u32, now: Instant) -> u32 {
+        let node = Node {
+            span,
+            tenant,
+            agent,
+            uf: 0,
+            merged_into: None,
+            paired: false,
+            other_traces: Vec::new(),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                let slot = &mut self.nodes[id as usize];
+                slot.gen = slot.gen.wrapping_add(1);
+                slot.node = Some(node);
+                id
+            }
+            None => {
+                self.nodes.push(Slot {
+                    gen: 0,
+                    node: Some(node),
+                });
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        let n = self.node_mut(id);
+        n.uf = id;
+        let held = n.span.held_bytes();
+        let is_sdk = n.span.ebpf.is_none();
+        let key = match n.span.ebpf.as_deref() {
+            None => Some(n.span.trace_id.0),
+            Some(e) => e.trace_key,
+        };
+        self.live += 1;
+        self.bytes += held;
+        let far = now + self.cfg.wait.max.max(self.cfg.wait.orphan_ttl()) + Duration::from_secs(1);
+        self.groups.insert(
+            id,
+            Group {
+                tenant,
+                trace_key: key,
+                has_sdk: is_sdk,
+                first_sdk: is_sdk.then_some(now),
+                first_any: now,
+                last_seen: now,
+                members: vec![id],
+                bytes: held,
+                scheduled: far,
+            },
+        );
+        self.schedule(id);
+        let gen = self.nodes[id as usize].gen;
+        self.arrivals.push_back((id, gen));
+        id
+    }
+
+    fn add(&mut self, now: Instant, span: Span, out: &mut Vec<SpanBatch>) {
+        let source = if span.ebpf.is_some() { "ebpf" } else { "sdk" };
+        metrics::counter!(SPANS_IN, "source" => source).increment(1);
+        let Some(tenant) = self.tenant_of(&span) else {
+            metrics::counter!(DROPPED, "reason" => "unknown_tenant").increment(1);
+            return;
+        };
+        let key = match span.ebpf.as_deref() {
+            None => Some(span.trace_id.0),
+            Some(e) => e.trace_key,
+        };
+        let live_group = key.and_then(|k| self.trace_idx.get(&(tenant, k)).copied());
+
+        // Late arrivals (join.md §5.5): the unit has gone, a tombstone remembers it.
+        if live_group.is_none() {
+            if let Some(late) = self.tombs.match_late(tenant, key, &span, &self.tol, now) {
+                metrics::counter!(LATE).increment(1);
+                out.push(SpanBatch::whole(vec![output::late_span(span, &late)]));
+                return;
+            }
+        }
+
+        let agent = match span.ebpf.as_deref() {
+            Some(e) => Self::intern(&mut self.agents, &e.agent),
+            None => 0,
+        };
+        let no_keys = span.ebpf.as_deref().is_some_and(|e| e.has(flags::NO_KEYS));
+        if no_keys && key.is_none() {
+            self.unassociated(vec![span], out);
+            return;
+        }
+        let id = self.insert_node(span, tenant, agent, now);
+        if let Some(k) = key {
+            match live_group {
+                Some(other) => {
+                    self.union(id, other);
+                }
+                None => {
+                    self.trace_idx.insert((tenant, k), id);
+                }
+            }
+        }
+        if self.model(id).is_some() && !no_keys {
+            self.associate(id);
+        }
+        let root = self.find(id);
+        if let Some(g) = self.groups.get_mut(&root) {
+            g.last_seen = now;
+        }
+        self.schedule(root);
+        metrics::gauge!(PENDING_SPANS).set(self.live as f64);
+
+        let size = self.groups.get(&root).map_or(0, |g| g.members.len());
+        if size >= self.cfg.max_spans_per_trace {
+            metrics::counter!(LIMIT).increment(1);
+            self.flush(root, now, Outcome::Limit, out);
+        }
+        while self.live > self.cfg.max_pending_spans {
+            let Some((oldest, gen)) = self.arrivals.pop_front() else {
+                break;
+            };
+            let slot = &self.nodes[oldest as usize];
+            if slot.gen != gen || slot.node.is_none() {
+                continue;
+            }
+            let r = self.find(oldest);
+            metrics::counter!(FORCED_FLUSH).increment(1);
+            self.flush(r, now, Outcome::Forced, out);
+        }
+    }
+
+    /// Tests the new eBPF node against the indexes, unites what relates, then indexes it.
+    fn associate(&mut self, id: u32) {
+        let tenant = self.node(id).tenant;
+        let agent = self.node(id).agent;
+        let e = self.model(id).expect("eBPF").clone_keys();
+        let mut cands: Vec<u32> = Vec::new();
+
+        // §3 merge of request/response fragments.
+        if e.fragment && e.flow_id != 0 && e.rank != 0 {
+            let mk = (tenant, agent, e.flow_id, e.rank);
+            let mut partner = None;
+            if let Some(list) = self.merge_idx.get(&mk) {
+                for &c in list.as_slice().iter().rev() {
+                    let (me, other) = (self.model(id).expect("eBPF"), self.model(c).expect("eBPF"));
+                    let (q, r) = if me.is_request_only() {
+                        (me, other)
+                    } else {
+                        (other, me)
+                    };
+                    if me.is_request_only() == other.is_request_only() {
+                        continue;
+                    }
+                    match rules::pairs(q, r) {
+                        Pair::Yes => {
+                            partner = Some(c);
+                            break;
+                        }
+                        Pair::Stop => break,
+                        Pair::No => {}
+                    }
+                }
+            }
+            match partner {
+                Some(c) if self.union(id, c) => {
+                    idx_remove(&mut self.merge_idx, &mk, c);
+                    let req_is_me = self.model(id).expect("eBPF").is_request_only();
+                    let (q, r) = if req_is_me { (id, c) } else { (c, id) };
+                    self.node_mut(r).merged_into = Some(q);
+                    self.node_mut(q).paired = true;
+                    self.node_mut(r).paired = true;
+                    metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                }
+                _ => idx_push(&mut self.merge_idx, mk, id),
+            }
+        }
+
+        // §4.3 tcp_seq
+        for (seq, is_req) in [(e.req_seq, true), (e.resp_seq, false)] {
+            if seq == 0 {
+                continue;
+            }
+            let idx = if is_req {
+                &self.req_idx
+            } else {
+                &self.resp_idx
+            };
+            if let Some(list) = idx.get(&(tenant, seq)) {
+                cands.extend(list.as_slice().iter().rev().take(MAX_CANDIDATES));
+            }
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        for &c in &cands {
+            let (a, b) = (self.node(id), self.node(c));
+            let (ea, eb) = (
+                a.span.ebpf.as_deref().expect("e"),
+                b.span.ebpf.as_deref().expect("e"),
+            );
+            if rules::tcp_related(&a.span, ea, &b.span, eb, &self.tol) {
+                self.union(id, c);
+            }
+        }
+
+        // §4.4 syscall, with the thread guard.
+        if e.system {
+            cands.clear();
+            for sid in [e.sys_req, e.sys_resp] {
+                if sid == 0 {
+                    continue;
+                }
+                if let Some(list) = self.sys_idx.get(&(tenant, agent, sid)) {
+                    cands.extend(list.as_slice().iter().rev().take(MAX_CANDIDATES));
+                }
+            }
+            cands.sort_unstable();
+            cands.dedup();
+            let mut pass: Vec<(u32, bool)> = Vec::new();
+            for &c in &cands {
+                let (ea, eb) = (self.model(id).expect("e"), self.model(c).expect("e"));
+                let r = rules::syscall_rel(ea, eb, &self.tol)
+                    .or_else(|| rules::syscall_rel(eb, ea, &self.tol));
+                if let Some((_, mismatch)) = r {
+                    pass.push((c, mismatch));
+                }
+            }
+            let n = pass.len();
+            for (c, mismatch) in pass {
+                let ok =
+                    !mismatch || (self.cfg.syscall.thread_check == ThreadCheck::Lenient && n == 1);
+                if ok {
+                    self.union(id, c);
+                }
+            }
+        }
+
+        // §4.5 x_request_id
+        cands.clear();
+        for x in e.xreq.iter().flatten() {
+            if let Some(list) = self.xreq_idx.get(&(tenant, x.clone())) {
+                cands.extend(list.as_slice().iter().rev().take(MAX_CANDIDATES));
+            }
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        for &c in &cands {
+            let (ea, eb) = (self.model(id).expect("e"), self.model(c).expect("e"));
+            if rules::xreq_upstream(ea, eb) || rules::xreq_upstream(eb, ea) {
+                self.union(id, c);
+            }
+        }
+
+        // Index the new node.
+        if e.req_seq != 0 {
+            idx_push(&mut self.req_idx, (tenant, e.req_seq), id);
+        }
+        if e.resp_seq != 0 {
+            idx_push(&mut self.resp_idx, (tenant, e.resp_seq), id);
+        }
+        if e.system {
+            for sid in [e.sys_req, e.sys_resp] {
+                if sid != 0 {
+                    idx_push(&mut self.sys_idx, (tenant, agent, sid), id);
+                }
+            }
+            if e.sys_req == e.sys_resp && e.sys_req != 0 {
+                // Entered once is enough.
+                idx_remove(&mut self.sys_idx, &(tenant, agent, e.sys_req), id);
+                idx_push(&mut self.sys_idx, (tenant, agent, e.sys_req), id);
+            }
+        }
+        for x in e.xreq.into_iter().flatten() {
+            idx_push(&mut self.xreq_idx, (tenant, x), id);
+        }
+    }
+
+    fn unindex(&mut self, id: u32) {
+        let n = self.node(id);
+        let (tenant, agent) = (n.tenant, n.agent);
+        let Some(e) = n.span.ebpf.as_deref().map(|e| e.clone_keys()) else {
+            return;
+        };
+        if e.req_seq != 0 {
+            idx_remove(&mut self.req_idx, &(tenant, e.req_seq), id);
+        }
+        if e.resp_seq != 0 {
+            idx_remove(&mut self.resp_idx, &(tenant, e.resp_seq), id);
+        }
+        for sid in [e.sys_req, e.sys_resp] {
+            if sid != 0 {
+                idx_remove(&mut self.sys_idx, &(tenant, agent, sid), id);
+            }
+        }
+        for x in e.xreq.into_iter().flatten() {
+            idx_remove(&mut self.xreq_idx, &(tenant, x), id);
+        }
+        if e.fragment {
+            idx_remove(&mut self.merge_idx, &(tenant, agent, e.flow_id, e.rank), id);
+        }
+    }
+
+    /// Emits (or drops) eBPF spans that joined no SDK trace (join.md §7 e).
+    fn unassociated(&mut self, spans: Vec<Span>, out: &mut Vec<SpanBatch>) {
+        let n = spans.len() as u64;
+        match self.cfg.unassociated_ebpf {
+            Unassociated::Drop => {
+                metrics::counter!(UNASSOCIATED, "action" => "drop").increment(n);
+            }
+            Unassociated::Passthrough => {
+                metrics::counter!(UNASSOCIATED, "action" => "passthrough").increment(n);
+                out.extend(spans.into_iter().map(|s| SpanBatch::whole(vec![s])));
+            }
+        }
+    }
+
+    fn flush(&mut self, root: u32, now: Instant, outcome: Outcome, out: &mut Vec<SpanBatch>) {
+        let Some(g) = self.groups.remove(&root) else {
+            return;
+        };
+        if let Some(k) = g.trace_key {
+            if self.trace_idx.get(&(g.tenant, k)).is_some_and(|_| true) {
+                self.trace_idx.remove(&(g.tenant, k));
+            }
+        }
+        // Take the nodes out; absorbed fragments go to their request fragment.
+        let mut members: Vec<tree::Member> = Vec::with_capacity(g.members.len());
+        let mut pos: HashMap<u32, usize> = HashMap::with_capacity(g.members.len());
+        let mut absorbed: Vec<(u32, Span)> = Vec::new();
+        for &id in &g.members {
+            self.unindex(id);
+            let slot = &mut self.nodes[id as usize];
+            let n = slot.node.take().expect("live node");
+            self.free.push(id);
+            self.live -= 1;
+            self.bytes -= n.span.held_bytes();
+            match n.merged_into {
+                Some(q) => absorbed.push((q, n.span)),
+                None => {
+                    pos.insert(id, members.len());
+                    members.push(tree::Member::new(n.span, n.other_traces));
+                }
+            }
+        }
+        for (q, r) in absorbed {
+            match pos.get(&q) {
+                Some(&i) => members[i].absorb(r),
+                // Cannot happen (a merge unites the groups), but never lose a span.
+                None => members.push(tree::Member::new(r, Vec::new())),
+            }
+        }
+        metrics::gauge!(PENDING_SPANS).set(self.live as f64);
+        metrics::gauge!(PENDING_BYTES).set(self.bytes as f64);
+        metrics::gauge!(PENDING_GROUPS).set(self.groups.len() as f64);
+
+        if !g.has_sdk {
+            let spans = members
+                .into_iter()
+                .flat_map(|m| m.into_original_spans())
+                .collect();
+            self.unassociated(spans, out);
+            return;
+        }
+        metrics::counter!(UNITS, "outcome" => outcome.as_str()).increment(1);
+        let unit_trace = g.trace_key.unwrap_or_default();
+        if members.iter().all(|m| m.model().is_none()) {
+            // SDK-only: unchanged.
+            metrics::counter!(SPANS, "source" => "sdk", "via" => "none")
+                .increment(members.len() as u64);
+            let spans: Vec<Span> = members.into_iter().map(|m| m.span).collect();
+            self.tombs
+                .record(g.tenant, unit_trace, &spans, now + self.cfg.wait.late_ttl);
+            out.push(SpanBatch::whole(spans));
+            return;
+        }
+        let plan = tree::build(
+            &mut members,
+            unit_trace,
+            &self.tol,
+            self.cfg.allow_multiple_trace_ids,
+        );
+        let (unit, dropped) = output::apply(members, &plan, unit_trace, self.cfg.emit_clock_offset);
+        for s in &unit {
+            let source = if s.ebpf.is_some() { "ebpf" } else { "sdk" };
+            let via = s
+                .attr(output::VIA)
+                .and_then(|v| v.as_str())
+                .map(via_label)
+                .unwrap_or("root");
+            metrics::counter!(SPANS, "source" => source, "via" => via).increment(1);
+        }
+        self.tombs
+            .record(g.tenant, plan.trace_id, &unit, now + self.cfg.wait.late_ttl);
+        if !unit.is_empty() {
+            out.push(SpanBatch::whole(unit));
+        }
+        if !dropped.is_empty() {
+            self.unassociated(dropped, out);
+        }
+    }
+
+    fn due(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        while let Some(Reverse((t, root, gen))) = self.deadlines.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop();
+            let slot = &self.nodes[root as usize];
+            if slot.gen != gen || slot.node.is_none() {
+                continue;
+            }
+            let Some(g) = self.groups.get(&root) else {
+                continue;
+            };
+            if g.scheduled != t {
+                continue;
+            }
+            let d = self.deadline(g);
+            if d <= now {
+                let w = &self.cfg.wait;
+                let outcome = match g.first_sdk {
+                    Some(f) if now >= (f + w.min).max(g.last_seen + w.idle) => Outcome::Complete,
+                    _ => Outcome::Expired,
+                };
+                self.flush(root, now, outcome, out);
+            } else {
+                self.groups.get_mut(&root).expect("group").scheduled = d;
+                self.deadlines.push(Reverse((d, root, gen)));
+            }
+        }
+        self.tombs.expire(now);
+        if self.arrivals.len() > 2 * self.live + 1024 {
+            let nodes = &self.nodes;
+            self.arrivals.retain(|&(id, gen)| {
+                nodes[id as usize].gen == gen && nodes[id as usize].node.is_some()
+            });
+        }
+    }
+}
+
+fn via_label(s: &str) -> &'static str {
+    match s {
+        "tcp_seq" => "tcp_seq",
+        "span_id" => "span_id",
+        "syscall" => "syscall",
+        "x_request_id" => "x_request_id",
+        "trace_id" => "trace_id",
+        _ => "other",
+    }
+}
+
+/// The keys of an eBPF span the indexes use, copied out so the state can be borrowed mutably.
+struct Keys {
+    fragment: bool,
+    flow_id: u64,
+    rank: u8,
+    req_seq: u32,
+    resp_seq: u32,
+    system: bool,
+    sys_req: u64,
+    sys_resp: u64,
+    xreq: [Option<Arc<str>>; 2],
+}
+
+trait CloneKeys {
+    fn clone_keys(&self) -> Keys;
+}
+
+impl CloneKeys for EbpfSpan {
+    fn clone_keys(&self) -> Keys {
+        let keyless = self.has(flags::NO_KEYS);
+        Keys {
+            fragment: (self.is_request_only() || self.is_response_only()) && !keyless,
+            flow_id: self.flow_id,
+            rank: self.tap_side.rank(),
+            req_seq: if keyless { 0 } else { self.req_tcp_seq },
+            resp_seq: if keyless { 0 } else { self.resp_tcp_seq },
+            system: self.is_system() && !keyless,
+            sys_req: self.syscall_req,
+            sys_resp: self.syscall_resp,
+            xreq: if keyless {
+                [None, None]
+            } else {
+                self.x_request_id.clone()
+            },
+        }
+    }
+}
 
 impl Processor for Join {
-    fn process(&mut self, _now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
-        out.push(batch);
+    fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        for span in batch.spans {
+            self.add(now, span, out);
+        }
+        self.last_tenant = None;
+        metrics::gauge!(PENDING_BYTES).set(self.bytes as f64);
+        metrics::gauge!(PENDING_GROUPS).set(self.groups.len() as f64);
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        self.due(now, out);
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(Duration::from_millis(250))
+    }
+
+    fn shutdown(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        let roots: Vec<u32> = self.groups.keys().copied().collect();
+        let mut roots: Vec<(Instant, u32)> = roots
+            .into_iter()
+            .map(|r| (self.groups[&r].first_any, r))
+            .collect();
+        roots.sort_unstable();
+        for (_, r) in roots {
+            self.flush(r, now, Outcome::Shutdown, out);
+        }
+        self.tombs = tomb::Tombs::default();
+        self.deadlines.clear();
+        self.arrivals.clear();
     }
 }
+
+/// Identity of a span in a unit, for tombstones and late spans.
+#[derive(Clone, Copy, Debug)]
+pub struct LateTarget {
+    pub trace_id: [u8; 16],
+    pub parent: SpanId,
+    pub via: Via,
+}
+
+mod tomb;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! join state-machine tests
