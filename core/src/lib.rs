@@ -17,6 +17,7 @@ pub mod error;
 pub mod limiter;
 pub mod names;
 pub mod otlp;
+pub mod red;
 pub mod span;
 pub mod wire;
 
