@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use prost::Message;
-use tailweave_core::otlp::decode_request;
 use tailweave_core::proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
@@ -178,10 +177,7 @@ impl UnaryService<Bytes> for Export {
                 .map(|v| v.as_bytes()),
         );
         let body = request.into_inner();
-        Box::pin(async move {
-            let decoded = decode_request(body, &ingest.limits);
-            answer_to_grpc(ingest.ingest(Transport::Grpc, decoded, hint))
-        })
+        Box::pin(async move { answer_to_grpc(ingest.ingest_protobuf(Transport::Grpc, body, hint)) })
     }
 }
 

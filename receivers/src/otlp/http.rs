@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prost::Message;
-use tailweave_core::otlp::{decode_json_request, decode_request};
 use tailweave_core::proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
@@ -316,11 +315,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     } else {
         body
     };
-    let decoded = match enc {
-        Encoding::Protobuf => decode_request(body, &ing.limits),
-        Encoding::Json => decode_json_request(&body, &ing.limits),
+    let answer = match enc {
+        Encoding::Protobuf => ing.ingest_protobuf(Transport::Http, body, hint),
+        Encoding::Json => ing.ingest_json(Transport::Http, &body, hint),
     };
-    Ok(match ing.ingest(Transport::Http, decoded, hint) {
+    Ok(match answer {
         Answer::Accepted { rejected, message } => success(enc, rejected, message),
         Answer::Malformed(m) => status(
             StatusCode::BAD_REQUEST,

@@ -4,8 +4,12 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tailweave_core::names;
-use tailweave_core::otlp::{DecodeError, DecodeLimits, Decoded};
+use tailweave_core::otlp::{
+    decode_json_request, decode_request, DecodeError, DecodeLimits, Decoded,
+};
+use tailweave_core::wire::{Reader, Value};
 use tailweave_core::{Consumer, Refused, SpanBatch};
 
 use super::auth::BearerAuth;
@@ -14,9 +18,10 @@ use crate::deepflow::normalize::{self, Role};
 /// Spans accepted into the pipelines (`receiver`, `transport`).
 pub const ACCEPTED_SPANS: &str = names::RECEIVER_ACCEPTED_SPANS;
 /// Spans refused (`receiver`, `transport`, `reason`): `pipeline_full`, `memory_limit`,
-/// `shutting_down`, the per-span reasons of `decode_request` (`invalid_trace_id`, ...), and
-/// `too_many_spans`. Requests refused before their spans could be counted (`malformed_request`,
-/// `too_large`, ...) appear only in [`REQUESTS`].
+/// `shutting_down`, the per-span reasons of `decode_request` (`invalid_trace_id`, ...),
+/// `too_many_spans`, and `malformed_request` (the spans visible before a protobuf request stops
+/// parsing: a lower bound). Requests refused before their body is read (`too_large`,
+/// `unauthenticated`, ...) carry no span count and appear only in [`REQUESTS`].
 pub const REFUSED_SPANS: &str = names::RECEIVER_REFUSED_SPANS;
 /// Requests by `outcome` (`receiver`, `transport`, `outcome`): `success`, `partial_success`,
 /// the [`Refused`] reasons, `malformed_request`, `too_large`, `too_many_spans`,
@@ -108,25 +113,44 @@ impl Ingest {
         }
     }
 
+    /// Takes an `ExportTraceServiceRequest` in protobuf.
+    pub fn ingest_protobuf(&self, transport: Transport, body: Bytes, hint: Option<Role>) -> Answer {
+        let decoded = decode_request(body.clone(), &self.limits);
+        let visible = match &decoded {
+            Ok(_) => 0,
+            Err(_) => visible_spans(&body),
+        };
+        self.ingest(transport, decoded, visible, hint)
+    }
+
+    /// Takes an `ExportTraceServiceRequest` in OTLP/JSON.
+    pub fn ingest_json(&self, transport: Transport, body: &[u8], hint: Option<Role>) -> Answer {
+        self.ingest(transport, decode_json_request(body, &self.limits), 0, hint)
+    }
+
     /// Takes a decoded request: classifies its spans, hands them on, counts, and answers.
-    /// `role_hint` is the request's own claim (the source header) and only ever upgrades a
-    /// shared receiver to eBPF.
+    /// `visible` is how many spans a request that failed to decode showed before it stopped
+    /// making sense (they are counted as refused). `role_hint` is the request's own claim (the
+    /// source header) and only ever upgrades a shared receiver to eBPF.
     pub fn ingest(
         &self,
         transport: Transport,
         decoded: Result<Decoded, DecodeError>,
+        visible: u64,
         role_hint: Option<Role>,
     ) -> Answer {
         let decoded = match decoded {
             Ok(d) => d,
             Err(DecodeError::TooManySpans(max)) => {
                 self.count_request(transport, "too_many_spans");
+                self.count_refused(transport, "too_many_spans", visible);
                 return Answer::TooManySpans(format!(
                     "request holds more than {max} spans (limits.max_spans_per_request)"
                 ));
             }
             Err(e) => {
                 self.count_request(transport, "malformed_request");
+                self.count_refused(transport, "malformed_request", visible);
                 let m = e.to_string();
                 tracing::debug!(receiver = %self.id, transport = transport.as_str(), error = %m,
                     "request refused");
@@ -171,6 +195,34 @@ impl Ingest {
     }
 }
 
+/// The spans a request shows before its bytes stop making sense: a lower bound of what a
+/// refused request carried, for the refused-spans counter.
+pub fn visible_spans(buf: &[u8]) -> u64 {
+    let mut n = 0;
+    'outer: for f in Reader::new(buf) {
+        let rs = match f {
+            Ok((1, Value::Len(rs), _)) => rs,
+            Ok(_) => continue,
+            Err(_) => break,
+        };
+        for f in Reader::new(rs) {
+            let ss = match f {
+                Ok((2, Value::Len(ss), _)) => ss,
+                Ok(_) => continue,
+                Err(_) => break 'outer,
+            };
+            for f in Reader::new(ss) {
+                match f {
+                    Ok((2, Value::Len(_), _)) => n += 1,
+                    Ok(_) => {}
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+    n
+}
+
 /// A request's claim to come from DeepFlow turns a shared receiver into an eBPF one for that
 /// request; it never changes an `sdk` or an `ebpf` receiver.
 fn effective_role(receiver: Option<Role>, hint: Option<Role>) -> Option<Role> {
@@ -194,8 +246,6 @@ pub fn role_from_header(value: Option<&[u8]>) -> Option<Role> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use tailweave_core::otlp::decode_request;
     use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use tailweave_core::proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as PS};
     use tokio::sync::mpsc;
@@ -235,8 +285,7 @@ mod tests {
     #[test]
     fn accepted_and_partial() {
         let (ing, mut rx) = ingest(4);
-        let d = decode_request(request(&[(1, 1), (0, 2), (1, 3)]), &ing.limits);
-        match ing.ingest(Transport::Grpc, d, None) {
+        match ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1), (0, 2), (1, 3)]), None) {
             Answer::Accepted { rejected, message } => {
                 assert_eq!(rejected, 1);
                 assert!(message.contains("invalid_trace_id"), "{message}");
@@ -249,9 +298,8 @@ mod tests {
     #[test]
     fn nothing_valid_sends_nothing() {
         let (ing, mut rx) = ingest(4);
-        let d = decode_request(request(&[(0, 1)]), &ing.limits);
         assert!(matches!(
-            ing.ingest(Transport::Http, d, None),
+            ing.ingest_protobuf(Transport::Http, request(&[(0, 1)]), None),
             Answer::Accepted { rejected: 1, .. }
         ));
         assert!(rx.try_recv().is_err());
@@ -260,23 +308,20 @@ mod tests {
     #[test]
     fn full_and_closed_are_refused_with_count() {
         let (ing, rx) = ingest(1);
-        let d = decode_request(request(&[(1, 1)]), &ing.limits);
         assert!(matches!(
-            ing.ingest(Transport::Grpc, d, None),
+            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None),
             Answer::Accepted { .. }
         ));
-        let d = decode_request(request(&[(1, 1), (1, 2)]), &ing.limits);
         assert_eq!(
-            ing.ingest(Transport::Grpc, d, None),
+            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1), (1, 2)]), None),
             Answer::Refused {
                 reason: Refused::Full,
                 spans: 2
             }
         );
         drop(rx);
-        let d = decode_request(request(&[(1, 1)]), &ing.limits);
         assert_eq!(
-            ing.ingest(Transport::Grpc, d, None),
+            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None),
             Answer::Refused {
                 reason: Refused::Closed,
                 spans: 1
@@ -287,16 +332,32 @@ mod tests {
     #[test]
     fn malformed_and_too_many() {
         let (mut ing, _rx) = ingest(1);
-        let d = decode_request(Bytes::from_static(b"\xff\xff\xff"), &ing.limits);
         assert!(matches!(
-            ing.ingest(Transport::Http, d, None),
+            ing.ingest_protobuf(Transport::Http, Bytes::from_static(b"\xff\xff\xff"), None),
             Answer::Malformed(_)
         ));
         ing.limits.max_spans_per_request = 1;
-        let d = decode_request(request(&[(1, 1), (1, 2)]), &ing.limits);
         assert!(matches!(
-            ing.ingest(Transport::Http, d, None),
+            ing.ingest_protobuf(Transport::Http, request(&[(1, 1), (1, 2)]), None),
             Answer::TooManySpans(_)
+        ));
+    }
+
+    #[test]
+    fn visible_spans_of_broken_requests() {
+        let whole = request(&[(1, 1), (1, 2), (1, 3)]);
+        assert_eq!(visible_spans(&whole), 3);
+        assert_eq!(visible_spans(b"not protobuf"), 0);
+        // Cut inside the last span: the scope's length no longer fits, so nothing in it counts.
+        assert_eq!(visible_spans(&whole[..whole.len() - 2]), 0);
+        let (ing, _rx) = ingest(1);
+        let mut two = request(&[(1, 1)]).to_vec();
+        two.extend_from_slice(&request(&[(1, 2), (1, 3)]));
+        two.extend_from_slice(b"\x0a\x05ab");
+        assert_eq!(visible_spans(&two), 3);
+        assert!(matches!(
+            ing.ingest_protobuf(Transport::Grpc, Bytes::from(two), None),
+            Answer::Malformed(_)
         ));
     }
 
