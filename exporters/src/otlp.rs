@@ -294,9 +294,19 @@ pub fn retryable_code(code: Code) -> bool {
     )
 }
 
+/// A request over the destination's size limit fails again however often it is sent. gRPC has
+/// no code of its own for it, so the servers' wording (grpc-go, tonic) is matched.
+fn message_too_large(status: &Status) -> bool {
+    if status.code() != Code::ResourceExhausted {
+        return false;
+    }
+    let m = status.message().to_ascii_lowercase();
+    m.contains("larger than max") || m.contains("message length too large")
+}
+
 fn map_status(target: &str, status: &Status) -> ExportError {
     let message = format!("{target}: gRPC {:?}: {}", status.code(), status.message());
-    let err = if retryable_code(status.code()) {
+    let err = if retryable_code(status.code()) && !message_too_large(status) {
         ExportError::retryable(message)
     } else {
         ExportError::permanent(message)
@@ -506,6 +516,18 @@ mod tests {
         ] {
             assert!(!map_status("t", &Status::new(c, "x")).retryable, "{c:?}");
         }
+    }
+
+    #[test]
+    fn oversized_requests_are_not_retried() {
+        for m in [
+            "grpc: received message larger than max (5000000 vs. 4194304)",
+            "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+        ] {
+            let e = map_status("t", &Status::resource_exhausted(m));
+            assert!(!e.retryable, "{m}");
+        }
+        assert!(map_status("t", &Status::resource_exhausted("memory limit reached")).retryable);
     }
 
     #[test]
