@@ -122,8 +122,17 @@ fn success(enc: Encoding, rejected: u64, message: String) -> Resp {
     };
     let body = match enc {
         Encoding::Protobuf => resp.encode_to_vec(),
-        // Serializing a plain struct of an integer and a string cannot fail.
-        Encoding::Json => serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec()),
+        // Written by hand for the proto3 JSON mapping: an absent message is omitted (not
+        // `null`), and int64 is a decimal string.
+        Encoding::Json => match &resp.partial_success {
+            None => b"{}".to_vec(),
+            Some(p) => serde_json::json!({"partialSuccess": {
+                "rejectedSpans": p.rejected_spans.to_string(),
+                "errorMessage": p.error_message,
+            }})
+            .to_string()
+            .into_bytes(),
+        },
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut()
