@@ -429,7 +429,8 @@ pub async fn send_with_retry(
             wait = wait.max(asked);
         }
         let budget = settings.retry.max_elapsed_time;
-        if !budget.is_zero() && start.elapsed() + wait > budget {
+        // Saturating: `retry_after` comes from the network and may be absurd.
+        if !budget.is_zero() && start.elapsed().saturating_add(wait) > budget {
             return Err(fail(REASON_RETRIES_EXHAUSTED));
         }
         on_retry(&error, wait);
@@ -618,6 +619,17 @@ mod tests {
         ]);
         run(&fake, &no_jitter(), 1).await.unwrap();
         assert_eq!(fake.call_times(), vec![secs(0.0), secs(20.0), secs(27.5)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_retry_after_gives_up_without_waiting() {
+        let fake = Fake::with(vec![Step::Fail(
+            ExportError::retryable("throttled").with_retry_after(Some(Duration::MAX)),
+        )]);
+        let start = Instant::now();
+        let f = run(&fake, &no_jitter(), 1).await.unwrap_err();
+        assert_eq!(f.reason, REASON_RETRIES_EXHAUSTED);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
