@@ -298,3 +298,69 @@ async fn survives_a_destination_restart() {
     assert_eq!(stats.sent(), spans.len() as u64);
     assert_eq!(stats.failed(), 0);
 }
+
+/// The google.rpc messages a server uses to ask for a delay (written here as a receiver would).
+mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<Duration>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Duration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
+}
+
+#[tokio::test]
+async fn retry_info_from_the_server_sets_retry_after() {
+    use prost::Message;
+    let info = rpc::RetryInfo {
+        retry_delay: Some(rpc::Duration {
+            seconds: 1,
+            nanos: 500_000_000,
+        }),
+    };
+    let details = rpc::Status {
+        code: tonic::Code::ResourceExhausted as i32,
+        message: "pipeline is full".into(),
+        details: vec![rpc::Any {
+            type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+            value: info.encode_to_vec(),
+        }],
+    };
+    let status = Status::with_details(
+        tonic::Code::ResourceExhausted,
+        "pipeline is full",
+        details.encode_to_vec().into(),
+    );
+    let sink = Sink::with(vec![Err(status)]);
+    let addr = sink.start().await;
+    let dest = config(addr, "").destination("otlp/test").unwrap();
+    let err = dest.send(&common::spans()).await.unwrap_err();
+    assert!(err.retryable, "{err}");
+    assert_eq!(
+        err.retry_after,
+        Some(std::time::Duration::from_millis(1500))
+    );
+    assert!(err.message.contains("pipeline is full"), "{err}");
+}
