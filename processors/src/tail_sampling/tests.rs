@@ -1,1 +1,1053 @@
-//! State-machine tests with injected time.
+//! State-machine tests with injected time: every trigger, every policy type, the combinations,
+//! late spans after each kind of decision, the caps, shutdown and tenants.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use tailweave_core::proto::tonic::resource::v1::Resource as ProtoResource;
+use tailweave_core::proto::tonic::trace::v1::{status, Span as ProtoSpan, Status};
+use tailweave_core::{AttrValue, Processor, Resource, Scope, Span, SpanBatch, TraceId};
+
+use super::policy::Probabilistic;
+use super::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// A trace id with random-looking bits (splitmix64 of `n`), as real ids have.
+fn tid(n: u64) -> TraceId {
+    let a = splitmix(n.wrapping_mul(2).wrapping_add(1));
+    let b = splitmix(a);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&a.to_be_bytes());
+    id[8..].copy_from_slice(&b.to_be_bytes());
+    TraceId(id)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn kv(k: &str, v: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue { value: Some(v) }),
+        ..Default::default()
+    }
+}
+
+fn s(v: &str) -> any_value::Value {
+    any_value::Value::StringValue(v.into())
+}
+
+/// Builds one span.
+#[derive(Clone)]
+struct B {
+    trace: TraceId,
+    id: u64,
+    parent: u64,
+    start_ms: u64,
+    end_ms: u64,
+    status: i32,
+    attrs: Vec<KeyValue>,
+    res: Vec<KeyValue>,
+    trace_state: String,
+    timed_out: bool,
+}
+
+/// A root span of trace `t` lasting `ms`.
+fn root(t: TraceId, ms: u64) -> B {
+    B {
+        trace: t,
+        id: 1,
+        parent: 0,
+        start_ms: 1_000,
+        end_ms: 1_000 + ms,
+        status: 0,
+        attrs: Vec::new(),
+        res: Vec::new(),
+        trace_state: String::new(),
+        timed_out: false,
+    }
+}
+
+/// A child span `id` of trace `t`.
+fn child(t: TraceId, id: u64) -> B {
+    B {
+        id,
+        parent: 1,
+        start_ms: 1_001,
+        end_ms: 1_002,
+        ..root(t, 0)
+    }
+}
+
+impl B {
+    fn error(mut self) -> B {
+        self.status = status::StatusCode::Error as i32;
+        self
+    }
+    fn ok(mut self) -> B {
+        self.status = status::StatusCode::Ok as i32;
+        self
+    }
+    fn attr(mut self, k: &str, v: any_value::Value) -> B {
+        self.attrs.push(kv(k, v));
+        self
+    }
+    fn res(mut self, k: &str, v: any_value::Value) -> B {
+        self.res.push(kv(k, v));
+        self
+    }
+    fn times(mut self, start_ms: u64, end_ms: u64) -> B {
+        self.start_ms = start_ms;
+        self.end_ms = end_ms;
+        self
+    }
+    fn state(mut self, ts: &str) -> B {
+        self.trace_state = ts.into();
+        self
+    }
+    fn timed_out(mut self) -> B {
+        self.timed_out = true;
+        self
+    }
+    fn build(self) -> Span {
+        let res = Resource::from_proto(
+            &ProtoResource {
+                attributes: self.res,
+                ..Default::default()
+            },
+            "",
+        );
+        let scope = Scope::new(res, Bytes::new(), Bytes::new());
+        let p = ProtoSpan {
+            trace_id: self.trace.0.to_vec(),
+            span_id: self.id.to_be_bytes().to_vec(),
+            parent_span_id: if self.parent == 0 {
+                Vec::new()
+            } else {
+                self.parent.to_be_bytes().to_vec()
+            },
+            trace_state: self.trace_state,
+            name: "op".into(),
+            start_time_unix_nano: self.start_ms * 1_000_000,
+            end_time_unix_nano: self.end_ms * 1_000_000,
+            attributes: self.attrs,
+            status: Some(Status {
+                message: String::new(),
+                code: self.status,
+            }),
+            ..Default::default()
+        };
+        let mut s = Span::from_proto(scope, &p);
+        s.marks.timed_out = self.timed_out;
+        s
+    }
+}
+
+fn config(yaml: &str) -> TailSamplingConfig {
+    let v: serde_yaml::Value = serde_yaml::from_str(yaml).expect("test yaml");
+    tailweave_core::config::parse(v).expect("test config parses")
+}
+
+fn sampler(yaml: &str) -> TailSampling {
+    let c = config(yaml);
+    let issues = c.validate();
+    assert!(issues.is_empty(), "{issues:?}");
+    TailSampling::new(&c, "tail_sampling", "traces")
+}
+
+/// Errors, slow (>= 500ms), 10% of the rest: the mission's default case.
+const MISSION: &str = r#"
+policies:
+  - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+  - {name: slow, type: latency, latency: {threshold_ms: 500}}
+  - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
+"#;
+
+struct Run {
+    p: TailSampling,
+    t0: Instant,
+}
+
+impl Run {
+    fn new(yaml: &str) -> Run {
+        Run {
+            p: sampler(yaml),
+            t0: Instant::now(),
+        }
+    }
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+    fn send(&mut self, ms: u64, spans: Vec<B>) -> Vec<Span> {
+        let mut out = Vec::new();
+        let now = self.at(ms);
+        self.p.process(
+            now,
+            SpanBatch::new(spans.into_iter().map(B::build).collect()),
+            &mut out,
+        );
+        flat(out)
+    }
+    fn send_whole(&mut self, ms: u64, spans: Vec<B>) -> Vec<Span> {
+        let mut out = Vec::new();
+        let now = self.at(ms);
+        self.p.process(
+            now,
+            SpanBatch::whole(spans.into_iter().map(B::build).collect()),
+            &mut out,
+        );
+        flat(out)
+    }
+    fn tick(&mut self, ms: u64) -> Vec<Span> {
+        let mut out = Vec::new();
+        let now = self.at(ms);
+        self.p.tick(now, &mut out);
+        flat(out)
+    }
+    fn shutdown(&mut self, ms: u64) -> Vec<Span> {
+        let mut out = Vec::new();
+        let now = self.at(ms);
+        self.p.shutdown(now, &mut out);
+        flat(out)
+    }
+    /// Sends one two-span trace and lets its root wait pass; returns whether it was kept.
+    fn decide_one(&mut self, ms: u64, spans: Vec<B>) -> bool {
+        let n = spans.len();
+        let mut out = self.send_whole(ms, spans);
+        out.extend(self.tick(ms + 1));
+        assert!(out.is_empty() || out.len() == n, "partial trace: {out:?}");
+        !out.is_empty()
+    }
+}
+
+fn flat(out: Vec<SpanBatch>) -> Vec<Span> {
+    out.into_iter().flat_map(|b| b.spans).collect()
+}
+
+fn attr_str(s: &Span, k: &str) -> Option<String> {
+    s.attr(k).and_then(|v| v.as_str().map(str::to_string))
+}
+
+fn adjusted(s: &Span) -> Option<f64> {
+    match s.attr(ATTR_ADJUSTED_COUNT) {
+        Some(AttrValue::Double(d)) => Some(d),
+        _ => None,
+    }
+}
+
+const ALWAYS: &str = "policies: [{name: all, type: always_sample}]";
+
+// ---------------------------------------------------------------- triggers
+
+#[test]
+fn decision_wait_decides_a_rootless_trace_after_30s() {
+    let mut r = Run::new(ALWAYS);
+    let t = tid(1);
+    assert!(r.send(0, vec![child(t, 2), child(t, 3)]).is_empty());
+    assert!(r.tick(29_999).is_empty());
+    assert_eq!(r.p.traces_held(), 1);
+    let out = r.tick(30_000);
+    assert_eq!(out.len(), 2);
+    assert_eq!(r.p.stats().decided(Trigger::DecisionWait), 1);
+    assert_eq!(r.p.traces_held(), 0);
+    assert_eq!(r.p.spans_held(), 0);
+    assert_eq!(r.p.bytes_held(), 0);
+}
+
+#[test]
+fn decision_wait_counts_from_the_first_span_not_the_last() {
+    let mut r = Run::new(ALWAYS);
+    let t = tid(1);
+    r.send(0, vec![child(t, 2)]);
+    r.send(20_000, vec![child(t, 3)]);
+    assert!(r.tick(29_999).is_empty());
+    assert_eq!(r.tick(30_000).len(), 2);
+}
+
+#[test]
+fn after_root_decides_once_the_trace_is_quiet_for_2s() {
+    let mut r = Run::new(ALWAYS);
+    let t = tid(1);
+    r.send(0, vec![root(t, 10)]);
+    r.send(1_500, vec![child(t, 2)]);
+    // The child moved the deadline to 3.5s.
+    assert!(r.tick(2_000).is_empty());
+    assert!(r.tick(3_499).is_empty());
+    let out = r.tick(3_500);
+    assert_eq!(out.len(), 2);
+    assert_eq!(r.p.stats().decided(Trigger::AfterRoot), 1);
+}
+
+#[test]
+fn root_arriving_last_starts_the_short_wait() {
+    let mut r = Run::new(ALWAYS);
+    let t = tid(1);
+    r.send(0, vec![child(t, 2), child(t, 3)]);
+    assert!(r.tick(9_000).is_empty());
+    r.send(10_000, vec![root(t, 10)]);
+    assert!(r.tick(11_999).is_empty());
+    assert_eq!(r.tick(12_000).len(), 3);
+    assert_eq!(r.p.stats().decided(Trigger::AfterRoot), 1);
+}
+
+#[test]
+fn after_root_zero_turns_the_short_wait_off() {
+    let mut r = Run::new(
+        "decision_wait: 5s\ndecision_wait_after_root_received: 0s\npolicies: [{name: all, type: always_sample}]",
+    );
+    let t = tid(1);
+    r.send(0, vec![root(t, 10)]);
+    assert!(r.tick(4_999).is_empty());
+    assert_eq!(r.tick(5_000).len(), 1);
+    assert_eq!(r.p.stats().decided(Trigger::DecisionWait), 1);
+}
+
+#[test]
+fn max_spans_per_trace_decides_at_once_and_later_spans_follow() {
+    let mut r = Run::new("max_spans_per_trace: 3\npolicies: [{name: all, type: always_sample}]");
+    let t = tid(1);
+    assert!(r.send(0, vec![child(t, 2), child(t, 3)]).is_empty());
+    let out = r.send(10, vec![child(t, 4), child(t, 5)]);
+    // Three decided together, the fourth followed the decision at once.
+    assert_eq!(out.len(), 4);
+    assert_eq!(r.p.stats().decided(Trigger::Size), 1);
+    assert_eq!(r.p.stats().late_spans_kept, 1);
+}
+
+#[test]
+fn max_trace_bytes_decides_at_once() {
+    let mut r = Run::new("max_trace_bytes: 2000\npolicies: [{name: all, type: always_sample}]");
+    let t = tid(1);
+    assert!(r.send(0, vec![child(t, 2)]).is_empty());
+    let big = child(t, 3).attr("blob", s(&"x".repeat(2000)));
+    assert_eq!(r.send(1, vec![big]).len(), 2);
+    assert_eq!(r.p.stats().decided(Trigger::Size), 1);
+}
+
+#[test]
+fn whole_batches_are_decided_without_waiting() {
+    let mut r = Run::new(MISSION);
+    let (a, b) = (tid(1), tid(2));
+    let out = r.send_whole(
+        0,
+        vec![
+            root(a, 10).error(),
+            child(a, 2),
+            root(b, 900),
+            child(b, 2),
+            child(b, 3),
+        ],
+    );
+    assert_eq!(out.len(), 5);
+    assert_eq!(r.p.stats().decided(Trigger::Whole), 2);
+    assert_eq!(r.p.traces_held(), 0);
+}
+
+#[test]
+fn whole_batch_completes_a_trace_that_was_already_buffering() {
+    let mut r = Run::new(ALWAYS);
+    let t = tid(1);
+    r.send(0, vec![child(t, 2)]);
+    let out = r.send_whole(5, vec![root(t, 10), child(t, 3)]);
+    assert_eq!(out.len(), 3);
+}
+
+// ---------------------------------------------------------------- policies
+
+#[test]
+fn status_code_keeps_errors_and_timed_out_ebpf_calls() {
+    let mut r =
+        Run::new("policies: [{name: e, type: status_code, status_code: {status_codes: [ERROR]}}]");
+    assert!(r.decide_one(0, vec![root(tid(1), 1), child(tid(1), 2).error()]));
+    assert!(!r.decide_one(10, vec![root(tid(2), 1).ok(), child(tid(2), 2)]));
+    assert!(r.decide_one(20, vec![root(tid(3), 1), child(tid(3), 2).timed_out()]));
+    let mut r = Run::new(
+        "policies: [{name: e, type: status_code, status_code: {status_codes: [OK, UNSET]}}]",
+    );
+    assert!(r.decide_one(0, vec![root(tid(1), 1).ok()]));
+    assert!(r.decide_one(10, vec![root(tid(2), 1)]));
+    assert!(!r.decide_one(20, vec![root(tid(3), 1).error()]));
+    // A timed-out call is an error, not UNSET.
+    assert!(!r.decide_one(30, vec![root(tid(4), 1).timed_out()]));
+}
+
+#[test]
+fn latency_uses_earliest_start_to_latest_end() {
+    let mut r = Run::new("policies: [{name: slow, type: latency, latency: {threshold_ms: 500}}]");
+    let t = tid(1);
+    // No single span is 500ms long; the trace is.
+    assert!(r.decide_one(
+        0,
+        vec![
+            root(t, 100).times(1_000, 1_100),
+            child(t, 2).times(1_400, 1_500)
+        ]
+    ));
+    assert!(!r.decide_one(10, vec![root(tid(2), 499)]));
+    assert!(r.decide_one(20, vec![root(tid(3), 500)]));
+}
+
+#[test]
+fn latency_upper_threshold_bounds_the_range() {
+    let mut r = Run::new(
+        "policies: [{name: mid, type: latency, latency: {threshold_ms: 100, upper_threshold_ms: 200}}]",
+    );
+    assert!(!r.decide_one(0, vec![root(tid(1), 100)]));
+    assert!(r.decide_one(10, vec![root(tid(2), 150)]));
+    assert!(r.decide_one(20, vec![root(tid(3), 200)]));
+    assert!(!r.decide_one(30, vec![root(tid(4), 201)]));
+}
+
+#[test]
+fn probabilistic_keeps_what_the_hash_says_with_adjusted_count() {
+    let mut r = Run::new(
+        "policies: [{name: p, type: probabilistic, probabilistic: {sampling_percentage: 25, hash_salt: s1}}]",
+    );
+    let h = Probabilistic::new("s1", 25.0);
+    let mut kept = 0;
+    for n in 0..400 {
+        let t = tid(n);
+        let mut out = r.send_whole(n, vec![root(t, 1)]);
+        out.extend(r.tick(n));
+        assert_eq!(!out.is_empty(), h.keeps(&t), "trace {n}");
+        if let Some(s) = out.first() {
+            kept += 1;
+            assert_eq!(attr_str(s, ATTR_POLICY).as_deref(), Some("p"));
+            assert_eq!(adjusted(s), Some(4.0));
+        }
+    }
+    assert!((60..=140).contains(&kept), "kept {kept} of 400 at 25%");
+}
+
+#[test]
+fn string_attribute_exact_regex_invert_and_resource() {
+    let y = "policies: [{name: s, type: string_attribute, string_attribute: {key: route, values: [/a, /b]}}]";
+    let mut r = Run::new(y);
+    assert!(r.decide_one(
+        0,
+        vec![root(tid(1), 1), child(tid(1), 2).attr("route", s("/b"))]
+    ));
+    assert!(!r.decide_one(1, vec![root(tid(2), 1).attr("route", s("/c"))]));
+    // A resource attribute counts as well.
+    assert!(r.decide_one(2, vec![root(tid(3), 1).res("route", s("/a"))]));
+    // Only string values match.
+    assert!(!r.decide_one(
+        3,
+        vec![root(tid(4), 1).attr("route", any_value::Value::IntValue(1))]
+    ));
+
+    let y = "policies: [{name: s, type: string_attribute, string_attribute: {key: route, values: ['^/api/.*'], enabled_regex_matching: true, cache_max_size: 2}}]";
+    let mut r = Run::new(y);
+    for n in 0..5 {
+        let v = format!("/api/{n}");
+        assert!(r.decide_one(n * 10, vec![root(tid(n), 1).attr("route", s(&v))]));
+    }
+    assert!(!r.decide_one(100, vec![root(tid(9), 1).attr("route", s("/health"))]));
+
+    let y = "policies: [{name: s, type: string_attribute, string_attribute: {key: route, values: [/health], invert_match: true}}]";
+    let mut r = Run::new(y);
+    assert!(!r.decide_one(
+        0,
+        vec![
+            root(tid(1), 1),
+            child(tid(1), 2).attr("route", s("/health"))
+        ]
+    ));
+    assert!(r.decide_one(1, vec![root(tid(2), 1).attr("route", s("/x"))]));
+    // No span has the key: kept, as in the Collector.
+    assert!(r.decide_one(2, vec![root(tid(3), 1)]));
+}
+
+#[test]
+fn numeric_attribute_ranges_and_invert() {
+    let mut r = Run::new(
+        "policies: [{name: n, type: numeric_attribute, numeric_attribute: {key: code, min_value: 500, max_value: 599}}]",
+    );
+    let int = any_value::Value::IntValue;
+    assert!(r.decide_one(
+        0,
+        vec![root(tid(1), 1), child(tid(1), 2).attr("code", int(503))]
+    ));
+    assert!(!r.decide_one(1, vec![root(tid(2), 1).attr("code", int(404))]));
+    assert!(r.decide_one(2, vec![root(tid(3), 1).res("code", int(500))]));
+    assert!(r.decide_one(
+        3,
+        vec![root(tid(4), 1).attr("code", any_value::Value::DoubleValue(599.0))]
+    ));
+
+    let mut r = Run::new(
+        "policies: [{name: n, type: numeric_attribute, numeric_attribute: {key: code, min_value: 500}}]",
+    );
+    assert!(r.decide_one(0, vec![root(tid(1), 1).attr("code", int(10_000))]));
+    assert!(!r.decide_one(1, vec![root(tid(2), 1).attr("code", int(499))]));
+
+    let mut r = Run::new(
+        "policies: [{name: n, type: numeric_attribute, numeric_attribute: {key: code, max_value: 399, invert_match: true}}]",
+    );
+    assert!(!r.decide_one(0, vec![root(tid(1), 1).attr("code", int(200))]));
+    assert!(r.decide_one(1, vec![root(tid(2), 1).attr("code", int(500))]));
+}
+
+#[test]
+fn boolean_attribute_value_and_invert() {
+    let b = any_value::Value::BoolValue;
+    let mut r = Run::new(
+        "policies: [{name: b, type: boolean_attribute, boolean_attribute: {key: vip, value: true}}]",
+    );
+    assert!(r.decide_one(
+        0,
+        vec![root(tid(1), 1), child(tid(1), 2).attr("vip", b(true))]
+    ));
+    assert!(!r.decide_one(1, vec![root(tid(2), 1).attr("vip", b(false))]));
+    // The string "true" is not a boolean.
+    assert!(!r.decide_one(2, vec![root(tid(3), 1).attr("vip", s("true"))]));
+    assert!(r.decide_one(3, vec![root(tid(4), 1).res("vip", b(true))]));
+
+    let mut r = Run::new(
+        "policies: [{name: b, type: boolean_attribute, boolean_attribute: {key: probe, value: true, invert_match: true}}]",
+    );
+    assert!(!r.decide_one(0, vec![root(tid(1), 1).attr("probe", b(true))]));
+    assert!(r.decide_one(1, vec![root(tid(2), 1)]));
+}
+
+#[test]
+fn span_count_min_and_max() {
+    let mut r = Run::new(
+        "policies: [{name: c, type: span_count, span_count: {min_spans: 2, max_spans: 3}}]",
+    );
+    let t = |n| tid(n);
+    assert!(!r.decide_one(0, vec![root(t(1), 1)]));
+    assert!(r.decide_one(1, vec![root(t(2), 1), child(t(2), 2)]));
+    assert!(r.decide_one(2, vec![root(t(3), 1), child(t(3), 2), child(t(3), 3)]));
+    assert!(!r.decide_one(
+        3,
+        vec![
+            root(t(4), 1),
+            child(t(4), 2),
+            child(t(4), 3),
+            child(t(4), 4)
+        ]
+    ));
+}
+
+#[test]
+fn trace_state_key_values() {
+    let mut r = Run::new(
+        "policies: [{name: ts, type: trace_state, trace_state: {key: key3, values: [value1, value2]}}]",
+    );
+    assert!(r.decide_one(
+        0,
+        vec![root(tid(1), 1), child(tid(1), 2).state("a=b,key3=value2")]
+    ));
+    assert!(!r.decide_one(1, vec![root(tid(2), 1).state("key3=value9")]));
+    assert!(!r.decide_one(2, vec![root(tid(3), 1)]));
+}
+
+#[test]
+fn rate_limiting_spends_a_budget_per_second_of_injected_time() {
+    let mut r = Run::new(
+        "policies: [{name: rl, type: rate_limiting, rate_limiting: {spans_per_second: 5}}]",
+    );
+    let three = |n: u64| vec![root(tid(n), 1), child(tid(n), 2), child(tid(n), 3)];
+    let two = |n: u64| vec![root(tid(n), 1), child(tid(n), 2)];
+    assert!(r.decide_one(0, three(1)));
+    assert!(r.decide_one(100, two(2)));
+    // Budget of 5 spent within this second.
+    assert!(!r.decide_one(200, two(3)));
+    // A new second, a new budget.
+    assert!(r.decide_one(1_100, three(4)));
+}
+
+#[test]
+fn always_sample_keeps_everything_with_count_one() {
+    let mut r = Run::new(ALWAYS);
+    let out = r.send_whole(0, vec![root(tid(1), 1), child(tid(1), 2)]);
+    assert_eq!(out.len(), 2);
+    for s in &out {
+        assert_eq!(attr_str(s, ATTR_POLICY).as_deref(), Some("all"));
+        assert_eq!(adjusted(s), Some(1.0));
+    }
+}
+
+#[test]
+fn and_needs_every_sub_policy() {
+    let mut r = Run::new(
+        r#"
+policies:
+  - name: slow-errors
+    type: and
+    and:
+      and_sub_policy:
+        - {name: e, type: status_code, status_code: {status_codes: [ERROR]}}
+        - {name: l, type: latency, latency: {threshold_ms: 100}}
+"#,
+    );
+    assert!(r.decide_one(0, vec![root(tid(1), 200).error()]));
+    assert!(!r.decide_one(1, vec![root(tid(2), 200)]));
+    assert!(!r.decide_one(2, vec![root(tid(3), 50).error()]));
+}
+
+#[test]
+fn and_with_probabilistic_carries_its_adjusted_count() {
+    let mut r = Run::new(
+        r#"
+policies:
+  - name: half-of-checkout
+    type: and
+    and:
+      and_sub_policy:
+        - {name: route, type: string_attribute, string_attribute: {key: route, values: [/checkout]}}
+        - {name: half, type: probabilistic, probabilistic: {sampling_percentage: 50}}
+"#,
+    );
+    let h = Probabilistic::new("", 50.0);
+    let n = (0..100)
+        .find(|n| h.keeps(&tid(*n)))
+        .expect("some id is kept at 50%");
+    let out = r.send_whole(0, vec![root(tid(n), 1).attr("route", s("/checkout"))]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(adjusted(&out[0]), Some(2.0));
+    assert_eq!(
+        attr_str(&out[0], ATTR_POLICY).as_deref(),
+        Some("half-of-checkout")
+    );
+}
+
+#[test]
+fn not_inverts_its_sub_policy() {
+    let mut r = Run::new(
+        r#"
+policies:
+  - name: not-health
+    type: not
+    not:
+      not_sub_policy: {name: h, type: string_attribute, string_attribute: {key: route, values: [/health]}}
+"#,
+    );
+    assert!(!r.decide_one(0, vec![root(tid(1), 1).attr("route", s("/health"))]));
+    assert!(r.decide_one(1, vec![root(tid(2), 1).attr("route", s("/api"))]));
+}
+
+#[test]
+fn drop_vetoes_every_keep_even_an_error() {
+    let mut r = Run::new(
+        r#"
+policies:
+  - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+  - {name: all, type: always_sample}
+  - name: no-probes
+    type: drop
+    drop:
+      drop_sub_policy:
+        - {name: probe, type: string_attribute, string_attribute: {key: route, values: [/health]}}
+        - {name: short, type: latency, latency: {upper_threshold_ms: 1000}}
+"#,
+    );
+    // Both drop conditions hold: dropped despite the error and always_sample.
+    assert!(!r.decide_one(0, vec![root(tid(1), 5).error().attr("route", s("/health"))]));
+    // Only one holds: the drop does not apply.
+    assert!(r.decide_one(1, vec![root(tid(2), 5_000).attr("route", s("/health"))]));
+    assert!(r.decide_one(2, vec![root(tid(3), 5).error()]));
+    let st = r.p.stats();
+    assert_eq!(
+        r.p.policy_stats(None, "no-probes").unwrap().dropped_traces,
+        1
+    );
+    assert_eq!(st.traces_dropped, 1);
+    assert_eq!(st.traces_not_kept, 0);
+}
+
+#[test]
+fn composite_spends_each_share_in_policy_order() {
+    let mut r = Run::new(
+        r#"
+policies:
+  - name: budget
+    type: composite
+    composite:
+      max_total_spans_per_second: 10
+      policy_order: [vip, rest]
+      composite_sub_policy:
+        - {name: rest, type: always_sample}
+        - {name: vip, type: boolean_attribute, boolean_attribute: {key: vip, value: true}}
+      rate_allocation:
+        - {policy: vip, percent: 60}
+"#,
+    );
+    let vip = |n: u64| {
+        vec![
+            root(tid(n), 1).attr("vip", any_value::Value::BoolValue(true)),
+            child(tid(n), 2),
+        ]
+    };
+    let plain = |n: u64| vec![root(tid(n), 1), child(tid(n), 2)];
+    // vip gets 6 spans/s, the rest 4.
+    assert!(r.decide_one(0, vip(1)));
+    assert!(r.decide_one(1, vip(2)));
+    assert!(r.decide_one(2, vip(3)));
+    // vip's share is spent; the first matching sub-policy decides, so no fallback to `rest`.
+    assert!(!r.decide_one(3, vip(4)));
+    assert!(r.decide_one(4, plain(5)));
+    assert!(r.decide_one(5, plain(6)));
+    assert!(!r.decide_one(6, plain(7)));
+    // Next second: budgets are back.
+    assert!(r.decide_one(1_010, vip(8)));
+    assert!(r.decide_one(1_011, plain(9)));
+}
+
+#[test]
+fn smallest_adjusted_count_names_the_trace_unless_first_match() {
+    let y = |first: bool| {
+        format!(
+            "sample_on_first_match: {first}\npolicies:\n  - {{name: half, type: probabilistic, probabilistic: {{sampling_percentage: 50}}}}\n  - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}\n"
+        )
+    };
+    let h = Probabilistic::new("", 50.0);
+    let n = (0..100)
+        .find(|n| h.keeps(&tid(*n)))
+        .expect("some id is kept");
+    let mut r = Run::new(&y(false));
+    let out = r.send_whole(0, vec![root(tid(n), 1).error()]);
+    assert_eq!(attr_str(&out[0], ATTR_POLICY).as_deref(), Some("errors"));
+    assert_eq!(adjusted(&out[0]), Some(1.0));
+    let mut r = Run::new(&y(true));
+    let out = r.send_whole(0, vec![root(tid(n), 1).error()]);
+    assert_eq!(attr_str(&out[0], ATTR_POLICY).as_deref(), Some("half"));
+    assert_eq!(adjusted(&out[0]), Some(2.0));
+}
+
+#[test]
+fn sampling_attributes_replace_upstream_ones_and_keep_the_rest() {
+    let mut r = Run::new(ALWAYS);
+    let out = r.send_whole(
+        0,
+        vec![root(tid(1), 1)
+            .attr(ATTR_POLICY, s("upstream"))
+            .attr("http.route", s("/x"))],
+    );
+    let kept = &out[0];
+    let policies: Vec<_> = kept.attrs().filter(|(k, _)| *k == ATTR_POLICY).collect();
+    assert_eq!(policies, vec![(ATTR_POLICY, AttrValue::Str("all"))]);
+    assert_eq!(attr_str(kept, "http.route").as_deref(), Some("/x"));
+}
+
+// ---------------------------------------------------------------- late spans
+
+#[test]
+fn late_span_of_a_kept_trace_goes_out_at_once_with_the_decision() {
+    let mut r = Run::new(MISSION);
+    let t = tid(1);
+    r.send(0, vec![root(t, 10).error()]);
+    assert_eq!(r.tick(2_000).len(), 1);
+    let late = r.send(60_000, vec![child(t, 7)]);
+    assert_eq!(late.len(), 1);
+    assert_eq!(attr_str(&late[0], ATTR_POLICY).as_deref(), Some("errors"));
+    assert_eq!(adjusted(&late[0]), Some(1.0));
+    assert_eq!(r.p.stats().late_spans_kept, 1);
+    assert_eq!(r.p.traces_held(), 0);
+}
+
+#[test]
+fn late_span_of_a_dropped_trace_is_dropped_even_if_it_is_an_error() {
+    let mut r =
+        Run::new("policies: [{name: e, type: status_code, status_code: {status_codes: [ERROR]}}]");
+    let t = tid(1);
+    r.send(0, vec![root(t, 10)]);
+    assert!(r.tick(2_000).is_empty());
+    // Re-deciding on this fragment would keep it; the decision stands.
+    assert!(r.send(3_000, vec![child(t, 2).error()]).is_empty());
+    assert_eq!(r.p.stats().late_spans_dropped, 1);
+    assert_eq!(r.p.traces_held(), 0);
+    assert_eq!(r.p.stats().traces_dropped, 1);
+}
+
+#[test]
+fn late_spans_after_whole_cap_and_shutdown_decisions() {
+    let mut r = Run::new("num_traces: 1\npolicies: [{name: all, type: always_sample}]");
+    let (a, b, c) = (tid(1), tid(2), tid(3));
+    assert_eq!(r.send_whole(0, vec![root(a, 1)]).len(), 1);
+    assert_eq!(r.send(1, vec![child(a, 2)]).len(), 1);
+    r.send(2, vec![child(b, 2)]);
+    // c pushes b out early (cap); b's next span follows.
+    assert_eq!(r.send(3, vec![child(c, 2)]).len(), 1);
+    assert_eq!(r.p.stats().decided(Trigger::Cap), 1);
+    assert_eq!(r.send(4, vec![child(b, 3)]).len(), 1);
+    assert_eq!(r.shutdown(5).len(), 1);
+    assert_eq!(r.send(6, vec![child(c, 3)]).len(), 1);
+    assert_eq!(r.p.stats().late_spans_kept, 3);
+}
+
+#[test]
+fn with_the_cache_off_a_late_span_starts_a_new_trace() {
+    let mut r = Run::new(
+        "decision_cache: {sampled_cache_size: 0, non_sampled_cache_size: 0}\npolicies: [{name: all, type: always_sample}]",
+    );
+    let t = tid(1);
+    r.send_whole(0, vec![root(t, 1)]);
+    assert!(r.send(1, vec![child(t, 2)]).is_empty());
+    assert_eq!(r.p.traces_held(), 1);
+}
+
+// ---------------------------------------------------------------- caps and shutdown
+
+#[test]
+fn num_traces_cap_decides_the_oldest_early() {
+    let mut r = Run::new("num_traces: 3\npolicies: [{name: all, type: always_sample}]");
+    for n in 0..3 {
+        assert!(r.send(n, vec![child(tid(n), 2)]).is_empty());
+    }
+    let out = r.send(10, vec![child(tid(3), 2)]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].trace_id, tid(0));
+    assert_eq!(r.p.traces_held(), 3);
+    assert_eq!(r.p.stats().decided(Trigger::Cap), 1);
+    // A span of a held trace does not push anything out.
+    assert!(r.send(11, vec![child(tid(1), 3)]).is_empty());
+}
+
+#[test]
+fn memory_cap_decides_the_oldest_early() {
+    let mut r = Run::new("max_memory_mib: 1\npolicies: [{name: all, type: always_sample}]");
+    let blob = "x".repeat(300_000);
+    for n in 0..3 {
+        assert!(r
+            .send(n, vec![child(tid(n), 2).attr("b", s(&blob))])
+            .is_empty());
+    }
+    let out = r.send(10, vec![child(tid(3), 2).attr("b", s(&blob))]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].trace_id, tid(0));
+    assert!(r.p.bytes_held() <= 1 << 20);
+    assert_eq!(r.p.stats().decided(Trigger::Memory), 1);
+}
+
+#[test]
+fn backpressure_refuses_intake_until_room_frees_and_drops_nothing() {
+    let mut r = Run::new(
+        "num_traces: 2\non_full: backpressure\ndecision_wait: 1s\npolicies: [{name: all, type: always_sample}]",
+    );
+    r.send(0, vec![child(tid(1), 2)]);
+    assert!(r.p.accepting());
+    r.send(0, vec![child(tid(2), 2)]);
+    assert!(!r.p.accepting());
+    // A batch that was already on its way is still taken, not dropped.
+    assert!(r.send(1, vec![child(tid(3), 2)]).is_empty());
+    assert_eq!(r.p.traces_held(), 3);
+    assert_eq!(r.p.stats().decided(Trigger::Cap), 0);
+    assert_eq!(r.tick(1_000).len(), 2);
+    assert!(r.p.accepting());
+    assert_eq!(r.tick(1_001).len(), 1);
+}
+
+#[test]
+fn block_on_overflow_is_backpressure() {
+    let c = config("block_on_overflow: true\npolicies: [{name: all, type: always_sample}]");
+    assert_eq!(c.effective_on_full(), OnFull::Backpressure);
+}
+
+#[test]
+fn shutdown_decides_and_flushes_every_pending_trace() {
+    let mut r = Run::new(MISSION);
+    r.send(0, vec![root(tid(1), 10).error(), child(tid(1), 2)]);
+    r.send(1, vec![child(tid(2), 2).times(0, 2_000)]);
+    r.send(2, vec![root(tid(3), 1)]);
+    let out = r.shutdown(3);
+    let kept: std::collections::HashSet<_> = out.iter().map(|s| s.trace_id).collect();
+    assert!(kept.contains(&tid(1)) && kept.contains(&tid(2)));
+    assert_eq!(r.p.traces_held(), 0);
+    assert_eq!(r.p.stats().decided(Trigger::Shutdown), 3);
+    let st = r.p.stats();
+    assert_eq!(st.traces_kept + st.traces_dropped, 3);
+}
+
+#[test]
+fn every_span_is_accounted_for() {
+    let mut r = Run::new(MISSION);
+    let mut sent = 0u64;
+    let mut got = 0u64;
+    for n in 0..300u64 {
+        let t = tid(n);
+        let mut spans = vec![child(t, 2), child(t, 3)];
+        if n % 7 == 0 {
+            spans.push(child(t, 4).error());
+        }
+        if n % 2 == 0 {
+            spans.push(root(t, n * 3));
+        }
+        sent += spans.len() as u64;
+        got += r.send(n * 10, spans).len() as u64;
+        got += r.tick(n * 10).len() as u64;
+    }
+    got += r.shutdown(10_000).len() as u64;
+    let st = r.p.stats();
+    assert_eq!(got, st.spans_kept + st.late_spans_kept);
+    assert_eq!(sent, st.spans_kept + st.spans_dropped);
+    assert_eq!(r.p.bytes_held(), 0);
+}
+
+// ---------------------------------------------------------------- tenants
+
+#[test]
+fn tenant_key_selects_the_policy_set() {
+    let mut r = Run::new(
+        r#"
+tenant_key: k8s.namespace.name
+policies:
+  - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+tenants:
+  checkout:
+    policies:
+      - {name: everything, type: always_sample}
+"#,
+    );
+    let ns = |v: &str| s(v);
+    let out = r.send_whole(
+        0,
+        vec![root(tid(1), 1).res("k8s.namespace.name", ns("checkout"))],
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        attr_str(&out[0], ATTR_POLICY).as_deref(),
+        Some("everything")
+    );
+    assert!(r
+        .send_whole(
+            1,
+            vec![root(tid(2), 1).res("k8s.namespace.name", ns("search"))]
+        )
+        .is_empty());
+    assert_eq!(
+        r.send_whole(
+            2,
+            vec![root(tid(3), 1)
+                .error()
+                .res("k8s.namespace.name", ns("search"))]
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        r.p.policy_stats(Some("checkout"), "everything")
+            .unwrap()
+            .kept_traces,
+        1
+    );
+    assert_eq!(r.p.policy_stats(None, "errors").unwrap().kept_traces, 1);
+}
+
+// ---------------------------------------------------------------- config
+
+fn parse_err(yaml: &str) -> String {
+    let v: serde_yaml::Value = serde_yaml::from_str(yaml).expect("yaml");
+    tailweave_core::config::parse::<TailSamplingConfig>(v)
+        .map(|_| ())
+        .expect_err("should not parse")
+        .to_string()
+}
+
+fn issues(yaml: &str) -> Vec<String> {
+    config(yaml)
+        .validate()
+        .iter()
+        .map(|i| i.to_string())
+        .collect()
+}
+
+#[test]
+fn defaults_and_durations() {
+    let c = config("decision_wait: 10s\npolicies: [{name: all, type: always_sample}]");
+    assert_eq!(c.decision_wait, Duration::from_secs(10));
+    assert_eq!(c.decision_wait_after_root, Duration::from_secs(2));
+    assert_eq!(c.decision_cache.sampled_cache_size, 300_000);
+    assert!(c.validate().is_empty());
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key() {
+    assert!(parse_err("bogus: 1").contains("bogus"));
+    let e = parse_err("policies: [{name: l, type: latency, latency: {threshold: 5}}]");
+    assert!(e.contains("threshold") && e.contains("policy `l`"), "{e}");
+    let e = parse_err("policies: [{name: l, type: latency, extra: {}}]");
+    assert!(e.contains("extra"), "{e}");
+    let e = parse_err("decision_cache: {size: 1}");
+    assert!(e.contains("size"), "{e}");
+}
+
+#[test]
+fn unsupported_type_is_named_with_its_path() {
+    let i = issues("policies: [{name: o, type: ottl_condition, ottl_condition: {span: [x]}}]");
+    assert_eq!(i.len(), 1, "{i:?}");
+    assert!(
+        i[0].starts_with("policies[0].type") && i[0].contains("`ottl_condition`"),
+        "{i:?}"
+    );
+    let i = issues(
+        "policies: [{name: a, type: and, and: {and_sub_policy: [{name: x, type: bytes_limiting}]}}]",
+    );
+    assert!(
+        i[0].starts_with("policies[0].and.and_sub_policy[0].type")
+            && i[0].contains("bytes_limiting"),
+        "{i:?}"
+    );
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_path() {
+    let i = issues(
+        r#"
+num_traces: 0
+policies:
+  - {name: n, type: numeric_attribute, numeric_attribute: {key: k, min_value: 5, max_value: 1}}
+  - {name: n, type: probabilistic, probabilistic: {sampling_percentage: 150}}
+  - {name: s, type: status_code, status_code: {status_codes: [BAD]}}
+  - {name: r, type: string_attribute, string_attribute: {key: k, values: ['('], enabled_regex_matching: true}}
+  - name: c
+    type: composite
+    composite:
+      max_total_spans_per_second: 10
+      policy_order: [missing]
+      composite_sub_policy: [{name: a, type: always_sample}]
+      rate_allocation: [{policy: a, percent: 120}]
+tenants:
+  x: {policies: []}
+"#,
+    );
+    let want = [
+        "num_traces",
+        "policies[0].numeric_attribute.min_value",
+        "policies[1].name",
+        "policies[1].probabilistic.sampling_percentage",
+        "policies[2].status_code.status_codes[0]",
+        "policies[3].string_attribute.values[0]",
+        "policies[4].composite.policy_order[0]",
+        "policies[4].composite.rate_allocation[0].percent",
+        "tenants",
+        "tenants.x.policies",
+    ];
+    for w in want {
+        assert!(
+            i.iter().any(|m| m.starts_with(&format!("{w}:"))),
+            "missing {w} in {i:?}"
+        );
+    }
+    assert!(issues("{}").iter().any(|m| m.starts_with("policies:")));
+}
+
+#[test]
+fn build_refuses_an_invalid_config() {
+    let c = config("policies: [{name: x, type: nope}]");
+    let ctx = BuildContext {
+        id: "tail_sampling".into(),
+        ..Default::default()
+    };
+    let e = c.build(&ctx).err().expect("invalid").to_string();
+    assert!(e.contains("nope"), "{e}");
+    let c = config(ALWAYS);
+    assert!(c.build(&ctx).is_ok());
+}
