@@ -1,19 +1,347 @@
-//! `tailweave loadgen`: a realistic mixed workload generator. (Work in progress.)
+//! `tailweave loadgen`: sends a realistic mixed workload over OTLP and writes its ground truth.
+//!
+//! The generator is pure and seeded, so the same seed gives the same traces, and tests and
+//! benches can use it without sending anything:
+//!
+//! ```no_run
+//! use tailweave_collector::loadgen::{scenario, truth};
+//! let traces = scenario::generate(&scenario::ScenarioConfig::default(), 42);
+//! let expected: Vec<truth::TraceTruth> = traces.iter().map(|t| t.truth.clone()).collect();
+//! // ... send `traces[i].sdk` and `traces[i].ebpf`, collect what comes out ...
+//! let observed = Vec::new();
+//! let c = truth::compare(&expected, &observed);
+//! assert!(c.is_perfect(), "{:?}", c.examples);
+//! ```
 //!
 //! # Layout
-//! - [`scenario`]: the pure, seeded generator (SDK spans, DeepFlow rows, ground truth).
-//! - [`truth`]: the ground truth and the comparison of a join's output with it.
+//! - [`scenario`]: the generator: SDK spans, DeepFlow rows (`shared/docs/ebpf-spans.md`) and the
+//!   expected joined tree (`shared/docs/join.md`) of every trace.
+//! - [`truth`]: the ground truth and [`truth::compare`], which scores a join's output.
+//! - [`send`]: delivery over OTLP/gRPC or OTLP/HTTP: rate, delays, shuffling, connections,
+//!   retries, the summary.
 //! - `rng`: the fixed PRNG behind the determinism.
 
 mod rng;
 pub mod scenario;
+pub mod send;
 pub mod truth;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use scenario::{Generator, ScenarioConfig, ScenarioKind};
+use send::{Protocol, SendConfig};
+use tailweave_core::ConfigIssue;
 
 /// Command-line options of `tailweave loadgen`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct LoadgenArgs {}
+pub struct LoadgenArgs {
+    /// Workload: `game` (SDK spans and DeepFlow rows of a game backend) or `sdk` (SDK-only
+    /// traces of `--spans` spans).
+    #[arg(long, value_enum, default_value_t = ScenarioKind::Game)]
+    pub scenario: ScenarioKind,
+    /// Spans per trace in the `sdk` scenario.
+    #[arg(long, default_value_t = 10)]
+    pub spans: usize,
+    /// OTLP transport.
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    pub protocol: Protocol,
+    /// Where SDK spans go. Default http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318
+    /// (http; `/v1/traces` is added when the URL has no path).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Where DeepFlow rows go. Default: `--endpoint`.
+    #[arg(long)]
+    pub ebpf_endpoint: Option<String>,
+    /// Connections per endpoint (SDK and eBPF each get this many).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// ResourceSpans per export request (DeepFlow's default batch is 32).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Traces per second; 0 = as fast as the endpoint takes them.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Stop after this long (e.g. `30s`, `5m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many traces. Without `--duration` and `--count`: 1000 traces.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Fraction of traces with an error (a declined payment, or a MySQL error only eBPF sees).
+    #[arg(long, default_value_t = 0.01)]
+    pub error_rate: f64,
+    /// Fraction of traces with a slow MySQL query (seen only by eBPF).
+    #[arg(long, default_value_t = 0.01)]
+    pub slow_rate: f64,
+    /// Fraction of traces whose payment call times out (a request-only row, no response).
+    #[arg(long, default_value_t = 0.005)]
+    pub timeout_rate: f64,
+    /// Fraction of traces with one server-process row split into request and response rows.
+    #[arg(long, default_value_t = 0.1)]
+    pub split_rate: f64,
+    /// Number of tenants (k8s namespaces game-0, game-1, ...).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Each host's clock is off by up to this many ms.
+    #[arg(long, default_value_t = 0)]
+    pub clock_skew_ms: u64,
+    /// DeepFlow rows arrive up to this long after the trace's SDK spans.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub ebpf_delay: Duration,
+    /// Shuffle spans within each export and rows among each other (`--shuffle false` keeps
+    /// generation order).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub shuffle: bool,
+    /// Seed of the generator; the same seed gives the same traces.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Traces longer than this are `slow` in the ground truth.
+    #[arg(long, default_value_t = 500)]
+    pub slow_threshold_ms: u64,
+    /// Write the ground truth here, one JSON object per trace and line.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// Write the summary here as JSON (it is printed to stdout too).
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+    /// Retries of a refused request before its spans count as refused.
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: u32,
+    /// Deadline of one export request.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
+    /// DeepFlow rows held for their delay, at most; beyond it generation pauses.
+    #[arg(long, default_value_t = 500_000)]
+    pub max_delayed_rows: usize,
+}
 
-/// Runs the generator with the given options.
-pub async fn run(_args: LoadgenArgs) -> anyhow::Result<()> {
-    anyhow::bail!("loadgen is not implemented yet")
+/// Traces sent when neither `--count` nor `--duration` is given.
+pub const DEFAULT_COUNT: u64 = 1000;
+
+impl LoadgenArgs {
+    /// The generator's config; traces start at `start_unix_nano`, spaced by the rate.
+    pub fn scenario_config(&self, start_unix_nano: u64) -> ScenarioConfig {
+        let interval_us = if self.rate > 0.0 && self.rate.is_finite() {
+            ((1e6 / self.rate) as u64).max(1)
+        } else {
+            50
+        };
+        ScenarioConfig {
+            scenario: self.scenario,
+            traces: 0,
+            sdk_spans: self.spans,
+            error_rate: self.error_rate,
+            slow_rate: self.slow_rate,
+            timeout_rate: self.timeout_rate,
+            split_rate: self.split_rate,
+            tenants: self.tenants,
+            clock_skew_ms: self.clock_skew_ms,
+            ebpf_delay_ms: self.ebpf_delay.as_millis() as u64,
+            shuffle: self.shuffle,
+            slow_threshold_ms: self.slow_threshold_ms,
+            start_unix_nano,
+            trace_interval_us: interval_us,
+            ..ScenarioConfig::default()
+        }
+    }
+
+    pub fn send_config(&self) -> SendConfig {
+        let default_endpoint = match self.protocol {
+            Protocol::Grpc => "http://127.0.0.1:4317",
+            Protocol::Http => "http://127.0.0.1:4318",
+        };
+        let count = match (self.count, self.duration) {
+            (None, None) => Some(DEFAULT_COUNT),
+            (c, _) => c,
+        };
+        SendConfig {
+            protocol: self.protocol,
+            endpoint: self
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| default_endpoint.to_string()),
+            ebpf_endpoint: self.ebpf_endpoint.clone(),
+            connections: self.connections,
+            batch_size: self.batch_size,
+            rate: self.rate,
+            duration: self.duration,
+            count,
+            max_retries: self.max_retries,
+            request_timeout: self.request_timeout,
+            max_delayed_rows: self.max_delayed_rows,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            ..SendConfig::default()
+        }
+    }
+
+    /// Every problem with the options, each named by its flag.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut out: Vec<ConfigIssue> = self
+            .scenario_config(ScenarioConfig::default().start_unix_nano)
+            .validate()
+            .into_iter()
+            .map(|i| {
+                let flag = match i.path.as_str() {
+                    "sdk_spans" => "spans".to_string(),
+                    p => p.to_string(),
+                };
+                ConfigIssue::new(format!("--{}", flag.replace('_', "-")), i.message)
+            })
+            .collect();
+        if self.connections == 0 {
+            out.push(ConfigIssue::new("--connections", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            out.push(ConfigIssue::new("--batch-size", "must be at least 1"));
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            out.push(ConfigIssue::new("--rate", "must be a finite number >= 0"));
+        }
+        if self.max_delayed_rows == 0 {
+            out.push(ConfigIssue::new("--max-delayed-rows", "must be at least 1"));
+        }
+        out
+    }
+}
+
+/// Runs the generator with the given options: sends until `--count` / `--duration` (or Ctrl-C,
+/// which still delivers what is held), then prints the summary.
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    let problems = args.validate();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::bail!("invalid loadgen options:\n  {}", list.join("\n  "));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("system clock before 1970")?;
+    let scenario = args.scenario_config(now.as_nanos() as u64);
+    let send_cfg = args.send_config();
+    let mut truth = match &args.truth {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    eprintln!(
+        "loadgen: {:?} traces to {} (eBPF rows to {}) over {:?}, {} connections",
+        args.scenario,
+        send_cfg.endpoint,
+        send_cfg
+            .ebpf_endpoint
+            .as_deref()
+            .unwrap_or(&send_cfg.endpoint),
+        send_cfg.protocol,
+        send_cfg.connections,
+    );
+    let summary = send::send(
+        &send_cfg,
+        Generator::new(scenario, args.seed),
+        |t| {
+            if let Some(w) = truth.as_mut() {
+                serde_json::to_writer(&mut *w, &t.truth)?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        },
+        stop,
+    )
+    .await?;
+    if let Some(w) = truth.as_mut() {
+        w.flush().context("writing the ground truth")?;
+    }
+    let json = serde_json::to_string_pretty(&summary)?;
+    println!("{json}");
+    if let Some(p) = &args.summary {
+        std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    #[test]
+    fn defaults_are_valid_and_flags_reach_the_configs() {
+        let a = Cli::parse_from(["loadgen"]).args;
+        assert!(a.validate().is_empty());
+        let s = a.send_config();
+        assert_eq!(s.endpoint, "http://127.0.0.1:4317");
+        assert_eq!(s.count, Some(DEFAULT_COUNT));
+        assert_eq!((s.connections, s.batch_size), (4, 32));
+
+        let a = Cli::parse_from([
+            "loadgen",
+            "--scenario",
+            "sdk",
+            "--protocol",
+            "http",
+            "--duration",
+            "3s",
+            "--ebpf-delay",
+            "10s",
+            "--tenants",
+            "3",
+            "--shuffle",
+            "false",
+            "--rate",
+            "1000",
+        ])
+        .args;
+        let s = a.send_config();
+        assert_eq!(s.endpoint, "http://127.0.0.1:4318");
+        assert_eq!((s.count, s.duration), (None, Some(Duration::from_secs(3))));
+        let c = a.scenario_config(5_000_000_000_000);
+        assert_eq!(c.scenario, ScenarioKind::Sdk);
+        assert_eq!((c.ebpf_delay_ms, c.tenants, c.shuffle), (10_000, 3, false));
+        assert_eq!(c.trace_interval_us, 1000);
+    }
+
+    #[test]
+    fn bad_flags_are_all_reported_by_name() {
+        let a = Cli::parse_from([
+            "loadgen",
+            "--error-rate",
+            "2",
+            "--tenants",
+            "0",
+            "--connections",
+            "0",
+            "--rate=-1",
+            "--spans",
+            "0",
+        ])
+        .args;
+        let paths: Vec<String> = a.validate().into_iter().map(|i| i.path).collect();
+        for p in [
+            "--error-rate",
+            "--tenants",
+            "--connections",
+            "--rate",
+            "--spans",
+        ] {
+            assert!(paths.iter().any(|x| x == p), "{p} missing from {paths:?}");
+        }
+    }
 }
