@@ -438,10 +438,23 @@ async fn grpc_over_max_message_size_is_refused() {
         .export(request(vec![big]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // As grpc-go answers: RESOURCE_EXHAUSTED without RetryInfo, which OTLP clients do not retry.
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("too large"), "{}", e.message());
+    assert!(e.details().is_empty());
+    // Small on the wire, too large once inflated.
+    let mut bomb = span(2, 1);
+    bomb.name = "x".repeat(2 * 1024 * 1024);
+    let e = grpc_client(r.grpc.unwrap())
+        .await
+        .send_compressed(CompressionEncoding::Gzip)
+        .export(request(vec![bomb]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(r.rx.try_recv().is_err());
     let l = [("receiver", "otlp/grpc_big"), ("outcome", "too_large")];
-    assert_eq!(counter(names::RECEIVER_REQUESTS, &l), 1);
+    assert_eq!(counter(names::RECEIVER_REQUESTS, &l), 2);
     grpc_client(r.grpc.unwrap())
         .await
         .export(request(vec![span(2, 1)]))

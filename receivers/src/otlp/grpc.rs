@@ -136,12 +136,22 @@ where
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(self.settings.max_recv_msg_size);
         Box::pin(async move {
-            let res = grpc.unary(export, req).await;
+            let mut res = grpc.unary(export, req).await;
             if !handled.load(Ordering::Relaxed) {
                 // Tonic refused the request before our handler saw it: framing, compression
                 // or size. Count it like any other refusal.
                 let outcome = match grpc_status(&res) {
-                    Some(Code::OutOfRange) | Some(Code::ResourceExhausted) => "too_large",
+                    Some(Code::OutOfRange) => {
+                        // Tonic says OUT_OF_RANGE for an oversized message, which OTLP clients
+                        // retry; grpc-go (and so the Collector) says RESOURCE_EXHAUSTED, which
+                        // without RetryInfo they do not. Resending cannot help, so answer alike.
+                        res.headers_mut().insert(
+                            "grpc-status",
+                            http::HeaderValue::from(Code::ResourceExhausted as i32),
+                        );
+                        "too_large"
+                    }
+                    Some(Code::ResourceExhausted) => "too_large",
                     _ => "malformed_request",
                 };
                 ingest.count_request(Transport::Grpc, outcome);
