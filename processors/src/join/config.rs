@@ -295,7 +295,7 @@ emit_clock_offset: false
     fn unknown_keys_are_refused_with_their_path() {
         let e =
             parse::<JoinConfig>(serde_yaml::from_str("wait: {minimum: 1s}").unwrap()).unwrap_err();
-        assert_eq!(e.path, "wait");
+        assert_eq!(e.path, "wait.minimum");
         assert!(e.message.contains("minimum"), "{}", e.message);
     }
 

@@ -92,6 +92,7 @@ pub struct Join {
     arrivals: VecDeque<(u32, u32)>,
     tombs: tomb::Tombs,
     /// Tenant lookups by resource: spans of one ResourceSpans share it.
+    seq: u64,
     /// (resource address, tenant); the address is only compared, never dereferenced.
     last_tenant: Option<(usize, Option<u32>)>,
 }
@@ -108,8 +109,8 @@ struct Node {
     uf: u32,
     /// A fragment merged into the request fragment with this id.
     merged_into: Option<u32>,
-    /// A fragment that found its partner (either side).
-    paired: bool,
+    /// Arrival sequence: units keep the order spans came in.
+    seq: u64,
     other_traces: Vec<[u8; 16]>,
 }
 
@@ -236,6 +237,7 @@ impl Join {
             arrivals: VecDeque::new(),
             tombs: tomb::Tombs::default(),
             last_tenant: None,
+            seq: 0,
         };
         j.tombs.cap = j.cfg.max_pending_spans;
         j
@@ -402,13 +404,14 @@ impl Join {
     }
 
     fn insert_node(&mut self, span: Span, tenant: u32, agent: u32, now: Instant) -> u32 {
+        self.seq += 1;
         let node = Node {
             span,
             tenant,
             agent,
             uf: 0,
             merged_into: None,
-            paired: false,
+            seq: self.seq,
             other_traces: Vec::new(),
         };
         let id = match self.free.pop() {
@@ -566,8 +569,6 @@ impl Join {
                     let req_is_me = self.model(id).expect("eBPF").is_request_only();
                     let (q, r) = if req_is_me { (id, c) } else { (c, id) };
                     self.node_mut(r).merged_into = Some(q);
-                    self.node_mut(q).paired = true;
-                    self.node_mut(r).paired = true;
                     metrics::counter!(MERGED_FRAGMENTS).increment(1);
                 }
                 _ => idx_push(&mut self.merge_idx, mk, id),
@@ -713,9 +714,14 @@ impl Join {
     }
 
     fn flush(&mut self, root: u32, now: Instant, outcome: Outcome, out: &mut Vec<SpanBatch>) {
-        let Some(g) = self.groups.remove(&root) else {
+        let Some(mut g) = self.groups.remove(&root) else {
             return;
         };
+        {
+            let nodes = &self.nodes;
+            g.members
+                .sort_unstable_by_key(|&m| nodes[m as usize].node.as_ref().map_or(0, |n| n.seq));
+        }
         if let Some(k) = g.trace_key {
             if self.trace_idx.get(&(g.tenant, k)).is_some_and(|_| true) {
                 self.trace_idx.remove(&(g.tenant, k));

@@ -4,6 +4,9 @@
 //! tested again here on the merged models, inside the group only, so the streaming part needs to
 //! keep no edge lists. A span gets at most one parent; a later step never overrides an earlier one.
 
+// Index loops over parallel per-member vectors read better than zipped iterators here.
+#![allow(clippy::needless_range_loop)]
+
 use hashbrown::HashMap;
 use tailweave_core::ebpf::{flags, EbpfSpan, TapSide};
 use tailweave_core::{Span, SpanId, SpanKind};
@@ -1053,9 +1056,8 @@ fn clock_offsets(c: &Ctx<'_>, hops: &[Hop]) -> HashMap<std::sync::Arc<str>, i64>
                     hi = hi.min(*h);
                 }
             }
-            let o = if lo > hi {
-                0
-            } else if lo <= 0 && 0 <= hi {
+            // Empty intersection, or one containing 0: no correction.
+            let o = if lo > hi || (lo <= 0 && 0 <= hi) {
                 0
             } else if lo > 0 {
                 lo
