@@ -301,7 +301,7 @@ impl Protocols {
                 }
             }
             if g.max_recv_msg_size_mib == 0
-                || g.max_recv_msg_size_mib * 1024 * 1024 > MAX_SIZE_BYTES
+                || g.max_recv_msg_size_mib.saturating_mul(1024 * 1024) > MAX_SIZE_BYTES
             {
                 issues.push(ConfigIssue::new(
                     "protocols.grpc.max_recv_msg_size_mib",

@@ -195,8 +195,10 @@ impl OtlpReceiver {
             (Some(g), Some(addr)) => {
                 let l = bind_one(&id, &addr).await?;
                 let settings = grpc::GrpcSettings {
-                    max_recv_msg_size: usize::try_from(g.max_recv_msg_size_mib * 1024 * 1024)
-                        .unwrap_or(usize::MAX),
+                    max_recv_msg_size: usize::try_from(
+                        g.max_recv_msg_size_mib.saturating_mul(1024 * 1024),
+                    )
+                    .unwrap_or(usize::MAX),
                     max_concurrent_streams: g.max_concurrent_streams,
                     source_header: source_header.clone(),
                 };
@@ -343,6 +345,19 @@ mod tests {
         assert!(e.message.contains("endpont"), "{e}");
         assert!(cfg("protocols: {thrift: {}}").is_err());
         assert!(cfg("protocols: {grpc: }\nsource: magic").is_err());
+    }
+
+    #[test]
+    fn huge_sizes_are_reported_not_overflowed() {
+        let c = cfg("protocols: {grpc: {max_recv_msg_size_mib: 18446744073709551615}, http: {max_request_body_size: 18446744073709551615}}").unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "protocols.grpc.max_recv_msg_size_mib",
+                "protocols.http.max_request_body_size"
+            ]
+        );
     }
 
     #[test]
