@@ -539,6 +539,25 @@ async fn http_protobuf_delivered_and_answered_in_protobuf() {
 }
 
 #[tokio::test]
+async fn http2_cleartext_is_served_too() {
+    let mut r = start("otlp/http2", 8).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("http://{}/v1/traces", r.http.unwrap()))
+        .header("content-type", "application/x-protobuf")
+        .body(Full::new(Bytes::from(
+            request(vec![span(4, 4)]).encode_to_vec(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_delivered(&r.rx.recv().await.unwrap(), &[span(4, 4)]);
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn http_gzip_protobuf() {
     let mut r = start("otlp/http_gzip", 8).await;
     let spans = vec![span(6, 1)];
