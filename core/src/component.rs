@@ -23,6 +23,9 @@ pub struct SpanBatch {
     /// Every trace in this batch is complete: the join assembled it as one unit, so the sampler
     /// decides it at once with no second wait.
     pub whole: bool,
+    /// When the tail sampler decided these spans (kept), so exporters can measure decision-to-export
+    /// latency. Stages that merge batches keep the earliest.
+    pub decided_at: Option<Instant>,
 }
 
 impl SpanBatch {
@@ -30,10 +33,15 @@ impl SpanBatch {
         SpanBatch {
             spans,
             whole: false,
+            decided_at: None,
         }
     }
     pub fn whole(spans: Vec<Span>) -> Self {
-        SpanBatch { spans, whole: true }
+        SpanBatch {
+            spans,
+            whole: true,
+            decided_at: None,
+        }
     }
     pub fn len(&self) -> usize {
         self.spans.len()

@@ -69,6 +69,7 @@ impl BatchConfig {
 struct Pending {
     spans: Vec<Span>,
     since: Option<Instant>,
+    decided_at: Option<Instant>,
 }
 
 /// The running `batch` processor.
@@ -89,6 +90,7 @@ impl Batch {
         out.push(SpanBatch {
             spans,
             whole: i == 1,
+            decided_at: p.decided_at.take(),
         });
     }
 }
@@ -101,11 +103,16 @@ impl Processor for Batch {
             m => m,
         };
         let p = &mut self.open[i];
+        p.decided_at = match (p.decided_at, batch.decided_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if p.spans.is_empty() {
             p.since = Some(now);
             if batch.spans.len() >= self.cfg.send_batch_size && batch.spans.len() <= max {
                 // Already big enough: pass it on without copying.
                 p.since = None;
+                p.decided_at = None;
                 out.push(batch);
                 return;
             }
