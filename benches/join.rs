@@ -1,7 +1,121 @@
-//! Placeholder: replaced by the real bench.
-use criterion::{criterion_group, criterion_main, Criterion};
+//! The join state machine on a game-like scenario: about 21 spans a trace, half of them eBPF
+//! rows as DeepFlow exports them (login -> shop -> payment with SDKs; MySQL and Redis seen only
+//! by eBPF; one request/response split per trace). Throughput is in spans; before the timed runs
+//! the bench prints the bytes held per buffered span.
+//!
+//! Run: `cargo bench --bench join`.
 
-fn placeholder(_c: &mut Criterion) {}
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
-criterion_group!(benches, placeholder);
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use tailweave_core::{Processor, Span, SpanBatch};
+use tailweave_processors::join::testkit;
+use tailweave_processors::join::{Join, JoinConfig};
+use tailweave_receivers::deepflow::normalize::{normalize_spans, Role};
+
+/// One trace, normalized as the receivers would: (SDK spans, eBPF spans).
+fn game_trace(i: u64) -> (Vec<Span>, Vec<Span>) {
+    let (mut sdk, mut ebpf) = testkit::game_trace(i);
+    normalize_spans(&mut sdk, Role::Shared);
+    normalize_spans(&mut ebpf, Role::Ebpf);
+    (sdk, ebpf)
+}
+
+/// Batches as they would arrive: SDK spans at once, eBPF rows of the same trace 2 s later, in
+/// batches of about 500 spans; `ms_per_trace` of simulated time between traces.
+fn workload(traces: u64, ms_per_trace: u64) -> Vec<(Duration, Vec<Span>)> {
+    let mut sdk_all = Vec::new();
+    let mut ebpf_all = Vec::new();
+    for i in 0..traces {
+        let (s, e) = game_trace(i);
+        let at = Duration::from_millis(i * ms_per_trace);
+        sdk_all.push((at, s));
+        ebpf_all.push((at + Duration::from_secs(2), e));
+    }
+    let mut events: Vec<(Duration, Vec<Span>)> = sdk_all.into_iter().chain(ebpf_all).collect();
+    events.sort_by_key(|(t, _)| *t);
+    let mut out: Vec<(Duration, Vec<Span>)> = Vec::new();
+    for (t, spans) in events {
+        match out.last_mut() {
+            Some((_, b)) if b.len() < 500 => b.extend(spans),
+            _ => out.push((t, spans)),
+        }
+    }
+    out
+}
+
+fn run(batches: Vec<(Duration, Vec<Span>)>) -> usize {
+    let mut j = Join::new(JoinConfig::default());
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let mut emitted = 0;
+    let mut last = Duration::ZERO;
+    for (t, spans) in batches {
+        j.process(t0 + t, SpanBatch::new(spans), &mut out);
+        if t >= last + Duration::from_millis(250) {
+            j.tick(t0 + t, &mut out);
+            last = t;
+        }
+        emitted += out.drain(..).map(|b| b.len()).sum::<usize>();
+    }
+    j.shutdown(t0 + last, &mut out);
+    emitted + out.drain(..).map(|b| b.len()).sum::<usize>()
+}
+
+fn report_memory() {
+    let batches = workload(2000, 1);
+    let spans: usize = batches.iter().map(|(_, b)| b.len()).sum();
+    let encoded: usize = batches
+        .iter()
+        .flat_map(|(_, b)| b.iter())
+        .map(|s| s.raw.len())
+        .sum();
+    let mut seen = HashSet::new();
+    let mut resource_bytes = 0usize;
+    for s in batches.iter().flat_map(|(_, b)| b.iter()) {
+        if seen.insert(s.resource() as *const _ as usize) {
+            resource_bytes += s.resource().raw.len();
+        }
+    }
+    let mut j = Join::new(JoinConfig::default());
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    for (_, b) in batches {
+        // One instant: nothing is due, everything stays buffered.
+        j.process(t0, SpanBatch::new(b), &mut out);
+    }
+    let held = j.pending_bytes();
+    let n = j.pending_spans();
+    println!(
+        "join memory: {n} of {spans} spans buffered in {} groups; held_bytes {:.0} B/span; encoded span {:.0} B/span \
+         (ratio {:.2}); unique resources {:.0} B/span more",
+        j.pending_groups(),
+        held as f64 / n.max(1) as f64,
+        encoded as f64 / spans as f64,
+        held as f64 / encoded.max(1) as f64,
+        resource_bytes as f64 / spans as f64,
+    );
+    assert!(out.is_empty());
+}
+
+fn bench(c: &mut Criterion) {
+    report_memory();
+    let batches = workload(2000, 10);
+    let spans: usize = batches.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(
+        run(batches.clone()),
+        spans,
+        "every span is emitted: nothing unassociated here"
+    );
+    let mut g = c.benchmark_group("join");
+    g.throughput(Throughput::Elements(spans as u64));
+    g.sample_size(20);
+    g.bench_function("game_2000_traces", |b| {
+        b.iter_batched(|| batches.clone(), run, BatchSize::LargeInput)
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
 criterion_main!(benches);

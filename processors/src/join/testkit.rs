@@ -316,3 +316,244 @@ pub fn sdk_span(
     };
     Span::from_proto(scope.clone(), &p)
 }
+
+/// One trace of the game scenario of the `join` bench, as received (not normalized): 10 SDK
+/// spans (login -> shop -> payment) and 12 DeepFlow rows (process spans of each call, MySQL and
+/// Redis seen only by eBPF, the payment server row split into request and response).
+pub fn game_trace(i: u64) -> (Vec<Span>, Vec<Span>) {
+    let mut trace = [0u8; 16];
+    trace[..8].copy_from_slice(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes());
+    trace[8..].copy_from_slice(&(i ^ 0xdead_beef_cafe_f00d).to_be_bytes());
+    let id = |k: u64| (i << 8) | k | (1 << 60);
+    let row = |k: u64| (i << 8) | k | (3 << 60);
+    let t = |ms: f64| 1_700_000_000_000_000 + i * 1000 + (ms * 1000.0) as u64;
+    let seq = |k: u32| (i as u32).wrapping_mul(32).wrapping_add(k).max(1);
+    let sys = |k: u64| i * 16 + k + 1;
+    let (login, shop, pay) = (
+        sdk_scope("login", "login-0", "game"),
+        sdk_scope("shop", "shop-0", "game"),
+        sdk_scope("payment", "payment-0", "game"),
+    );
+    let nginx_client = 0x0abc_0000_0000_0000 | i;
+    let db = || vec![kv_s("db.system", "mysql")];
+    let redis = || vec![kv_s("db.system", "redis")];
+    let http = || vec![kv_s("http.method", "POST")];
+    let sdk = vec![
+        sdk_span(
+            &login,
+            trace,
+            id(1),
+            nginx_client,
+            SpanKind::Server,
+            "POST /login",
+            t(0.0),
+            t(40.0),
+            http(),
+        ),
+        sdk_span(
+            &login,
+            trace,
+            id(2),
+            id(1),
+            SpanKind::Internal,
+            "check",
+            t(0.5),
+            t(39.0),
+            vec![],
+        ),
+        sdk_span(
+            &login,
+            trace,
+            id(3),
+            id(2),
+            SpanKind::Client,
+            "SELECT users",
+            t(1.0),
+            t(5.0),
+            db(),
+        ),
+        sdk_span(
+            &login,
+            trace,
+            id(4),
+            id(2),
+            SpanKind::Client,
+            "GET session",
+            t(6.0),
+            t(7.0),
+            redis(),
+        ),
+        sdk_span(
+            &login,
+            trace,
+            id(5),
+            id(2),
+            SpanKind::Client,
+            "POST /shop",
+            t(8.0),
+            t(38.0),
+            http(),
+        ),
+        sdk_span(
+            &shop,
+            trace,
+            id(6),
+            id(5),
+            SpanKind::Server,
+            "POST /shop",
+            t(9.0),
+            t(37.0),
+            http(),
+        ),
+        sdk_span(
+            &shop,
+            trace,
+            id(7),
+            id(6),
+            SpanKind::Internal,
+            "cart",
+            t(9.5),
+            t(36.0),
+            vec![],
+        ),
+        sdk_span(
+            &shop,
+            trace,
+            id(8),
+            id(7),
+            SpanKind::Client,
+            "SELECT items",
+            t(10.0),
+            t(14.0),
+            db(),
+        ),
+        sdk_span(
+            &shop,
+            trace,
+            id(9),
+            id(7),
+            SpanKind::Client,
+            "POST /pay",
+            t(15.0),
+            t(35.0),
+            http(),
+        ),
+        sdk_span(
+            &pay,
+            trace,
+            id(10),
+            id(9),
+            SpanKind::Server,
+            "POST /pay",
+            t(16.0),
+            t(34.0),
+            http(),
+        ),
+    ];
+    let mut ebpf = Vec::new();
+    let r = |k, tap: &str, agent: &str, pods: (&str, &str), pids: (u32, u32)| {
+        DfRow::new(row(k), tap, agent)
+            .pods(pods.0, pods.1)
+            .pids(pids.0, pids.1)
+    };
+    let ns = |mut d: DfRow| {
+        d.ns = [Some("game".into()), Some("game".into())];
+        d
+    };
+    // login's entry s-p (the nginx caller is outside the unit).
+    ebpf.push(
+        ns(r(1, "s-p", "node-1", ("nginx-0", "login-0"), (0, 100)))
+            .trace(trace, nginx_client)
+            .seqs(seq(1), seq(2))
+            .sys(sys(1), sys(4))
+            .time_us(t(-0.1), t(40.1)),
+    );
+    // login -> MySQL (no header), c-p and the server s-p.
+    ebpf.push(
+        ns(r(2, "c-p", "node-1", ("login-0", "mysql-0"), (100, 0)))
+            .l7("MySQL", "SELECT users")
+            .seqs(seq(3), seq(4))
+            .sys(sys(1), sys(2))
+            .time_us(t(1.1), t(4.9)),
+    );
+    ebpf.push(
+        ns(r(3, "s-p", "node-db", ("login-0", "mysql-0"), (0, 300)))
+            .l7("MySQL", "SELECT users")
+            .seqs(seq(3), seq(4))
+            .sys(sys(9), sys(9))
+            .time_us(t(1.3), t(4.7)),
+    );
+    // login -> Redis.
+    ebpf.push(
+        ns(r(4, "c-p", "node-1", ("login-0", "redis-0"), (100, 0)))
+            .l7("Redis", "GET")
+            .seqs(seq(5), seq(6))
+            .sys(sys(2), sys(3))
+            .time_us(t(6.1), t(6.9)),
+    );
+    ebpf.push(
+        ns(r(5, "s-p", "node-db", ("login-0", "redis-0"), (0, 301)))
+            .l7("Redis", "GET")
+            .seqs(seq(5), seq(6))
+            .sys(sys(10), sys(10))
+            .time_us(t(6.2), t(6.8)),
+    );
+    // login -> shop, header = login's CLIENT span.
+    ebpf.push(
+        ns(r(6, "c-p", "node-1", ("login-0", "shop-0"), (100, 0)))
+            .trace(trace, id(5))
+            .seqs(seq(7), seq(8))
+            .sys(sys(3), sys(4))
+            .time_us(t(8.1), t(37.9)),
+    );
+    ebpf.push(
+        ns(r(7, "s-p", "node-2", ("login-0", "shop-0"), (0, 200)))
+            .trace(trace, id(5))
+            .seqs(seq(7), seq(8))
+            .sys(sys(5), sys(7))
+            .time_us(t(8.9), t(37.1)),
+    );
+    // shop -> MySQL.
+    ebpf.push(
+        ns(r(8, "c-p", "node-2", ("shop-0", "mysql-0"), (200, 0)))
+            .l7("MySQL", "SELECT items")
+            .seqs(seq(9), seq(10))
+            .sys(sys(5), sys(6))
+            .time_us(t(10.1), t(13.9)),
+    );
+    ebpf.push(
+        ns(r(9, "s-p", "node-db", ("shop-0", "mysql-0"), (0, 300)))
+            .l7("MySQL", "SELECT items")
+            .seqs(seq(9), seq(10))
+            .sys(sys(11), sys(11))
+            .time_us(t(10.3), t(13.7)),
+    );
+    // shop -> payment, the payment s-p split into request and response rows.
+    ebpf.push(
+        ns(r(10, "c-p", "node-2", ("shop-0", "payment-0"), (200, 0)))
+            .trace(trace, id(9))
+            .seqs(seq(11), seq(12))
+            .sys(sys(6), sys(7))
+            .time_us(t(15.1), t(34.9)),
+    );
+    let mut q = ns(r(11, "s-p", "node-3", ("shop-0", "payment-0"), (0, 400)))
+        .trace(trace, id(9))
+        .kind("request")
+        .seqs(seq(11), 0)
+        .sys(sys(12), 0)
+        .time_us(t(15.5), t(15.5));
+    q.cap_seq = [10, 0];
+    q.flow_id = 7000 + i;
+    q.status = 0;
+    let mut resp = ns(r(12, "s-p", "node-3", ("shop-0", "payment-0"), (0, 400)))
+        .kind("response")
+        .seqs(0, seq(12))
+        .sys(0, sys(12))
+        .time_us(t(34.5), t(34.5));
+    resp.cap_seq = [0, 11];
+    resp.flow_id = 7000 + i;
+    ebpf.push(q);
+    ebpf.push(resp);
+
+    (sdk, ebpf.iter().map(|d| d.to_span()).collect())
+}

@@ -1514,3 +1514,54 @@ fn max_wait_bounds_a_busy_trace() {
         assert!(out.is_empty());
     }
 }
+
+#[test]
+fn game_scenario_of_the_bench_joins_into_the_intended_tree() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let i = 7u64;
+    let (sdk, ebpf) = super::testkit::game_trace(i);
+    feed(&mut j, t0, sdk);
+    let mut e = ebpf;
+    e.reverse();
+    let mut out = Vec::new();
+    normalize_spans(&mut e, Role::Ebpf);
+    j.process(t0 + Duration::from_secs(2), SpanBatch::new(e), &mut out);
+    assert!(out.is_empty());
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(unit.len(), 21);
+    let id = |k: u64| (i << 8) | k | (1 << 60);
+    let row = |k: u64| (i << 8) | k | (3 << 60);
+    let parent = |x: u64| find(&unit, x).parent_span_id.as_u64();
+    let via = |x: u64| s_attr(find(&unit, x), VIA).unwrap_or_default();
+    let want = [
+        (id(1), row(1), "span_id"),
+        (id(2), id(1), "span_id"),
+        (row(2), id(3), "syscall"),
+        (row(3), row(2), "tcp_seq"),
+        (row(4), id(4), "syscall"),
+        (row(5), row(4), "tcp_seq"),
+        (row(6), id(5), "span_id"),
+        (row(7), row(6), "tcp_seq"),
+        (id(6), row(7), "span_id"),
+        (row(8), id(8), "syscall"),
+        (row(9), row(8), "tcp_seq"),
+        (row(10), id(9), "span_id"),
+        (row(11), row(10), "tcp_seq"),
+        (id(10), row(11), "span_id"),
+    ];
+    for (child, p, v) in want {
+        assert_eq!((parent(child), via(child)), (p, v.to_string()), "{child:x}");
+    }
+    assert_eq!(
+        unit[0].span_id.as_u64(),
+        row(1),
+        "the entry s-p is the main root"
+    );
+    assert_eq!(i_attr(&unit[0], ORDER), Some(0));
+    assert_eq!(
+        unit[0].parent_span_id.as_u64(),
+        0x0abc_0000_0000_0000 | i,
+        "dangling header"
+    );
+}
