@@ -9,7 +9,6 @@ use tailweave_core::names;
 use tailweave_core::otlp::{
     decode_json_request, decode_request, DecodeError, DecodeLimits, Decoded,
 };
-use tailweave_core::wire::{Reader, Value};
 use tailweave_core::{Consumer, Refused, SpanBatch};
 
 use super::auth::BearerAuth;
@@ -19,8 +18,8 @@ use crate::deepflow::normalize::{self, Role};
 pub const ACCEPTED_SPANS: &str = names::RECEIVER_ACCEPTED_SPANS;
 /// Spans refused (`receiver`, `transport`, `reason`): `pipeline_full`, `memory_limit`,
 /// `shutting_down`, the per-span reasons of `decode_request` (`invalid_trace_id`, ...),
-/// `too_many_spans`, and `malformed_request` (the spans visible before a protobuf request stops
-/// parsing: a lower bound). Requests refused before their body is read (`too_large`,
+/// `too_many_spans`, and `malformed_request` (the spans visible in a protobuf request that does
+/// not parse, a span cut short included; nothing for JSON). Requests refused before their body is read (`too_large`,
 /// `unauthenticated`, ...) carry no span count and appear only in [`REQUESTS`].
 pub const REFUSED_SPANS: &str = names::RECEIVER_REFUSED_SPANS;
 /// Requests by `outcome` (`receiver`, `transport`, `outcome`): `success`, `partial_success`,
@@ -195,32 +194,70 @@ impl Ingest {
     }
 }
 
-/// The spans a request shows before its bytes stop making sense: a lower bound of what a
-/// refused request carried, for the refused-spans counter.
+/// The spans a request shows before its bytes stop making sense (a span cut short counts): what
+/// a refused request carried, for the refused-spans counter.
 pub fn visible_spans(buf: &[u8]) -> u64 {
     let mut n = 0;
-    'outer: for f in Reader::new(buf) {
-        let rs = match f {
-            Ok((1, Value::Len(rs), _)) => rs,
-            Ok(_) => continue,
-            Err(_) => break,
-        };
-        for f in Reader::new(rs) {
-            let ss = match f {
-                Ok((2, Value::Len(ss), _)) => ss,
-                Ok(_) => continue,
-                Err(_) => break 'outer,
-            };
-            for f in Reader::new(ss) {
-                match f {
-                    Ok((2, Value::Len(_), _)) => n += 1,
-                    Ok(_) => {}
-                    Err(_) => break 'outer,
-                }
+    for (field, rs) in lenient_len_fields(buf) {
+        if field != 1 {
+            continue;
+        }
+        for (field, ss) in lenient_len_fields(rs) {
+            if field != 2 {
+                continue;
             }
+            n += lenient_len_fields(ss)
+                .iter()
+                .filter(|(field, _)| *field == 2)
+                .count() as u64;
         }
     }
     n
+}
+
+/// The length-delimited fields of a message, read leniently: a field cut short yields the bytes
+/// that are there, and anything unreadable ends the walk.
+fn lenient_len_fields(buf: &[u8]) -> Vec<(u64, &[u8])> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < buf.len() {
+        let Some(key) = varint(buf, &mut i) else {
+            break;
+        };
+        let skip = match key & 7 {
+            0 => match varint(buf, &mut i) {
+                Some(_) => 0,
+                None => break,
+            },
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Some(len) = varint(buf, &mut i) else {
+                    break;
+                };
+                let end =
+                    usize::try_from(len).map_or(buf.len(), |l| i.saturating_add(l).min(buf.len()));
+                out.push((key >> 3, &buf[i..end]));
+                i = end;
+                0
+            }
+            _ => break,
+        };
+        i = i.saturating_add(skip);
+    }
+    out
 }
 
 /// A request's claim to come from DeepFlow turns a shared receiver into an eBPF one for that
@@ -348,8 +385,11 @@ mod tests {
         let whole = request(&[(1, 1), (1, 2), (1, 3)]);
         assert_eq!(visible_spans(&whole), 3);
         assert_eq!(visible_spans(b"not protobuf"), 0);
-        // Cut inside the last span: the scope's length no longer fits, so nothing in it counts.
-        assert_eq!(visible_spans(&whole[..whole.len() - 2]), 0);
+        // Cut inside the last span: that span still counts.
+        assert_eq!(visible_spans(&whole[..whole.len() - 2]), 3);
+        let one = request(&[(1, 1)]);
+        assert_eq!(visible_spans(&one[..6]), 1);
+        assert_eq!(visible_spans(&one[..4]), 0, "cut before the span's field");
         let (ing, _rx) = ingest(1);
         let mut two = request(&[(1, 1)]).to_vec();
         two.extend_from_slice(&request(&[(1, 2), (1, 3)]));
