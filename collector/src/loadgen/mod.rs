@@ -26,6 +26,9 @@ pub mod scenario;
 pub mod send;
 pub mod truth;
 
+#[cfg(test)]
+mod join_tests;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

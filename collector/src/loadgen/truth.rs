@@ -109,6 +109,9 @@ pub struct Comparison {
     pub wrong_trace_ids: u64,
     /// Observed spans whose `tailweave.join.merged_span_ids` differs from the truth.
     pub wrong_merges: u64,
+    /// Observed spans whose `tailweave.join.via` is present and differs from the truth's `via`
+    /// (informational: not part of a trace being complete).
+    pub wrong_vias: u64,
     pub missing_spans: u64,
     /// Observed spans that are no expected span (an unmerged response row, say).
     pub extra_spans: u64,
@@ -149,6 +152,8 @@ const MAX_EXAMPLES: usize = 20;
 
 /// The attribute the join writes on merged spans (`join.md` §7).
 pub const MERGED_SPAN_IDS_ATTR: &str = "tailweave.join.merged_span_ids";
+/// The attribute naming the relation that placed a span (`join.md` §7).
+pub const VIA_ATTR: &str = "tailweave.join.via";
 
 /// Compares the spans a sink received with the truth of the traces that were sent.
 pub fn compare(truth: &[TraceTruth], observed: &[ProtoSpan]) -> Comparison {
@@ -265,6 +270,22 @@ pub fn compare(truth: &[TraceTruth], observed: &[ProtoSpan]) -> Comparison {
                     w.span.span_id, w.span.merged_span_ids
                 )
             });
+        }
+        let via = o
+            .attributes
+            .iter()
+            .find(|kv| kv.key == VIA_ATTR)
+            .and_then(
+                |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Value::StringValue(s)) => Some(s.as_str()),
+                    _ => None,
+                },
+            );
+        if let (Some(got), Some(want)) = (via, w.span.via.as_deref()) {
+            if got != want {
+                c.wrong_vias += 1;
+                c.note(|| format!("span {}: via {got}, expected {want}", w.span.span_id));
+            }
         }
         if trace_ok && parent_ok && merged_ok {
             good_per_trace[w.trace] += 1;
