@@ -402,6 +402,30 @@ mod tests {
     }
 
     #[test]
+    fn visible_spans_never_panics() {
+        let whole = request(&[(1, 1), (2, 2)]);
+        for cut in 0..whole.len() {
+            assert!(visible_spans(&whole[..cut]) <= 2);
+        }
+        // Deterministic noise, including over-long varints and huge lengths.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut b = Vec::new();
+            for _ in 0..(x % 64) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.push((x >> 24) as u8);
+            }
+            visible_spans(&b);
+        }
+        visible_spans(&[
+            0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ]);
+        visible_spans(&[0x0a; 11]);
+    }
+
+    #[test]
     fn header_roles() {
         assert_eq!(role_from_header(Some(b"DeepFlow")), Some(Role::Ebpf));
         assert_eq!(role_from_header(Some(b"ebpf")), Some(Role::Ebpf));
