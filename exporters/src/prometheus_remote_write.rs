@@ -1,23 +1,813 @@
-//! Skeleton: replaced by the real implementation.
+//! The `prometheus_remote_write` exporter (alias `prometheusremotewrite`): pushes the span metrics
+//! (RED) of the process to a Prometheus remote-write endpoint every `push_interval`.
+//!
+//! The request is a remote-write 1.0 `WriteRequest` (protobuf, the message types written out below
+//! with `prost` derives), snappy block-compressed, with `Content-Encoding: snappy`,
+//! `Content-Type: application/x-protobuf` and `X-Prometheus-Remote-Write-Version: 0.1.0`. Samples
+//! are the cumulative values at push time, so a push that is given up on loses nothing but
+//! resolution: the next one carries the newer totals. 5xx and 429 answers and connection errors are
+//! retried with exponential backoff (honouring `Retry-After`) for up to
+//! `retry_on_failure.max_elapsed_time`; other answers are final. Every given-up push is counted.
+//! Exemplars are not sent (the receiving Prometheus needs a feature flag to store them); the
+//! `prometheus` exporter serves them.
+//!
+//! Like `prometheus`, it marks the trace ids of the spans that reach it as kept. When its input
+//! ends (shutdown) it pushes one last time, so the final counts reach the destination.
 
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
-use tailweave_core::ComponentError;
+use tailweave_core::red::{sanitize_name, RedRegistry, SetSnapshot};
+use tailweave_core::{ComponentError, ExportError, SpanBatch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use crate::otlp_http::parse_retry_after;
+use crate::prometheus::{check_label_names, fmt_float, label_set, note_kept, series_name};
+use crate::queue::{Backoff, RetryConfig};
 use crate::RunningExporter;
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrometheusRemoteWriteExporterConfig {}
+/// Pushes, by `outcome` (`sent`, `failed`).
+pub const PUSHES: &str = "tailweave_prometheus_remote_write_pushes_total";
+/// Samples accepted by the destination.
+pub const SENT_SAMPLES: &str = "tailweave_prometheus_remote_write_sent_samples_total";
+/// Retried attempts.
+pub const RETRIES: &str = "tailweave_prometheus_remote_write_retries_total";
+/// The protocol version header value.
+pub const REMOTE_WRITE_VERSION: &str = "0.1.0";
+const MAX_RESPONSE_BYTES: usize = 64 << 10;
+const INPUT_CAPACITY: usize = 64;
+
+/// The remote-write 1.0 messages (`prometheus/prompb/remote.proto`, `types.proto`).
+pub mod prompb {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WriteRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub timeseries: Vec<TimeSeries>,
+        #[prost(message, repeated, tag = "3")]
+        pub metadata: Vec<MetricMetadata>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TimeSeries {
+        /// Sorted by name, `__name__` included.
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<Label>,
+        #[prost(message, repeated, tag = "2")]
+        pub samples: Vec<Sample>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Label {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Sample {
+        #[prost(double, tag = "1")]
+        pub value: f64,
+        /// Unix milliseconds.
+        #[prost(int64, tag = "2")]
+        pub timestamp: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct MetricMetadata {
+        /// `MetricType`: 1 counter, 3 histogram.
+        #[prost(int32, tag = "1")]
+        pub r#type: i32,
+        #[prost(string, tag = "2")]
+        pub metric_family_name: String,
+        #[prost(string, tag = "4")]
+        pub help: String,
+        #[prost(string, tag = "5")]
+        pub unit: String,
+    }
+
+    pub const COUNTER: i32 = 1;
+    pub const HISTOGRAM: i32 = 3;
+}
+
+fn default_retry() -> RetryConfig {
+    // Short waits: a push that is late is worth less than the next one.
+    RetryConfig {
+        initial_interval: Duration::from_millis(50),
+        max_interval: Duration::from_secs(5),
+        max_elapsed_time: Duration::from_secs(60),
+        ..RetryConfig::default()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusRemoteWriteExporterConfig {
+    /// The remote-write URL, e.g. `http://prometheus:9090/api/v1/write`. Required.
+    pub endpoint: String,
+    /// Prefix added to every metric name, before the `span_metrics` namespace. Default none.
+    pub namespace: String,
+    /// Labels added to every series (the ones a series already has win). Default none.
+    pub external_labels: BTreeMap<String, String>,
+    /// HTTP headers sent with every request (e.g. `authorization`). Default none.
+    pub headers: BTreeMap<String, String>,
+    /// How often the current totals are pushed. Default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub push_interval: Duration,
+    /// Bound of one attempt. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retry with backoff on 5xx, 429 and connection errors. Default initial `50ms`, max `5s`,
+    /// given up after `60s`.
+    pub retry_on_failure: RetryConfig,
+}
+
+impl Default for PrometheusRemoteWriteExporterConfig {
+    fn default() -> Self {
+        PrometheusRemoteWriteExporterConfig {
+            endpoint: String::new(),
+            namespace: String::new(),
+            external_labels: BTreeMap::new(),
+            headers: BTreeMap::new(),
+            push_interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(5),
+            retry_on_failure: default_retry(),
+        }
+    }
+}
 
 impl PrometheusRemoteWriteExporterConfig {
+    fn url(&self) -> Result<Uri, ConfigIssue> {
+        let raw = self.endpoint.trim();
+        if raw.is_empty() {
+            return Err(ConfigIssue::new(
+                "endpoint",
+                "required: a URL such as http://prometheus:9090/api/v1/write",
+            ));
+        }
+        let uri = Uri::from_str(raw)
+            .map_err(|e| ConfigIssue::new("endpoint", format!("{raw:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ConfigIssue::new(
+                "endpoint",
+                format!("{raw:?}: only http:// is supported (no TLS yet)"),
+            ));
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(ConfigIssue::new(
+                "endpoint",
+                format!("{raw:?}: a host is required"),
+            ));
+        }
+        Ok(uri)
+    }
+
+    fn header_map(&self) -> Result<HeaderMap, Vec<ConfigIssue>> {
+        let mut map = HeaderMap::new();
+        let mut issues = Vec::new();
+        for (k, v) in &self.headers {
+            match (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    map.insert(n, v);
+                }
+                _ => issues.push(ConfigIssue::new(
+                    format!("headers.{k}"),
+                    "not a valid HTTP header name or value",
+                )),
+            }
+        }
+        if issues.is_empty() {
+            Ok(map)
+        } else {
+            Err(issues)
+        }
+    }
+
     pub fn validate(&self) -> Vec<ConfigIssue> {
-        Vec::new()
+        let mut out = Vec::new();
+        if let Err(i) = self.url() {
+            out.push(i);
+        }
+        if let Err(i) = self.header_map() {
+            out.extend(i);
+        }
+        out.extend(check_label_names("external_labels", &self.external_labels));
+        if self.push_interval.is_zero() {
+            out.push(ConfigIssue::new("push_interval", "must be above 0s"));
+        }
+        if self.timeout.is_zero() {
+            out.push(ConfigIssue::new("timeout", "must be above 0s"));
+        }
+        let r = &self.retry_on_failure;
+        if r.enabled && (r.initial_interval.is_zero() || r.multiplier < 1.0) {
+            out.push(ConfigIssue::new(
+                "retry_on_failure",
+                "initial_interval must be above 0s and multiplier at least 1",
+            ));
+        }
+        out
     }
+
     pub fn endpoints(&self) -> Vec<String> {
-        Vec::new()
+        let Ok(uri) = self.url() else {
+            return Vec::new();
+        };
+        let Some(host) = uri.host() else {
+            return Vec::new();
+        };
+        vec![format!("{host}:{}", uri.port_u16().unwrap_or(80))]
     }
+
     pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
-        Err(ComponentError::build(&ctx.id, "not implemented yet"))
+        self.build_with(ctx, RedRegistry::global()).map(|(r, _)| r)
+    }
+
+    /// Builds against a given registry; also returns the push counters.
+    pub fn build_with(
+        &self,
+        ctx: &BuildContext,
+        registry: Arc<RedRegistry>,
+    ) -> Result<(RunningExporter, Arc<PushStats>), ComponentError> {
+        let issues = self.validate();
+        if !issues.is_empty() {
+            let all: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+            return Err(ComponentError::build(&ctx.id, all.join("; ")));
+        }
+        let url = self
+            .url()
+            .map_err(|i| ComponentError::build(&ctx.id, i.to_string()))?;
+        let headers = self
+            .header_map()
+            .map_err(|_| ComponentError::build(&ctx.id, "headers: invalid HTTP header"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(self.timeout));
+        let pusher = Arc::new(Pusher {
+            id: ctx.id.clone(),
+            url,
+            headers,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            opts: Encoding {
+                namespace: sanitize_name(&self.namespace),
+                external_labels: self
+                    .external_labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            },
+            timeout: self.timeout,
+            retry: self.retry_on_failure.clone(),
+            registry: registry.clone(),
+            stats: Arc::new(PushStats::default()),
+        });
+        tracing::info!(exporter = %ctx.id, url = %pusher.url, "prometheus_remote_write exporter ready");
+        let stats = pusher.stats.clone();
+        let stop = CancellationToken::new();
+        let interval = self.push_interval;
+        let push_task = tokio::spawn(pusher.clone().run(interval, stop.clone()));
+        let (tx, rx) = mpsc::channel::<SpanBatch>(INPUT_CAPACITY);
+        let done = tokio::spawn(async move {
+            note_kept(rx, &registry).await;
+            stop.cancel();
+            let _ = push_task.await;
+        });
+        Ok((RunningExporter { input: tx, done }, stats))
+    }
+}
+
+/// Counts of one exporter, beside the metrics.
+#[derive(Debug, Default)]
+pub struct PushStats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+impl PushStats {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// Exporter-level naming of the pushed series.
+#[derive(Debug, Clone, Default)]
+pub struct Encoding {
+    pub namespace: String,
+    pub external_labels: Vec<(String, String)>,
+}
+
+fn series(
+    name: String,
+    labels: &[(String, String)],
+    extra: Option<(&str, String)>,
+    value: f64,
+    ts: i64,
+) -> prompb::TimeSeries {
+    let mut l: Vec<prompb::Label> = Vec::with_capacity(labels.len() + 2);
+    l.push(prompb::Label {
+        name: "__name__".into(),
+        value: name,
+    });
+    l.extend(labels.iter().map(|(k, v)| prompb::Label {
+        name: k.clone(),
+        value: v.clone(),
+    }));
+    if let Some((k, v)) = extra {
+        l.push(prompb::Label {
+            name: k.into(),
+            value: v,
+        });
+    }
+    // Remote write requires labels sorted by name.
+    l.sort_by(|a, b| a.name.cmp(&b.name));
+    prompb::TimeSeries {
+        labels: l,
+        samples: vec![prompb::Sample {
+            value,
+            timestamp: ts,
+        }],
+    }
+}
+
+/// The `WriteRequest` of the current totals, stamped `now_ms`.
+pub fn write_request(sets: &[SetSnapshot], enc: &Encoding, now_ms: i64) -> prompb::WriteRequest {
+    let mut req = prompb::WriteRequest::default();
+    for set in sets.iter().filter(|s| !s.series.is_empty()) {
+        let calls = series_name(&enc.namespace, &set.cfg.calls_name());
+        let dur = series_name(&enc.namespace, &set.cfg.duration_name());
+        req.metadata.push(prompb::MetricMetadata {
+            r#type: prompb::COUNTER,
+            metric_family_name: calls.clone(),
+            help: format!("Spans seen by {}.", set.id),
+            unit: String::new(),
+        });
+        req.metadata.push(prompb::MetricMetadata {
+            r#type: prompb::HISTOGRAM,
+            metric_family_name: dur.clone(),
+            help: format!("Span durations seen by {}.", set.id),
+            unit: set.cfg.unit.suffix().into(),
+        });
+        for s in &set.series {
+            let labels = label_set(s, &enc.external_labels);
+            req.timeseries
+                .push(series(calls.clone(), &labels, None, s.calls as f64, now_ms));
+            for (le, count, _) in s.cumulative(&set.cfg.bounds) {
+                req.timeseries.push(series(
+                    format!("{dur}_bucket"),
+                    &labels,
+                    Some(("le", fmt_float(le))),
+                    count as f64,
+                    now_ms,
+                ));
+            }
+            req.timeseries
+                .push(series(format!("{dur}_sum"), &labels, None, s.sum, now_ms));
+            req.timeseries.push(series(
+                format!("{dur}_count"),
+                &labels,
+                None,
+                s.calls as f64,
+                now_ms,
+            ));
+        }
+    }
+    req
+}
+
+/// Protobuf, then snappy's block format (not the framed one), as remote write wants.
+pub fn encode_body(req: &prompb::WriteRequest) -> Result<Bytes, snap::Error> {
+    let raw = req.encode_to_vec();
+    snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .map(Bytes::from)
+}
+
+struct Pusher {
+    id: String,
+    url: Uri,
+    headers: HeaderMap,
+    client: Client<HttpConnector, Full<Bytes>>,
+    opts: Encoding,
+    timeout: Duration,
+    retry: RetryConfig,
+    registry: Arc<RedRegistry>,
+    stats: Arc<PushStats>,
+}
+
+impl Pusher {
+    async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => self.push_once().await,
+            }
+        }
+        // The last totals, after every span has been counted.
+        self.push_once().await;
+    }
+
+    async fn push_once(&self) {
+        let sets = self.registry.snapshot();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let req = write_request(&sets, &self.opts, now_ms);
+        if req.timeseries.is_empty() {
+            return;
+        }
+        let samples = req.timeseries.len() as u64;
+        let body = match encode_body(&req) {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed(&ExportError::permanent(format!("snappy: {e}")), 1);
+                return;
+            }
+        };
+        let mut backoff = Backoff::new(&self.retry);
+        let start = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match tokio::time::timeout(self.timeout, self.send(body.clone())).await {
+                Ok(Ok(())) => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(PUSHES, "exporter" => self.id.clone(), "outcome" => "sent")
+                        .increment(1);
+                    metrics::counter!(SENT_SAMPLES, "exporter" => self.id.clone())
+                        .increment(samples);
+                    return;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => ExportError::retryable(format!(
+                    "{}: no answer within {:?}",
+                    self.url, self.timeout
+                )),
+            };
+            if !err.retryable || !self.retry.enabled {
+                self.failed(&err, attempts);
+                return;
+            }
+            let mut wait = backoff.next_delay(rand::random::<f64>());
+            if let Some(asked) = err.retry_after {
+                wait = wait.max(asked);
+            }
+            let budget = self.retry.max_elapsed_time;
+            if !budget.is_zero() && start.elapsed() + wait > budget {
+                self.failed(&err, attempts);
+                return;
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(RETRIES, "exporter" => self.id.clone()).increment(1);
+            tracing::debug!(exporter = %self.id, error = %err, ?wait, "remote write failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn failed(&self, err: &ExportError, attempts: u32) {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(PUSHES, "exporter" => self.id.clone(), "outcome" => "failed")
+            .increment(1);
+        tracing::warn!(exporter = %self.id, error = %err, attempts, "remote write push given up");
+    }
+
+    async fn send(&self, body: Bytes) -> Result<(), ExportError> {
+        let mut req = http::Request::post(self.url.clone())
+            .header(CONTENT_TYPE, "application/x-protobuf")
+            .header(CONTENT_ENCODING, "snappy")
+            .header("X-Prometheus-Remote-Write-Version", REMOTE_WRITE_VERSION)
+            .body(Full::new(body))
+            .map_err(|e| ExportError::permanent(format!("building the request: {e}")))?;
+        for (k, v) in &self.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| ExportError::retryable(format!("{}: {e}", self.url)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text: String = String::from_utf8_lossy(&body)
+            .trim()
+            .chars()
+            .take(256)
+            .collect();
+        let message = format!("{}: HTTP {status}: {text}", self.url);
+        if status.as_u16() == 429 || status.is_server_error() {
+            Err(ExportError::retryable(message).with_retry_after(retry_after))
+        } else {
+            Err(ExportError::permanent(message))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use std::sync::Mutex;
+    use tailweave_core::red::{DurationUnit, Observation, RedSetConfig};
+    use tailweave_core::{SpanId, TraceId};
+
+    fn registry() -> Arc<RedRegistry> {
+        let reg = RedRegistry::new();
+        let set = reg
+            .register(
+                "span_metrics",
+                RedSetConfig {
+                    namespace: "traces_span_metrics".into(),
+                    unit: DurationUnit::Milliseconds,
+                    bounds: vec![10.0],
+                    label_names: vec!["service_name".into(), "status_code".into()],
+                    max_series: 10,
+                    exemplars: false,
+                    max_pending_traces: 0,
+                },
+            )
+            .unwrap();
+        let mut w = set.writer();
+        for (st, d) in [
+            ("STATUS_CODE_UNSET", 5.0),
+            ("STATUS_CODE_UNSET", 20.0),
+            ("STATUS_CODE_ERROR", 1.0),
+        ] {
+            w.observe(&Observation {
+                labels: &[Some(Cow::Borrowed("cart")), Some(Cow::Borrowed(st))],
+                duration: d,
+                trace_id: TraceId([1; 16]),
+                span_id: SpanId([1; 8]),
+                end_unix_ns: 0,
+            });
+        }
+        drop(w);
+        reg
+    }
+
+    fn find<'a>(
+        req: &'a prompb::WriteRequest,
+        want: &[(&str, &str)],
+    ) -> Vec<&'a prompb::TimeSeries> {
+        req.timeseries
+            .iter()
+            .filter(|t| {
+                want.iter()
+                    .all(|(k, v)| t.labels.iter().any(|l| l.name == *k && l.value == *v))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn write_request_holds_counters_and_histograms_with_sorted_labels() {
+        let enc = Encoding {
+            namespace: String::new(),
+            external_labels: vec![
+                ("cluster".into(), "eu1".into()),
+                ("service_name".into(), "ignored".into()),
+            ],
+        };
+        let req = write_request(&registry().snapshot(), &enc, 1234);
+        // 2 series x (calls + 2 buckets + sum + count)
+        assert_eq!(req.timeseries.len(), 10);
+        for t in &req.timeseries {
+            let names: Vec<&str> = t.labels.iter().map(|l| l.name.as_str()).collect();
+            let mut sorted = names.clone();
+            sorted.sort();
+            assert_eq!(names, sorted);
+            assert_eq!(t.samples[0].timestamp, 1234);
+            assert!(t
+                .labels
+                .iter()
+                .any(|l| l.name == "cluster" && l.value == "eu1"));
+            assert!(
+                !t.labels.iter().any(|l| l.value == "ignored"),
+                "a series' own label wins"
+            );
+        }
+        let errors = find(
+            &req,
+            &[
+                ("__name__", "traces_span_metrics_calls_total"),
+                ("status_code", "STATUS_CODE_ERROR"),
+            ],
+        );
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].samples[0].value, 1.0);
+        let inf = find(
+            &req,
+            &[
+                (
+                    "__name__",
+                    "traces_span_metrics_duration_milliseconds_bucket",
+                ),
+                ("status_code", "STATUS_CODE_UNSET"),
+                ("le", "+Inf"),
+            ],
+        );
+        assert_eq!(inf[0].samples[0].value, 2.0);
+        let le10 = find(
+            &req,
+            &[
+                (
+                    "__name__",
+                    "traces_span_metrics_duration_milliseconds_bucket",
+                ),
+                ("status_code", "STATUS_CODE_UNSET"),
+                ("le", "10"),
+            ],
+        );
+        assert_eq!(le10[0].samples[0].value, 1.0);
+        // The body round-trips through snappy and protobuf.
+        let body = encode_body(&req).unwrap();
+        let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+        assert_eq!(prompb::WriteRequest::decode(raw.as_slice()).unwrap(), req);
+    }
+
+    #[test]
+    fn validate_paths() {
+        let c = PrometheusRemoteWriteExporterConfig {
+            endpoint: "ftp://x".into(),
+            external_labels: [("0bad".to_string(), "v".to_string())].into(),
+            push_interval: Duration::ZERO,
+            ..Default::default()
+        };
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec!["endpoint", "external_labels.0bad", "push_interval"]
+        );
+        let ok = PrometheusRemoteWriteExporterConfig {
+            endpoint: "http://127.0.0.1:9090/api/v1/write".into(),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_empty());
+        assert_eq!(ok.endpoints(), vec!["127.0.0.1:9090"]);
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        answers: Vec<u16>,
+        requests: Vec<(http::HeaderMap, prompb::WriteRequest)>,
+    }
+
+    /// A remote-write receiver answering with `answers` in turn, then 204.
+    async fn receiver(answers: Vec<u16>) -> (String, Arc<Mutex<Seen>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Seen {
+            answers,
+            ..Default::default()
+        }));
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = l.accept().await else {
+                    return;
+                };
+                let seen = s2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.unwrap().to_bytes();
+                                let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+                                let wr = prompb::WriteRequest::decode(raw.as_slice()).unwrap();
+                                let mut st = seen.lock().unwrap();
+                                st.requests.push((parts.headers, wr));
+                                let code = if st.answers.is_empty() {
+                                    204
+                                } else {
+                                    st.answers.remove(0)
+                                };
+                                let mut r =
+                                    http::Response::new(Full::new(Bytes::from_static(b"nope")));
+                                *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                                Ok::<_, std::convert::Infallible>(r)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}/api/v1/write"), seen)
+    }
+
+    fn cfg(url: String) -> PrometheusRemoteWriteExporterConfig {
+        PrometheusRemoteWriteExporterConfig {
+            endpoint: url,
+            external_labels: [("cluster".to_string(), "eu1".to_string())].into(),
+            // Long enough that only the final push (at shutdown) happens in these tests.
+            push_interval: Duration::from_secs(3600),
+            retry_on_failure: RetryConfig {
+                initial_interval: Duration::from_millis(1),
+                max_interval: Duration::from_millis(5),
+                max_elapsed_time: Duration::from_secs(30),
+                ..RetryConfig::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn ctx() -> BuildContext {
+        BuildContext {
+            id: "prometheus_remote_write".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_and_429_then_delivers_with_the_protocol_headers() {
+        let (url, seen) = receiver(vec![503, 429]).await;
+        let (running, stats) = cfg(url).build_with(&ctx(), registry()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!((stats.sent(), stats.retries(), stats.failed()), (1, 2, 0));
+        let st = seen.lock().unwrap();
+        assert_eq!(st.requests.len(), 3);
+        let (h, wr) = st.requests.last().unwrap();
+        assert_eq!(h["content-encoding"], "snappy");
+        assert_eq!(h["content-type"], "application/x-protobuf");
+        assert_eq!(h["x-prometheus-remote-write-version"], "0.1.0");
+        assert_eq!(wr.timeseries.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_4xx_answer_is_final_and_counted() {
+        let (url, seen) = receiver(vec![400]).await;
+        let (running, stats) = cfg(url).build_with(&ctx(), registry()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!((stats.sent(), stats.retries(), stats.failed()), (0, 0, 1));
+        assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_after_max_elapsed_time() {
+        let (url, seen) = receiver(vec![500; 1000]).await;
+        let mut c = cfg(url);
+        c.retry_on_failure.max_elapsed_time = Duration::from_millis(30);
+        let (running, stats) = c.build_with(&ctx(), registry()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!(stats.sent(), 0);
+        assert_eq!(stats.failed(), 1);
+        let n = seen.lock().unwrap().requests.len() as u64;
+        assert!(
+            n >= 2 && n == stats.retries() + 1,
+            "{n} requests, {} retries",
+            stats.retries()
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_pushed_without_series() {
+        let (url, seen) = receiver(vec![]).await;
+        let (running, stats) = cfg(url).build_with(&ctx(), RedRegistry::new()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!(stats.sent() + stats.failed(), 0);
+        assert!(seen.lock().unwrap().requests.is_empty());
     }
 }
