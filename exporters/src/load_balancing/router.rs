@@ -1,0 +1,391 @@
+//! The routing state machine: which backend each span goes to. Synchronous, time passed in.
+//!
+//! A span with a trace id goes to the owner of that trace on the ring, or, when the owner is down,
+//! to the next backend on the ring that is up. An eBPF span without a trace id (`span.ebpf` with
+//! `trace_key == None`: a MySQL call, a request whose headers had no `traceparent`) has no trace to
+//! follow, so the router learns, from the eBPF spans that do carry one, which trace each
+//! association key (agent + syscall trace id, TCP sequence numbers, X-Request-ID) belongs to, and
+//! sends the span where that trace went. A span whose keys are not known yet waits up to
+//! `association.wait` for a span that names them; then it is routed by its own key, so the spans
+//! sharing that key still meet on one backend, and counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tailweave_core::config::ConfigIssue;
+use tailweave_core::ebpf::EbpfSpan;
+use tailweave_core::{Span, TraceId};
+
+use super::ring::{hash, mix, Ring};
+
+/// `association`: placing eBPF spans that carry no trace id.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssociationConfig {
+    /// Association keys remembered at most. The oldest is forgotten first. Default `100000`.
+    pub max_entries: usize,
+    /// How long a key is remembered after its trace was first seen with it. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a span without a trace id waits for a span that places it; `0s` routes it by its
+    /// own key at once. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// Spans waiting at most; past it the oldest is routed by its key at once. Default `10000`.
+    pub max_pending: usize,
+}
+
+impl Default for AssociationConfig {
+    fn default() -> Self {
+        AssociationConfig {
+            max_entries: 100_000,
+            ttl: Duration::from_secs(30),
+            wait: Duration::from_secs(1),
+            max_pending: 10_000,
+        }
+    }
+}
+
+impl AssociationConfig {
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        if self.max_entries == 0 {
+            out.push(ConfigIssue::new(
+                "association.max_entries",
+                "must be greater than 0",
+            ));
+        }
+        if self.ttl.is_zero() {
+            out.push(ConfigIssue::new(
+                "association.ttl",
+                "must be greater than 0",
+            ));
+        }
+        if self.wait > self.ttl {
+            out.push(ConfigIssue::new(
+                "association.wait",
+                "must not be longer than association.ttl",
+            ));
+        }
+        if self.max_pending == 0 {
+            out.push(ConfigIssue::new(
+                "association.max_pending",
+                "must be greater than 0",
+            ));
+        }
+    }
+}
+
+/// Counts since the router started (the driver publishes them as metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Spans with a trace id.
+    pub by_trace: u64,
+    /// Spans without a trace id placed with the trace of one of their keys.
+    pub associated: u64,
+    /// Spans without a trace id routed by their own key after waiting.
+    pub by_key: u64,
+    /// Of `by_key`: routed at once because the wait buffer was full.
+    pub by_key_overflow: u64,
+    /// Spans sent to a successor because their owner was down.
+    pub rerouted: u64,
+}
+
+/// Where a span goes: a trace, or a key of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    Trace(TraceId),
+    Key(u64),
+}
+
+/// Spans per backend, indexed like [`Ring::nodes`].
+pub type Routed = Vec<Vec<Span>>;
+
+/// Key → trace, bounded, each entry living `ttl` from when it was learned.
+#[derive(Debug, Default)]
+struct Index {
+    map: HashMap<u64, (TraceId, Instant)>,
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl Index {
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while let Some((t, k)) = self.order.front().copied() {
+            if now.saturating_duration_since(t) < ttl {
+                break;
+            }
+            self.order.pop_front();
+            self.map.remove(&k);
+        }
+    }
+
+    /// Learns `key → trace`; `true` if the key is new.
+    fn learn(&mut self, now: Instant, key: u64, trace: TraceId, max: usize) -> bool {
+        if let Some(e) = self.map.get_mut(&key) {
+            // The latest trace wins; the entry keeps its age so the index stays short-lived.
+            e.0 = trace;
+            return false;
+        }
+        while self.map.len() >= max {
+            match self.order.pop_front() {
+                Some((_, k)) => {
+                    self.map.remove(&k);
+                }
+                None => break,
+            }
+        }
+        self.map.insert(key, (trace, now));
+        self.order.push_back((now, key));
+        true
+    }
+
+    fn get(&self, key: u64) -> Option<TraceId> {
+        self.map.get(&key).map(|(t, _)| *t)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// The association keys of an eBPF span, most specific first, each hashed with its kind.
+pub fn association_keys(m: &EbpfSpan) -> Vec<u64> {
+    let mut keys = Vec::with_capacity(6);
+    for id in [m.syscall_req, m.syscall_resp] {
+        if id != 0 {
+            let mut b = b"syscall\0".to_vec();
+            b.extend_from_slice(m.agent.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&id.to_be_bytes());
+            keys.push(hash(&b));
+        }
+    }
+    for x in m.x_request_id.iter().flatten() {
+        let mut b = b"x-request-id\0".to_vec();
+        b.extend_from_slice(x.as_bytes());
+        keys.push(hash(&b));
+    }
+    for seq in [m.req_tcp_seq, m.resp_tcp_seq] {
+        if seq != 0 {
+            let mut b = b"tcp_seq\0".to_vec();
+            b.extend_from_slice(&seq.to_be_bytes());
+            keys.push(hash(&b));
+        }
+    }
+    keys.dedup();
+    keys
+}
+
+/// The trace a span belongs to, when it names one.
+pub fn trace_of(span: &Span) -> Option<TraceId> {
+    match span.ebpf.as_deref() {
+        Some(m) => m.trace_key.map(TraceId),
+        None => (!span.trace_id.is_zero()).then_some(span.trace_id),
+    }
+}
+
+fn trace_hash(t: &TraceId) -> u64 {
+    hash(&t.0)
+}
+
+/// The routing state: ring, association index, waiting spans.
+pub struct Router {
+    ring: Ring,
+    cfg: AssociationConfig,
+    index: Index,
+    /// Spans without a trace id waiting for one of their keys, oldest first, with their deadline.
+    pending: VecDeque<(Instant, Span)>,
+    pub stats: RouterStats,
+}
+
+impl Router {
+    pub fn new(backends: &[String], cfg: AssociationConfig) -> Router {
+        Router {
+            ring: Ring::new(backends),
+            cfg,
+            index: Index::default(),
+            pending: VecDeque::new(),
+            stats: RouterStats::default(),
+        }
+    }
+
+    pub fn backends(&self) -> &[String] {
+        self.ring.nodes()
+    }
+
+    /// Replaces the backend set. Only keys whose owner changed move (that is the ring's job).
+    pub fn set_backends(&mut self, backends: &[String]) {
+        self.ring = Ring::new(backends);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn empty(&self) -> Routed {
+        vec![Vec::new(); self.ring.nodes().len()]
+    }
+
+    fn place(&mut self, p: Place, span: Span, out: &mut Routed, is_down: &dyn Fn(usize) -> bool) {
+        let key = match p {
+            Place::Trace(t) => trace_hash(&t),
+            Place::Key(k) => mix(k),
+        };
+        let Some(owner) = self.ring.owner(key) else {
+            return;
+        };
+        let node = if is_down(owner) {
+            match self.ring.owner_where(key, |n| !is_down(n)) {
+                Some(n) => {
+                    self.stats.rerouted += 1;
+                    n
+                }
+                // Every backend is down: the owner's queue retries, as good as any.
+                None => owner,
+            }
+        } else {
+            owner
+        };
+        out[node].push(span);
+    }
+
+    /// Routes one batch. `is_down(i)` says whether backend `i` (of [`Router::backends`]) is down.
+    /// Spans waiting for their trace are not in the output; [`Router::tick`] releases them.
+    pub fn route(
+        &mut self,
+        now: Instant,
+        spans: Vec<Span>,
+        is_down: &dyn Fn(usize) -> bool,
+    ) -> Routed {
+        let mut out = self.empty();
+        if self.ring.is_empty() {
+            return out;
+        }
+        self.index.expire(now, self.cfg.ttl);
+        let mut learned = false;
+        let mut unplaced = Vec::new();
+        // Learn first: a span naming its trace may come after one that needs it in the same batch.
+        for span in spans {
+            match trace_of(&span) {
+                Some(t) => {
+                    if let Some(m) = span.ebpf.as_deref() {
+                        for k in association_keys(m) {
+                            learned |= self.index.learn(now, k, t, self.cfg.max_entries);
+                        }
+                    }
+                    self.stats.by_trace += 1;
+                    self.place(Place::Trace(t), span, &mut out, is_down);
+                }
+                None => unplaced.push(span),
+            }
+        }
+        if learned && !self.pending.is_empty() {
+            let waiting = std::mem::take(&mut self.pending);
+            for (deadline, span) in waiting {
+                match self.lookup(&span) {
+                    Some(t) => {
+                        self.stats.associated += 1;
+                        self.place(Place::Trace(t), span, &mut out, is_down);
+                    }
+                    None => self.pending.push_back((deadline, span)),
+                }
+            }
+        }
+        for span in unplaced {
+            if let Some(t) = self.lookup(&span) {
+                self.stats.associated += 1;
+                self.place(Place::Trace(t), span, &mut out, is_down);
+            } else if self.cfg.wait.is_zero() {
+                self.by_key(span, &mut out, is_down);
+            } else {
+                if self.pending.len() >= self.cfg.max_pending {
+                    if let Some((_, old)) = self.pending.pop_front() {
+                        self.stats.by_key_overflow += 1;
+                        self.by_key(old, &mut out, is_down);
+                    }
+                }
+                self.pending.push_back((now + self.cfg.wait, span));
+            }
+        }
+        out
+    }
+
+    /// Releases the spans whose wait is over, routed by their own key.
+    pub fn tick(&mut self, now: Instant, is_down: &dyn Fn(usize) -> bool) -> Routed {
+        let mut out = self.empty();
+        self.index.expire(now, self.cfg.ttl);
+        if self.ring.is_empty() {
+            return out;
+        }
+        while self.pending.front().is_some_and(|(d, _)| *d <= now) {
+            if let Some((_, span)) = self.pending.pop_front() {
+                self.by_key(span, &mut out, is_down);
+            }
+        }
+        out
+    }
+
+    /// Input has ended: every waiting span goes now.
+    pub fn flush(&mut self, is_down: &dyn Fn(usize) -> bool) -> Routed {
+        let mut out = self.empty();
+        if self.ring.is_empty() {
+            return out;
+        }
+        while let Some((_, span)) = self.pending.pop_front() {
+            self.by_key(span, &mut out, is_down);
+        }
+        out
+    }
+
+    /// Re-routes spans already given to backend `down` (whose queue refused them), treating it as
+    /// down whatever its health says.
+    pub fn reroute(
+        &mut self,
+        spans: Vec<Span>,
+        down: usize,
+        is_down: &dyn Fn(usize) -> bool,
+    ) -> Routed {
+        let forced = |i: usize| i == down || is_down(i);
+        let mut out = self.empty();
+        for span in spans {
+            let p = match trace_of(&span).or_else(|| self.lookup(&span)) {
+                Some(t) => Place::Trace(t),
+                None => Place::Key(own_key(&span)),
+            };
+            self.place(p, span, &mut out, &forced);
+        }
+        out
+    }
+
+    fn lookup(&self, span: &Span) -> Option<TraceId> {
+        let m = span.ebpf.as_deref()?;
+        association_keys(m)
+            .into_iter()
+            .find_map(|k| self.index.get(k))
+    }
+
+    fn by_key(&mut self, span: Span, out: &mut Routed, is_down: &dyn Fn(usize) -> bool) {
+        self.stats.by_key += 1;
+        let k = own_key(&span);
+        self.place(Place::Key(k), span, out, is_down);
+    }
+}
+
+/// The key a span without a trace is routed by: its most specific association key, so spans
+/// sharing it still meet; else its flow; else its row.
+fn own_key(span: &Span) -> u64 {
+    match span.ebpf.as_deref() {
+        Some(m) => association_keys(m).first().copied().unwrap_or_else(|| {
+            if m.flow_id != 0 {
+                hash(&m.flow_id.to_be_bytes())
+            } else {
+                hash(&span.span_id.0)
+            }
+        }),
+        None => hash(&span.trace_id.0),
+    }
+}
