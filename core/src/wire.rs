@@ -173,7 +173,7 @@ pub fn slice_ref(parent: &Bytes, child: &[u8]) -> Bytes {
 }
 
 pub fn varint_len(v: u64) -> usize {
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 pub fn put_varint(buf: &mut impl BufMut, mut v: u64) {
