@@ -39,6 +39,11 @@ pub const REASON_RETRY_DISABLED: &str = "retry_disabled";
 /// (OTLP `partial_success.rejected_spans`).
 pub const REASON_REJECTED: &str = "rejected";
 
+/// Histogram (seconds, label `exporter`): from the tail sampler's decision to keep a batch to the
+/// destination's acknowledgement of it. Recorded only for batches that carry `decided_at`.
+pub const EXPORTER_DECISION_TO_EXPORT_SECONDS: &str =
+    "tailweave_exporter_decision_to_export_seconds";
+
 /// Default per-attempt timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -320,13 +325,13 @@ async fn consume(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<SpanBatch>>>)
         };
         let Some(batch) = batch else { break };
         if !batch.is_empty() {
-            shared.deliver(&batch.spans).await;
+            shared.deliver(&batch.spans, batch.decided_at).await;
         }
     }
 }
 
 impl Shared {
-    async fn deliver(&self, spans: &[Span]) {
+    async fn deliver(&self, spans: &[Span], decided_at: Option<std::time::Instant>) {
         let n = spans.len() as u64;
         let id = &self.id;
         let on_retry = |e: &ExportError, wait: Duration| {
@@ -336,6 +341,13 @@ impl Shared {
         };
         match send_with_retry(&*self.dest, spans, &self.settings, on_retry).await {
             Ok(acc) => {
+                if let Some(t) = decided_at {
+                    // The sampler stamps `decided_at` from the std clock, so measure with it too
+                    // (tokio's clock may be paused in tests, which must not skew this).
+                    let latency = std::time::Instant::now().saturating_duration_since(t);
+                    metrics::histogram!(EXPORTER_DECISION_TO_EXPORT_SECONDS, "exporter" => id.clone())
+                        .record(latency.as_secs_f64());
+                }
                 let rejected = acc.rejected.min(n);
                 self.count_sent(n - rejected);
                 if rejected > 0 {
@@ -857,6 +869,54 @@ mod tests {
         ];
         want.sort();
         assert_eq!(got, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn decision_to_export_latency_is_recorded_for_delivered_decided_batches() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let fake = Fake::with(vec![Step::Fail(ExportError::permanent("no"))]);
+        let mut s = no_jitter();
+        s.queue.num_consumers = 1;
+        let (running, _) = spawn("otlp/d", &s, fake);
+        let decided = std::time::Instant::now()
+            .checked_sub(secs(2.0))
+            .expect("clock past 2 s");
+        let decided_batch = |n| SpanBatch {
+            decided_at: Some(decided),
+            ..SpanBatch::new(spans(n))
+        };
+        // Failed (permanent): no latency. Then delivered with a decision, then without one.
+        running.input.send(decided_batch(1)).await.unwrap();
+        running.input.send(decided_batch(2)).await.unwrap();
+        running.input.send(SpanBatch::new(spans(3))).await.unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+
+        let samples: Vec<f64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, _, _, _)| k.key().name() == EXPORTER_DECISION_TO_EXPORT_SECONDS)
+            .flat_map(|(k, _, _, v)| {
+                let labels: Vec<String> = k
+                    .key()
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                assert_eq!(labels, ["exporter=otlp/d"]);
+                match v {
+                    DebugValue::Histogram(h) => {
+                        h.into_iter().map(|x| x.into_inner()).collect::<Vec<f64>>()
+                    }
+                    other => panic!("not a histogram: {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert!(samples[0] >= 2.0 && samples[0] < 60.0, "{samples:?}");
     }
 
     #[test]
