@@ -48,6 +48,8 @@ pub const LB_ROUTED_SPANS: &str = "tailweave_loadbalancer_routed_spans_total";
 pub const LB_UNKEYED_SPANS: &str = "tailweave_loadbalancer_unkeyed_spans_total";
 /// Spans sent to the next backend on the ring because their owner was down, by `exporter`.
 pub const LB_REROUTED_SPANS: &str = "tailweave_loadbalancer_rerouted_spans_total";
+/// 1 while a backend takes its traces, 0 while they are re-routed, by `exporter` and `backend`.
+pub const LB_BACKEND_UP: &str = "tailweave_loadbalancer_backend_up";
 /// Backends currently on the ring, by `exporter`.
 pub const LB_BACKENDS: &str = "tailweave_loadbalancer_backends";
 /// Resolutions that changed the backend set, by `exporter`.
@@ -628,6 +630,9 @@ impl Driver {
 
     fn probe(&mut self, now: Instant) {
         for s in &mut self.backends {
+            let up = !s.b.health.is_down(now, self.reroute_after);
+            metrics::gauge!(LB_BACKEND_UP, "exporter" => self.id.clone(), "backend" => s.b.name.clone())
+                .set(if up { 1.0 } else { 0.0 });
             if s.b.health.failing_since().is_none() {
                 continue;
             }

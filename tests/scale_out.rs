@@ -1,0 +1,757 @@
+//! Scale-out by trace id (issue 5) and the deployment manifests.
+//!
+//! - `deploy_configs_*`: every tailweave config embedded in `deploy/` passes `tailweave validate`,
+//!   and the Kubernetes workloads around them match them (memory limit above the memory cap,
+//!   probes on the health endpoint's port).
+//! - `scale_out_*`: sidecar-mode instances -> one load-balancing instance -> three gateways -> a
+//!   sink, on loopback, the real binary throughout.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use serde_yaml::Value;
+use tailweave_suite::{hex, root, tailweave_bin, wait_for_async, Collector, Ports, Sink};
+
+// ---------------------------------------------------------------------------------------------
+// deploy/: embedded configs
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml") | Some("yml")
+        ) {
+            out.push(p);
+        }
+    }
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines().chain(std::iter::once("---")) {
+        if line.trim_end() == "---" {
+            let v: Value = serde_yaml::from_str(&cur)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            if !v.is_null() {
+                out.push(v);
+            }
+            cur.clear();
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    out
+}
+
+fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    get(v, path).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+/// `2Gi`, `512Mi`, `128M` as MiB.
+fn mib(q: &str) -> f64 {
+    let (n, unit) = q
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((q, ""), |i| q.split_at(i));
+    let n: f64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    match unit {
+        "Gi" => n * 1024.0,
+        "Mi" => n,
+        "Ki" => n / 1024.0,
+        "G" => n * 1e9 / 1048576.0,
+        "M" => n * 1e6 / 1048576.0,
+        "" => n / 1048576.0,
+        u => panic!("unit {u} in {q}"),
+    }
+}
+
+struct Embedded {
+    /// `file: ConfigMap/key`.
+    name: String,
+    configmap: String,
+    text: String,
+}
+
+fn embedded_configs() -> (Vec<Embedded>, Vec<(PathBuf, Value)>) {
+    let mut files = Vec::new();
+    yaml_files(&root().join("deploy"), &mut files);
+    let mut configs = Vec::new();
+    let mut all = Vec::new();
+    for f in files {
+        for d in docs(&f) {
+            if s(&d, &["kind"]) == "ConfigMap" {
+                let cm = s(&d, &["metadata", "name"]).to_string();
+                if let Some(Value::Mapping(data)) = d.get("data") {
+                    for (k, v) in data {
+                        let k = k.as_str().unwrap_or("");
+                        if k.ends_with(".yaml") || k.ends_with(".yml") {
+                            configs.push(Embedded {
+                                name: format!(
+                                    "{}: ConfigMap {cm} key {k}",
+                                    f.strip_prefix(root()).unwrap_or(&f).display()
+                                ),
+                                configmap: cm.clone(),
+                                text: v.as_str().unwrap_or("").to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+            all.push((f.clone(), d));
+        }
+    }
+    (configs, all)
+}
+
+fn validate(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tailweave.yaml");
+    std::fs::write(&p, text).unwrap();
+    let mut cmd = Command::new(tailweave_bin());
+    cmd.arg("--config").arg(&p).arg("validate");
+    // The configs' ${env:...:-default} must stand on their defaults.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TAILWEAVE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn deploy_configs_pass_tailweave_validate() {
+    let (configs, _) = embedded_configs();
+    assert!(
+        configs.len() >= 3,
+        "expected the gateway, load-balancer and sidecar configs, found {}",
+        configs.len()
+    );
+    let mut failures = Vec::new();
+    for c in &configs {
+        let (ok, out) = validate(&c.text);
+        if !ok || !out.contains("configuration is valid") {
+            failures.push(format!("{}:\n{out}", c.name));
+        }
+        // Every deployed pipeline that can receive eBPF-derived spans filters them first.
+        let v: Value = serde_yaml::from_str(&c.text).unwrap();
+        if get(&v, &["receivers", "deepflow"]).is_some() {
+            let pipelines = get(&v, &["service", "pipelines"])
+                .unwrap()
+                .as_mapping()
+                .unwrap();
+            for (id, p) in pipelines {
+                let procs = p["processors"].as_sequence().cloned().unwrap_or_default();
+                assert_eq!(
+                    procs.first().and_then(|x| x.as_str()),
+                    Some("self_filter"),
+                    "{}: pipeline {id:?} receives eBPF spans but does not start with self_filter",
+                    c.name
+                );
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn deploy_workloads_match_their_configs() {
+    let (configs, all) = embedded_configs();
+    let by_cm: HashMap<&str, Value> = configs
+        .iter()
+        .map(|c| (c.configmap.as_str(), serde_yaml::from_str(&c.text).unwrap()))
+        .collect();
+    let mut checked = 0;
+    for (file, d) in &all {
+        if !matches!(s(d, &["kind"]), "Deployment" | "StatefulSet") {
+            continue;
+        }
+        let spec = get(d, &["spec", "template", "spec"]).unwrap();
+        let volumes: BTreeMap<String, String> = spec["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                Some((
+                    s(v, &["name"]).to_string(),
+                    get(v, &["configMap", "name"])?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        for c in spec["containers"].as_sequence().unwrap() {
+            let Some(cfg) = c["volumeMounts"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| volumes.get(s(m, &["name"])))
+                .find_map(|cm| by_cm.get(cm.as_str()))
+            else {
+                continue;
+            };
+            let what = format!(
+                "{} {}/{}",
+                file.display(),
+                s(d, &["metadata", "name"]),
+                s(c, &["name"])
+            );
+            // The memory cap sits below the container limit, with headroom for what it does not
+            // count, and not so far below that the limit is wasted.
+            let cap = get(cfg, &["service", "memory_limit_mib"])
+                .and_then(|v| v.as_f64())
+                .unwrap_or_else(|| panic!("{what}: the config sets no service.memory_limit_mib"));
+            let limit = mib(s(c, &["resources", "limits", "memory"]));
+            assert!(
+                cap < limit && cap >= 0.6 * limit,
+                "{what}: memory_limit_mib {cap} does not match the container limit {limit} MiB"
+            );
+            // Probes on the health endpoint's port.
+            let health_port: u64 = s(cfg, &["extensions", "health_check", "endpoint"])
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no health_check endpoint"));
+            for probe in ["readinessProbe", "livenessProbe"] {
+                let port = get(c, &[probe, "httpGet", "port"])
+                    .unwrap_or_else(|| panic!("{what}: no {probe}"));
+                let n = match port {
+                    Value::Number(n) => n.as_u64().unwrap(),
+                    Value::String(name) => c["ports"]
+                        .as_sequence()
+                        .unwrap()
+                        .iter()
+                        .find(|p| s(p, &["name"]) == name)
+                        .and_then(|p| p["containerPort"].as_u64())
+                        .unwrap_or_else(|| panic!("{what}: {probe} names unknown port {name}")),
+                    _ => panic!("{what}: {probe} port"),
+                };
+                assert_eq!(n, health_port, "{what}: {probe} is not on the health port");
+                let path = match s(cfg, &["extensions", "health_check", "path"]) {
+                    "" => "/",
+                    p => p,
+                };
+                assert_eq!(
+                    s(c, &[probe, "httpGet", "path"]),
+                    path,
+                    "{what}: {probe} path"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "checked {checked} workloads");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale-out on loopback
+
+/// Spans per trace: a root and a child from the frontend (through sidecar A), two children from
+/// the cart service (through sidecar B), as two services with a sidecar each report one trace.
+const SPANS_PER_TRACE: usize = 4;
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A small deterministic generator (splitmix64), so two runs send the same traces.
+struct Ids(u64);
+
+impl Ids {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[derive(Clone)]
+struct Trace {
+    id: [u8; 16],
+    error: bool,
+    /// [frontend part, cart part].
+    parts: [Vec<Span>; 2],
+}
+
+fn traces(seed: u64, n: usize) -> Vec<Trace> {
+    let mut ids = Ids(seed);
+    (0..n)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&ids.next().to_be_bytes());
+            id[8..].copy_from_slice(&ids.next().to_be_bytes());
+            let sid: Vec<Vec<u8>> = (0..SPANS_PER_TRACE)
+                .map(|_| ids.next().to_be_bytes().to_vec())
+                .collect();
+            let error = i % 7 == 3;
+            let t0 = 1_700_000_000_000_000_000u64 + i as u64 * 1_000_000;
+            let span = |k: usize, parent: Option<usize>, name: &str, err: bool| Span {
+                trace_id: id.to_vec(),
+                span_id: sid[k].clone(),
+                parent_span_id: parent.map(|p| sid[p].clone()).unwrap_or_default(),
+                name: name.into(),
+                kind: if parent.is_none() { 2 } else { 1 },
+                start_time_unix_nano: t0 + k as u64 * 1000,
+                end_time_unix_nano: t0 + 50_000_000,
+                status: err.then(|| opentelemetry_proto::tonic::trace::v1::Status {
+                    code: 2,
+                    message: "out of stock".into(),
+                }),
+                ..Default::default()
+            };
+            Trace {
+                id,
+                error,
+                parts: [
+                    vec![
+                        span(0, None, "GET /checkout", false),
+                        span(1, Some(0), "render", false),
+                    ],
+                    vec![
+                        span(2, Some(1), "POST /cart", false),
+                        span(3, Some(2), "reserve", error),
+                    ],
+                ],
+            }
+        })
+        .collect()
+}
+
+fn request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", service)],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+const TELEMETRY: &str = r#"
+extensions:
+  health_check:
+    endpoint: 127.0.0.1:{HEALTH}
+service:
+  extensions: [health_check]
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{METRICS}
+"#;
+
+fn sidecar_config(upstream: u16) -> String {
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+processors:
+  batch:
+    send_batch_size: 256
+    timeout: 50ms
+exporters:
+  otlp:
+    endpoint: 127.0.0.1:{upstream}
+    tls: {{insecure: true}}
+    retry_on_failure: {{initial_interval: 100ms, max_interval: 500ms, max_elapsed_time: 0s}}
+{TELEMETRY}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [otlp]
+"#
+    )
+}
+
+fn lb_config(gateways: &[u16], reroute_after: &str) -> String {
+    let hosts: Vec<String> = gateways.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+exporters:
+  loadbalancing:
+    routing_key: traceID
+    protocol:
+      otlp:
+        tls: {{insecure: true}}
+        timeout: 2s
+        retry_on_failure: {{initial_interval: 100ms, max_interval: 500ms, max_elapsed_time: 0s}}
+    resolver:
+      static:
+        hostnames: [{hosts}]
+    reroute_after: {reroute_after}
+{TELEMETRY}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: []
+      exporters: [loadbalancing]
+"#,
+        hosts = hosts.join(", ")
+    )
+}
+
+/// A gateway: tail sampling (every error, 30% of the rest by trace id) when `sample`, else a
+/// plain relay, to its own sink.
+fn gateway_config(sink: &Sink, sample: bool) -> String {
+    let (section, list) = if sample {
+        (
+            r#"processors:
+  tail_sampling:
+    decision_wait: 2s
+    decision_wait_after_root: 0s
+    policies:
+      - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+      - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 30}}
+"#,
+            "[tail_sampling]",
+        )
+    } else {
+        ("", "[]")
+    };
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+{section}
+exporters:
+  otlp:
+    endpoint: {sink}
+    tls: {{insecure: true}}
+{TELEMETRY}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: {list}
+      exporters: [otlp]
+"#,
+        sink = sink.endpoint()
+    )
+}
+
+async fn start(yaml: String, ports: Ports) -> std::sync::Arc<Collector> {
+    let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, ports))
+        .await
+        .unwrap();
+    std::sync::Arc::new(c)
+}
+
+async fn metric(
+    c: &std::sync::Arc<Collector>,
+    name: &'static str,
+    labels: Vec<(String, String)>,
+) -> f64 {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || {
+        let l: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        c.metric(name, &l)
+    })
+    .await
+    .unwrap()
+}
+
+/// Sends every trace, the frontend part to `a` and the cart part to `b`, in requests of 50.
+async fn send(a: u16, b: u16, traces: &[Trace]) {
+    let mut ca = TraceServiceClient::connect(format!("http://127.0.0.1:{a}"))
+        .await
+        .unwrap();
+    let mut cb = TraceServiceClient::connect(format!("http://127.0.0.1:{b}"))
+        .await
+        .unwrap();
+    for chunk in traces.chunks(50) {
+        let fa: Vec<Span> = chunk.iter().flat_map(|t| t.parts[0].clone()).collect();
+        let fb: Vec<Span> = chunk.iter().flat_map(|t| t.parts[1].clone()).collect();
+        ca.export(request("frontend", fa)).await.unwrap();
+        cb.export(request("cart", fb)).await.unwrap();
+    }
+}
+
+/// Span ids per trace id (hex), at one sink.
+fn by_trace(sink: &Sink) -> HashMap<String, HashSet<String>> {
+    let mut m: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in sink.spans() {
+        m.entry(hex(&r.span.trace_id))
+            .or_default()
+            .insert(hex(&r.span.span_id));
+    }
+    m
+}
+
+/// Waits until the gateways have decided every span sent, then until their sinks hold every
+/// kept span.
+async fn settle(gateways: &[std::sync::Arc<Collector>], sinks: &[Sink], sent_spans: u64) {
+    wait_for_async("every span decided", Duration::from_secs(60), || async {
+        let mut decided = 0.0;
+        for g in gateways {
+            decided += metric(g, "tailweave_tail_sampling_spans_total", vec![]).await;
+            decided += metric(g, "tailweave_tail_sampling_late_spans_total", vec![]).await;
+        }
+        (decided as u64 >= sent_spans).then_some(())
+    })
+    .await;
+    wait_for_async(
+        "every kept span delivered",
+        Duration::from_secs(60),
+        || async {
+            let mut kept = 0.0;
+            for g in gateways {
+                kept += metric(
+                    g,
+                    "tailweave_tail_sampling_spans_total",
+                    vec![("decision".into(), "kept".into())],
+                )
+                .await;
+            }
+            let got: usize = sinks.iter().map(|s| s.span_count()).sum();
+            (got as u64 >= kept as u64 && kept > 0.0).then_some(())
+        },
+    )
+    .await;
+}
+
+const N_TRACES: usize = 600;
+const SEED: u64 = 20261201;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_out_matches_the_single_gateway_run() {
+    let all = traces(SEED, N_TRACES);
+    let sent_spans = (N_TRACES * SPANS_PER_TRACE) as u64;
+
+    // Single gateway: two sidecars straight to it.
+    let single_sink = Sink::start().await;
+    let gp = Ports::new();
+    let single = start(gateway_config(&single_sink, true), gp).await;
+    let (sa, sb) = (Ports::new(), Ports::new());
+    let side_a = start(sidecar_config(gp.grpc), sa).await;
+    let side_b = start(sidecar_config(gp.grpc), sb).await;
+    send(sa.grpc, sb.grpc, &all).await;
+    settle(
+        &[single.clone()],
+        std::slice::from_ref(&single_sink),
+        sent_spans,
+    )
+    .await;
+    let single_result = by_trace(&single_sink);
+    drop((side_a, side_b, single));
+
+    // Scale-out: two sidecars -> one load balancer -> three gateways, each with its own sink.
+    let sinks = [
+        Sink::start().await,
+        Sink::start().await,
+        Sink::start().await,
+    ];
+    let gports = [Ports::new(), Ports::new(), Ports::new()];
+    let mut gateways = Vec::new();
+    for (s, p) in sinks.iter().zip(gports) {
+        gateways.push(start(gateway_config(s, true), p).await);
+    }
+    let lp = Ports::new();
+    let lb = start(lb_config(&gports.map(|p| p.grpc), "30s"), lp).await;
+    let (sa, sb) = (Ports::new(), Ports::new());
+    let _side_a = start(sidecar_config(lp.grpc), sa).await;
+    let _side_b = start(sidecar_config(lp.grpc), sb).await;
+    send(sa.grpc, sb.grpc, &all).await;
+    settle(&gateways, &sinks, sent_spans).await;
+
+    // Each trace was decided once, at one gateway.
+    let mut decided_traces = 0.0;
+    for g in &gateways {
+        let n = metric(g, "tailweave_tail_sampling_traces_total", vec![]).await;
+        assert!(n > 0.0, "a gateway received no trace");
+        decided_traces += n;
+    }
+    assert_eq!(
+        decided_traces as usize, N_TRACES,
+        "a trace was split over gateways"
+    );
+    // Every kept trace is at exactly one sink, complete.
+    let per_sink: Vec<HashMap<String, HashSet<String>>> = sinks.iter().map(by_trace).collect();
+    let mut union: HashMap<String, HashSet<String>> = HashMap::new();
+    for m in &per_sink {
+        for (t, spans) in m {
+            assert!(
+                union.insert(t.clone(), spans.clone()).is_none(),
+                "trace {t} at two sinks"
+            );
+            assert_eq!(spans.len(), SPANS_PER_TRACE, "partial trace {t}");
+        }
+    }
+    // The same traces as the single gateway kept, every error among them.
+    assert_eq!(union.len(), single_result.len());
+    assert_eq!(
+        union, single_result,
+        "scale-out kept other traces than one gateway"
+    );
+    for t in all.iter().filter(|t| t.error) {
+        assert!(
+            union.contains_key(&hex(&t.id)),
+            "error trace {} not kept",
+            hex(&t.id)
+        );
+    }
+    let kept_rest = all
+        .iter()
+        .filter(|t| !t.error && union.contains_key(&hex(&t.id)))
+        .count();
+    let rest = all.iter().filter(|t| !t.error).count();
+    let share = kept_rest as f64 / rest as f64;
+    assert!(
+        (0.2..0.4).contains(&share),
+        "kept {share} of the non-error traces, configured 30%"
+    );
+    // The load balancer spread the traces.
+    for s in &sinks {
+        assert!(s.span_count() > 0);
+    }
+    let routed = metric(&lb, "tailweave_loadbalancer_routed_spans_total", vec![]).await;
+    assert_eq!(routed as u64, sent_spans);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_stopped_mid_run_has_its_traces_rerouted_and_none_is_lost() {
+    use tailweave_exporters::load_balancing::ring::{hash, Ring};
+    let waves: Vec<Vec<Trace>> = (0..4).map(|w| traces(SEED + 1 + w, 120)).collect();
+    let sinks = [
+        Sink::start().await,
+        Sink::start().await,
+        Sink::start().await,
+    ];
+    let gports = [Ports::new(), Ports::new(), Ports::new()];
+    let mut gateways: Vec<Option<std::sync::Arc<Collector>>> = Vec::new();
+    for (s, p) in sinks.iter().zip(gports) {
+        gateways.push(Some(start(gateway_config(s, false), p).await));
+    }
+    let lp = Ports::new();
+    let lb = start(lb_config(&gports.map(|p| p.grpc), "1s"), lp).await;
+    let names: Vec<String> = gports
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.grpc))
+        .collect();
+    let ring = Ring::new(&names);
+    let owner = |t: &Trace| ring.nodes()[ring.owner(hash(&t.id)).unwrap()].clone();
+    let sink_of = |name: &str| names.iter().position(|n| n == name).unwrap();
+    let victim = 1usize;
+    let victim_name = names[victim].clone();
+    let up = |lb: std::sync::Arc<Collector>, want: f64| {
+        let victim_name = victim_name.clone();
+        async move {
+            wait_for_async("victim health", Duration::from_secs(60), || async {
+                let v = metric(
+                    &lb,
+                    "tailweave_loadbalancer_backend_up",
+                    vec![("backend".into(), victim_name.clone())],
+                )
+                .await;
+                (v == want).then_some(())
+            })
+            .await
+        }
+    };
+    let delivered = |sinks: &[Sink]| sinks.iter().map(|s| s.span_count()).sum::<usize>();
+
+    // Wave 0: all up.
+    send(lp.grpc, lp.grpc, &waves[0]).await;
+    let mut sent = waves[0].len() * SPANS_PER_TRACE;
+    wait_for_async("wave 0", Duration::from_secs(30), || async {
+        (delivered(&sinks) == sent).then_some(())
+    })
+    .await;
+
+    // The victim stops; wave 1 is sent at once: its share waits in the victim's queue.
+    let mut g = gateways[victim].take().unwrap();
+    std::sync::Arc::get_mut(&mut g).unwrap().terminate();
+    drop(g);
+    send(lp.grpc, lp.grpc, &waves[1]).await;
+    sent += waves[1].len() * SPANS_PER_TRACE;
+    // Once the victim has been failing for reroute_after, wave 2's share of it goes elsewhere.
+    up(lb.clone(), 0.0).await;
+    send(lp.grpc, lp.grpc, &waves[2]).await;
+    sent += waves[2].len() * SPANS_PER_TRACE;
+    let victim_share_2 = waves[2].iter().filter(|t| owner(t) == victim_name).count();
+    assert!(victim_share_2 > 0);
+    let rerouted = metric(&lb, "tailweave_loadbalancer_rerouted_spans_total", vec![]).await;
+    assert_eq!(rerouted as usize, victim_share_2 * SPANS_PER_TRACE);
+
+    // The victim comes back on its ports; the queued wave 1 share is delivered, wave 3 is its own.
+    gateways[victim] = Some(start(gateway_config(&sinks[victim], false), gports[victim]).await);
+    up(lb.clone(), 1.0).await;
+    send(lp.grpc, lp.grpc, &waves[3]).await;
+    sent += waves[3].len() * SPANS_PER_TRACE;
+    wait_for_async("every span delivered", Duration::from_secs(60), || async {
+        (delivered(&sinks) >= sent).then_some(())
+    })
+    .await;
+    assert_eq!(delivered(&sinks), sent, "spans duplicated");
+    let failed = metric(&lb, "tailweave_exporter_send_failed_spans_total", vec![]).await;
+    assert_eq!(failed, 0.0);
+
+    // Where each wave went.
+    let at: Vec<HashMap<String, HashSet<String>>> = sinks.iter().map(by_trace).collect();
+    for (w, wave) in waves.iter().enumerate() {
+        for t in wave {
+            let id = hex(&t.id);
+            let holders: Vec<usize> = (0..3).filter(|i| at[*i].contains_key(&id)).collect();
+            assert_eq!(holders.len(), 1, "wave {w}: trace {id} at {holders:?}");
+            assert_eq!(
+                at[holders[0]][&id].len(),
+                SPANS_PER_TRACE,
+                "wave {w}: partial {id}"
+            );
+            let own = sink_of(&owner(t));
+            if w == 2 && own == victim {
+                assert_ne!(holders[0], victim, "wave 2: {id} not re-routed");
+            } else {
+                assert_eq!(holders[0], own, "wave {w}: {id} not at its owner");
+            }
+        }
+    }
+}
