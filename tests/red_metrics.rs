@@ -1,0 +1,370 @@
+//! RED metrics end to end (issue 8): the real `tailweave` binary with `span_metrics` before
+//! `tail_sampling`, pushing to a REAL Prometheus server over remote write and serving `/metrics`
+//! with exemplars; a seeded `loadgen` workload; PromQL over Prometheus's HTTP API must return the
+//! request and error counts the ground truth (the spans sent) predicts.
+//!
+//! Needs the `prometheus` binary (Debian: `apt-get install -y prometheus`, see `.ci/run`). Without
+//! it the test fails and says so: a RED test that silently passes would prove nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use serde_json::Value as Json;
+use tailweave_collector::loadgen::scenario::{generate, ScenarioConfig, ScenarioKind};
+use tailweave_suite::{free_port, hex, http_request, wait_for, Collector, Ports, Sink};
+
+/// A Prometheus server with the remote-write receiver on, on a free loopback port.
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+fn prometheus_bin() -> PathBuf {
+    let bin = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+    match Command::new(&bin).arg("--version").output() {
+        Ok(o) if o.status.success() => PathBuf::from(bin),
+        _ => panic!(
+            "the `prometheus` binary was not found ({bin}): install prometheus (see .ci/run: \
+             apt-get install -y prometheus), or set PROMETHEUS_BIN"
+        ),
+    }
+}
+
+impl Prometheus {
+    fn start() -> Prometheus {
+        let bin = prometheus_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("prometheus.yml");
+        // Nothing to scrape: samples only arrive by remote write.
+        std::fs::write(&cfg, "global:\n  scrape_interval: 1h\nscrape_configs: []\n")
+            .expect("write");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .arg("--web.enable-remote-write-receiver")
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg(format!("--config.file={}", cfg.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        wait_for(
+            "prometheus /-/ready",
+            Duration::from_secs(60),
+            || match http_request(&p.addr, "GET", "/-/ready", &[], &[]) {
+                Ok((200, _, _)) => Some(()),
+                _ => None,
+            },
+        );
+        p
+    }
+
+    /// An instant query: `(labels, value)` per series of the result vector.
+    fn query(&self, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        let path = format!("/api/v1/query?query={}", urlencode(promql));
+        let (st, _, body) = http_request(&self.addr, "GET", &path, &[], &[]).expect("query");
+        let j: Json = serde_json::from_slice(&body).expect("json answer");
+        assert_eq!(st, 200, "query {promql}: {j}");
+        j["data"]["result"]
+            .as_array()
+            .expect("vector result")
+            .iter()
+            .map(|r| {
+                let labels = r["metric"]
+                    .as_object()
+                    .expect("metric")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect();
+                let v = r["value"][1]
+                    .as_str()
+                    .expect("value")
+                    .parse()
+                    .expect("float");
+                (labels, v)
+            })
+            .collect()
+    }
+
+    fn scalar(&self, promql: &str) -> Option<f64> {
+        self.query(promql).first().map(|(_, v)| *v)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What the spans sent predict, keyed like the `calls_total` series.
+#[derive(Default, Debug)]
+struct Truth {
+    /// (service_name, span_name, span_kind, status_code) -> calls
+    calls: BTreeMap<(String, String, String, String), u64>,
+    /// Spans of at most 50 ms (the `le="50"` bucket).
+    le_50ms: u64,
+    spans: u64,
+    /// Traces with an error span: the ones the sampler keeps.
+    error_traces: HashSet<String>,
+}
+
+const KINDS: [&str; 6] = [
+    "SPAN_KIND_UNSPECIFIED",
+    "SPAN_KIND_INTERNAL",
+    "SPAN_KIND_SERVER",
+    "SPAN_KIND_CLIENT",
+    "SPAN_KIND_PRODUCER",
+    "SPAN_KIND_CONSUMER",
+];
+
+fn truth_of(sent: &[ResourceSpans]) -> Truth {
+    let mut t = Truth::default();
+    for rs in sent {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for s in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+            let code = s.status.as_ref().map_or(0, |st| st.code);
+            let status = match code {
+                1 => "STATUS_CODE_OK",
+                2 => "STATUS_CODE_ERROR",
+                _ => "STATUS_CODE_UNSET",
+            };
+            if code == 2 {
+                t.error_traces.insert(hex(&s.trace_id));
+            }
+            let kind = KINDS.get(s.kind as usize).copied().unwrap_or(KINDS[0]);
+            *t.calls
+                .entry((service.clone(), s.name.clone(), kind.into(), status.into()))
+                .or_default() += 1;
+            let dur_ns = s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano);
+            if dur_ns <= 50_000_000 {
+                t.le_50ms += 1;
+            }
+            t.spans += 1;
+        }
+    }
+    t
+}
+
+fn config(prom: &Prometheus, sink: &Sink) -> String {
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+processors:
+  span_metrics:
+    histogram:
+      explicit:
+        buckets: [5ms, 50ms, 500ms]
+  tail_sampling:
+    decision_wait: 2s
+    decision_wait_after_root: 200ms
+    policies:
+      - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
+exporters:
+  otlp:
+    endpoint: {sink}
+    tls:
+      insecure: true
+  prometheus:
+    endpoint: 127.0.0.1:{{EXTRA0}}
+    const_labels: {{source: e2e}}
+  prometheus_remote_write:
+    endpoint: http://{prom}/api/v1/write
+    push_interval: 500ms
+    external_labels: {{cluster: e2e}}
+extensions:
+  health_check:
+    endpoint: 127.0.0.1:{{HEALTH}}
+service:
+  extensions: [health_check]
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{{METRICS}}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [span_metrics, tail_sampling]
+      exporters: [otlp, prometheus, prometheus_remote_write]
+"#,
+        sink = sink.endpoint(),
+        prom = prom.addr,
+    )
+}
+
+/// Sends the SDK spans of a seeded game workload; returns what was sent.
+fn send_workload(c: &Collector, seed: u64) -> Vec<ResourceSpans> {
+    let cfg = ScenarioConfig {
+        scenario: ScenarioKind::Game,
+        traces: 300,
+        error_rate: 0.2,
+        slow_rate: 0.1,
+        ..Default::default()
+    };
+    let traces = generate(&cfg, seed);
+    let sent: Vec<ResourceSpans> = traces.iter().flat_map(|t| t.sdk.clone()).collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut client = TraceServiceClient::connect(c.grpc_endpoint())
+            .await
+            .expect("connect");
+        for chunk in traces.chunks(20) {
+            let req = ExportTraceServiceRequest {
+                resource_spans: chunk.iter().flat_map(|t| t.sdk.clone()).collect(),
+            };
+            client.export(req).await.expect("export accepted");
+        }
+    });
+    sent
+}
+
+#[test]
+fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at_kept_traces() {
+    let prom = Prometheus::start();
+    let sink = Sink::start_blocking();
+    let ports = Ports::new();
+    let mut c = Collector::start(&config(&prom, &sink), ports);
+    let sent = send_workload(&c, 8);
+    let truth = truth_of(&sent);
+    assert!(
+        truth.spans > 1000,
+        "a workload worth measuring: {}",
+        truth.spans
+    );
+    assert!(!truth.error_traces.is_empty(), "the workload has errors");
+
+    // Every span is counted: the sampler's drops do not bias the metrics.
+    let total = format!(
+        "sum(traces_span_metrics_calls_total{{cluster=\"e2e\"}}) == {}",
+        truth.spans
+    );
+    wait_for(
+        "Prometheus to hold every span's count",
+        Duration::from_secs(60),
+        || prom.scalar(&total),
+    );
+
+    let got: BTreeMap<(String, String, String, String), u64> = prom
+        .query("sum by (service_name, span_name, span_kind, status_code) (traces_span_metrics_calls_total{cluster=\"e2e\"})")
+        .into_iter()
+        .map(|(l, v)| {
+            let g = |k: &str| l.get(k).cloned().unwrap_or_default();
+            (
+                (g("service_name"), g("span_name"), g("span_kind"), g("status_code")),
+                v as u64,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got, truth.calls,
+        "calls per service, operation, kind and status"
+    );
+
+    let errors: u64 = truth
+        .calls
+        .iter()
+        .filter(|(k, _)| k.3 == "STATUS_CODE_ERROR")
+        .map(|(_, v)| v)
+        .sum();
+    assert!(errors > 0);
+    let got_errors = prom
+        .scalar("sum(traces_span_metrics_calls_total{status_code=\"STATUS_CODE_ERROR\"})")
+        .expect("error series");
+    assert_eq!(got_errors as u64, errors);
+    let count = prom
+        .scalar("sum(traces_span_metrics_duration_milliseconds_count)")
+        .expect("histogram count");
+    assert_eq!(count as u64, truth.spans);
+    let le50 = prom
+        .scalar("sum(traces_span_metrics_duration_milliseconds_bucket{le=\"50\"})")
+        .expect("le=50 bucket");
+    assert_eq!(le50 as u64, truth.le_50ms);
+
+    // The sampler kept only error traces; the exporter after it saw them and only them.
+    let kept: HashSet<String> =
+        wait_for("kept traces at the sink", Duration::from_secs(30), || {
+            let ids: HashSet<String> = sink.spans().iter().map(|s| hex(&s.span.trace_id)).collect();
+            (ids == truth.error_traces).then_some(ids)
+        });
+    assert!(
+        sink.span_count() < truth.spans as usize,
+        "the sampler dropped traces"
+    );
+
+    let metrics_addr = format!("127.0.0.1:{}", ports.extra[0]);
+    let exemplars = wait_for("exemplars on /metrics", Duration::from_secs(30), || {
+        let (st, hdrs, body) = http_request(
+            &metrics_addr,
+            "GET",
+            "/metrics",
+            &[("Accept", "application/openmetrics-text; version=1.0.0")],
+            &[],
+        )
+        .ok()?;
+        assert_eq!(st, 200);
+        assert!(hdrs
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/openmetrics-text")));
+        let text = String::from_utf8_lossy(&body).into_owned();
+        assert!(text.contains("source=\"e2e\""), "const label");
+        let ids: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                l.split_once(" # {trace_id=\"")
+                    .map(|(_, r)| r[..32].to_string())
+            })
+            .collect();
+        (!ids.is_empty()).then_some(ids)
+    });
+    for id in &exemplars {
+        assert!(kept.contains(id), "exemplar {id} is not a kept trace");
+    }
+
+    // A plain scrape gets the text format without exemplars.
+    let (_, _, body) = http_request(&metrics_addr, "GET", "/metrics", &[], &[]).expect("scrape");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("# TYPE traces_span_metrics_calls_total counter"));
+    assert!(!text.contains("trace_id="));
+
+    assert!(c.terminate().success());
+}
