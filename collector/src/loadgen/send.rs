@@ -9,6 +9,12 @@
 //! worker; a full channel blocks the producer, so a slow collector slows the generator instead
 //! of growing a queue. Workers retry refused requests (gRPC UNAVAILABLE / RESOURCE_EXHAUSTED,
 //! HTTP 429 / 503) with exponential backoff up to a bound, and count what stays refused.
+//!
+//! Each ResourceSpans is encoded once when it enters a lane, and a request body is the
+//! concatenation of its ResourceSpans fields, so neither batching nor a retry copies or
+//! re-encodes spans. That is why the gRPC client is `tonic::client::Grpc` with a pass-through
+//! codec on the OTLP `Export` method rather than the generated `TraceServiceClient`, which would
+//! need an owned `ExportTraceServiceRequest` (a deep copy) for every attempt.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
@@ -20,10 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 use serde::Serialize;
-use tailweave_core::proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use tailweave_core::proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tailweave_core::proto::tonic::trace::v1::ResourceSpans;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -264,8 +267,8 @@ where
         summary.traces += 1;
         summary.sdk_spans += trace.sdk_span_count() as u64;
         summary.ebpf_spans += trace.ebpf_span_count() as u64;
-        for rs in trace.sdk {
-            sdk.push(rs).await;
+        for rs in &trace.sdk {
+            sdk.push(Encoded::new(rs)).await;
         }
         let now = Instant::now();
         for (rs, delay) in trace.ebpf.into_iter().zip(trace.ebpf_delay) {
@@ -273,7 +276,7 @@ where
             delayed.push(Delayed {
                 due: now + delay,
                 seq: delayed_seq,
-                rs,
+                rs: Encoded::new(&rs),
             });
         }
     }
@@ -345,11 +348,39 @@ async fn release(
     }
 }
 
+/// One ResourceSpans, encoded as a `resource_spans` field of `ExportTraceServiceRequest`
+/// (tag, length, message), so that a request body is a concatenation of them.
+struct Encoded {
+    field: Bytes,
+    spans: u64,
+}
+
+impl Encoded {
+    fn new(rs: &ResourceSpans) -> Encoded {
+        let len = rs.encoded_len();
+        let mut buf = Vec::with_capacity(len + 11);
+        // Field 1, wire type 2 (length-delimited).
+        buf.push(0x0a);
+        prost::encoding::encode_varint(len as u64, &mut buf);
+        rs.encode_raw(&mut buf);
+        Encoded {
+            field: Bytes::from(buf),
+            spans: span_count(std::slice::from_ref(rs)) as u64,
+        }
+    }
+}
+
+/// An encoded `ExportTraceServiceRequest` and the spans in it.
+struct Batch {
+    body: Bytes,
+    spans: u64,
+}
+
 /// A DeepFlow row waiting for its delivery time. Ordered so that the heap's top is the earliest.
 struct Delayed {
     due: Instant,
     seq: u64,
-    rs: ResourceSpans,
+    rs: Encoded,
 }
 
 impl PartialEq for Delayed {
@@ -371,15 +402,15 @@ impl Ord for Delayed {
 
 /// One pending batch per connection; ResourceSpans are dealt to them in turn.
 struct Lanes {
-    bufs: Vec<Vec<ResourceSpans>>,
+    bufs: Vec<Vec<Encoded>>,
     since: Vec<Option<Instant>>,
-    txs: Vec<mpsc::Sender<Vec<ResourceSpans>>>,
+    txs: Vec<mpsc::Sender<Batch>>,
     next: usize,
     batch_size: usize,
 }
 
 impl Lanes {
-    fn new(txs: Vec<mpsc::Sender<Vec<ResourceSpans>>>, batch_size: usize) -> Lanes {
+    fn new(txs: Vec<mpsc::Sender<Batch>>, batch_size: usize) -> Lanes {
         Lanes {
             bufs: txs.iter().map(|_| Vec::new()).collect(),
             since: vec![None; txs.len()],
@@ -389,7 +420,7 @@ impl Lanes {
         }
     }
 
-    async fn push(&mut self, rs: ResourceSpans) {
+    async fn push(&mut self, rs: Encoded) {
         let i = self.next;
         self.next = (self.next + 1) % self.txs.len();
         self.bufs[i].push(rs);
@@ -401,8 +432,16 @@ impl Lanes {
 
     async fn flush(&mut self, i: usize) {
         self.since[i] = None;
-        let batch = std::mem::take(&mut self.bufs[i]);
-        if !batch.is_empty() {
+        let parts = std::mem::take(&mut self.bufs[i]);
+        if !parts.is_empty() {
+            let mut body = Vec::with_capacity(parts.iter().map(|p| p.field.len()).sum());
+            for p in &parts {
+                body.extend_from_slice(&p.field);
+            }
+            let batch = Batch {
+                body: Bytes::from(body),
+                spans: parts.iter().map(|p| p.spans).sum(),
+            };
             // The worker lives until the channel closes, so a send error cannot happen while
             // this side is alive; if it did, the batch is lost and stays uncounted.
             let _ = self.txs[i].send(batch).await;
@@ -466,7 +505,7 @@ impl Target {
 #[allow(clippy::large_enum_variant)]
 enum Client {
     Grpc {
-        client: TraceServiceClient<tonic::transport::Channel>,
+        client: tonic::client::Grpc<tonic::transport::Channel>,
         ebpf: bool,
     },
     Http {
@@ -509,7 +548,7 @@ impl Client {
                 // client gets its own channel, hence its own HTTP/2 connection.
                 let channel = endpoint.connect_lazy();
                 Ok(Client::Grpc {
-                    client: TraceServiceClient::new(channel)
+                    client: tonic::client::Grpc::new(channel)
                         .max_decoding_message_size(16 << 20)
                         .max_encoding_message_size(usize::MAX),
                     ebpf,
@@ -531,17 +570,24 @@ impl Client {
         }
     }
 
-    async fn export(&mut self, req: &ExportTraceServiceRequest) -> Outcome {
+    async fn export(&mut self, body: &Bytes) -> Outcome {
         match self {
             Client::Grpc { client, ebpf } => {
-                let mut r = tonic::Request::new(req.clone());
+                if let Err(e) = client.ready().await {
+                    return Outcome::Retry {
+                        after: None,
+                        why: format!("connection: {e}"),
+                    };
+                }
+                let mut r = tonic::Request::new(body.clone());
                 if *ebpf {
                     r.metadata_mut().insert(
                         EBPF_SOURCE_HEADER.0,
                         tonic::metadata::MetadataValue::from_static(EBPF_SOURCE_HEADER.1),
                     );
                 }
-                match client.export(r).await {
+                let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                match client.unary(r, path, RawCodec).await {
                     Ok(resp) => Outcome::Done {
                         rejected: rejected(&resp.into_inner()),
                     },
@@ -561,8 +607,7 @@ impl Client {
                 if *ebpf {
                     b = b.header(EBPF_SOURCE_HEADER.0, EBPF_SOURCE_HEADER.1);
                 }
-                let body = Full::new(Bytes::from(req.encode_to_vec()));
-                let request = match b.body(body) {
+                let request = match b.body(Full::new(body.clone())) {
                     Ok(r) => r,
                     Err(e) => return Outcome::Failed(e.to_string()),
                 };
@@ -595,6 +640,53 @@ impl Client {
                 http_outcome(status, after, &body)
             }
         }
+    }
+}
+
+/// The OTLP trace export method.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Sends an already encoded `ExportTraceServiceRequest` as is and decodes the response.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("malformed export response: {e}")))
     }
 }
 
@@ -645,20 +737,17 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut rx: mpsc::Receiver<Vec<ResourceSpans>>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
         let mut failures_logged = 0u32;
         while let Some(batch) = rx.recv().await {
-            let n = span_count(&batch) as u64;
+            let n = batch.spans;
             let c = self.counters.clone();
             c.add(&c.sent, n, None);
-            let req = ExportTraceServiceRequest {
-                resource_spans: batch,
-            };
             let mut attempt = 0u32;
             loop {
                 c.add(&c.requests, 1, None);
                 metrics::counter!(LOADGEN_REQUESTS).increment(1);
-                match self.client.export(&req).await {
+                match self.client.export(&batch.body).await {
                     Outcome::Done { rejected } => {
                         let rejected = rejected.min(n);
                         c.add(&c.accepted, n - rejected, Some("accepted"));

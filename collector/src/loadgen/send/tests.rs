@@ -7,7 +7,9 @@ use crate::loadgen::scenario::{generate, ScenarioConfig};
 use tailweave_core::proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
-use tailweave_core::proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+use tailweave_core::proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest,
+};
 
 /// What the in-process collector saw.
 #[derive(Default)]
