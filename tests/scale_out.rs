@@ -654,6 +654,13 @@ async fn scale_out_matches_the_single_gateway_run() {
     }
     let routed = metric(&lb, "tailweave_loadbalancer_routed_spans_total", vec![]).await;
     assert_eq!(routed as u64, sent_spans);
+    eprintln!(
+        "scale-out: {N_TRACES} traces, single gateway kept {}, three gateways kept {} (per sink {:?} spans), {:.1}% of the non-error traces",
+        single_result.len(),
+        union.len(),
+        sinks.iter().map(|s| s.span_count()).collect::<Vec<_>>(),
+        share * 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -720,6 +727,10 @@ async fn a_gateway_stopped_mid_run_has_its_traces_rerouted_and_none_is_lost() {
     assert!(victim_share_2 > 0);
     let rerouted = metric(&lb, "tailweave_loadbalancer_rerouted_spans_total", vec![]).await;
     assert_eq!(rerouted as usize, victim_share_2 * SPANS_PER_TRACE);
+    eprintln!(
+        "failover: wave 2 had {victim_share_2} of {} traces owned by the stopped gateway, {rerouted} spans re-routed",
+        waves[2].len()
+    );
 
     // The victim comes back on its ports; the queued wave 1 share is delivered, wave 3 is its own.
     gateways[victim] = Some(start(gateway_config(&sinks[victim], false), gports[victim]).await);
