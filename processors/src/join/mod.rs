@@ -93,6 +93,8 @@ pub struct Join {
     tombs: tomb::Tombs,
     /// Tenant lookups by resource: spans of one ResourceSpans share it.
     seq: u64,
+    scratch: Vec<u32>,
+    scratch_pass: Vec<(u32, bool)>,
     /// (resource address, tenant); the address is only compared, never dereferenced.
     last_tenant: Option<(usize, Option<u32>)>,
 }
@@ -111,6 +113,8 @@ struct Node {
     merged_into: Option<u32>,
     /// Arrival sequence: units keep the order spans came in.
     seq: u64,
+    /// Next member of the group's list.
+    next: u32,
     other_traces: Vec<[u8; 16]>,
 }
 
@@ -121,7 +125,10 @@ struct Group {
     first_sdk: Option<Instant>,
     first_any: Instant,
     last_seen: Instant,
-    members: Vec<u32>,
+    /// Members as an intrusive list through `Node::next` (no allocation per span).
+    head: u32,
+    tail: u32,
+    count: usize,
     bytes: usize,
     scheduled: Instant,
 }
@@ -174,6 +181,8 @@ fn idx_remove<K: std::hash::Hash + Eq>(m: &mut HashMap<K, IdList>, k: &K, id: u3
         }
     }
 }
+
+const NONE: u32 = u32::MAX;
 
 /// At most this many candidates per key are tested, newest first: a hot key (seq reuse, a
 /// gateway's X-Request-ID) must not make each arrival linear in the state.
@@ -238,6 +247,8 @@ impl Join {
             tombs: tomb::Tombs::default(),
             last_tenant: None,
             seq: 0,
+            scratch: Vec::new(),
+            scratch_pass: Vec::new(),
         };
         j.tombs.cap = j.cfg.max_pending_spans;
         j
@@ -300,9 +311,7 @@ impl Join {
                 }
             }
         };
-        // `found` borrows the span, not self.
-        let found = found.map(|s| s.to_owned());
-        self.tenant_id(found.as_deref())
+        self.tenant_id(found)
     }
 
     fn tenant_id(&mut self, v: Option<&str>) -> Option<u32> {
@@ -323,6 +332,16 @@ impl Join {
     }
     fn model(&self, id: u32) -> Option<&EbpfSpan> {
         self.node(id).span.ebpf.as_deref()
+    }
+
+    fn members_of(&self, g: &Group) -> Vec<u32> {
+        let mut v = Vec::with_capacity(g.count);
+        let mut x = g.head;
+        while x != NONE && v.len() < g.count {
+            v.push(x);
+            x = self.node(x).next;
+        }
+        v
     }
 
     fn find(&mut self, mut x: u32) -> u32 {
@@ -377,19 +396,22 @@ impl Join {
                 return false;
             }
         }
-        if ga.members.len() + gb.members.len() > self.cfg.max_spans_per_trace {
+        if ga.count + gb.count > self.cfg.max_spans_per_trace {
             metrics::counter!(LIMIT).increment(1);
             return false;
         }
-        let (keep, gone) = if ga.members.len() >= gb.members.len() {
+        let (keep, gone) = if ga.count >= gb.count {
             (ra, rb)
         } else {
             (rb, ra)
         };
         let g2 = self.groups.remove(&gone).expect("group");
         self.node_mut(gone).uf = keep;
+        let tail = self.groups[&keep].tail;
+        self.node_mut(tail).next = g2.head;
         let g = self.groups.get_mut(&keep).expect("group");
-        g.members.extend_from_slice(&g2.members);
+        g.tail = g2.tail;
+        g.count += g2.count;
         g.bytes += g2.bytes;
         g.trace_key = g.trace_key.or(g2.trace_key);
         g.has_sdk |= g2.has_sdk;
@@ -412,6 +434,7 @@ impl Join {
             uf: 0,
             merged_into: None,
             seq: self.seq,
+            next: NONE,
             other_traces: Vec::new(),
         };
         let id = match self.free.pop() {
@@ -449,7 +472,9 @@ impl Join {
                 first_sdk: is_sdk.then_some(now),
                 first_any: now,
                 last_seen: now,
-                members: vec![id],
+                head: id,
+                tail: id,
+                count: 1,
                 bytes: held,
                 scheduled: far,
             },
@@ -512,7 +537,7 @@ impl Join {
         self.schedule(root);
         metrics::gauge!(PENDING_SPANS).set(self.live as f64);
 
-        let size = self.groups.get(&root).map_or(0, |g| g.members.len());
+        let size = self.groups.get(&root).map_or(0, |g| g.count);
         if size >= self.cfg.max_spans_per_trace {
             metrics::counter!(LIMIT).increment(1);
             self.flush(root, now, Outcome::Limit, out);
@@ -536,7 +561,11 @@ impl Join {
         let tenant = self.node(id).tenant;
         let agent = self.node(id).agent;
         let e = self.model(id).expect("eBPF").clone_keys();
-        let mut cands: Vec<u32> = Vec::new();
+        // Scratch buffers live in the state: no allocation per span.
+        let mut cands = std::mem::take(&mut self.scratch);
+        let mut pass = std::mem::take(&mut self.scratch_pass);
+        cands.clear();
+        pass.clear();
 
         // §3 merge of request/response fragments.
         if e.fragment && e.flow_id != 0 && e.rank != 0 {
@@ -615,7 +644,6 @@ impl Join {
             }
             cands.sort_unstable();
             cands.dedup();
-            let mut pass: Vec<(u32, bool)> = Vec::new();
             for &c in &cands {
                 let (ea, eb) = (self.model(id).expect("e"), self.model(c).expect("e"));
                 let r = rules::syscall_rel(ea, eb, &self.tol)
@@ -625,7 +653,7 @@ impl Join {
                 }
             }
             let n = pass.len();
-            for (c, mismatch) in pass {
+            for &(c, mismatch) in &pass {
                 let ok =
                     !mismatch || (self.cfg.syscall.thread_check == ThreadCheck::Lenient && n == 1);
                 if ok {
@@ -672,6 +700,8 @@ impl Join {
         for x in e.xreq.into_iter().flatten() {
             idx_push(&mut self.xreq_idx, (tenant, x), id);
         }
+        self.scratch = cands;
+        self.scratch_pass = pass;
     }
 
     fn unindex(&mut self, id: u32) {
@@ -714,13 +744,13 @@ impl Join {
     }
 
     fn flush(&mut self, root: u32, now: Instant, outcome: Outcome, out: &mut Vec<SpanBatch>) {
-        let Some(mut g) = self.groups.remove(&root) else {
+        let Some(g) = self.groups.remove(&root) else {
             return;
         };
+        let mut ids = self.members_of(&g);
         {
             let nodes = &self.nodes;
-            g.members
-                .sort_unstable_by_key(|&m| nodes[m as usize].node.as_ref().map_or(0, |n| n.seq));
+            ids.sort_unstable_by_key(|&m| nodes[m as usize].node.as_ref().map_or(0, |n| n.seq));
         }
         if let Some(k) = g.trace_key {
             if self.trace_idx.get(&(g.tenant, k)).is_some_and(|_| true) {
@@ -728,10 +758,10 @@ impl Join {
             }
         }
         // Take the nodes out; absorbed fragments go to their request fragment.
-        let mut members: Vec<tree::Member> = Vec::with_capacity(g.members.len());
-        let mut pos: HashMap<u32, usize> = HashMap::with_capacity(g.members.len());
+        let mut members: Vec<tree::Member> = Vec::with_capacity(ids.len());
+        let mut pos: HashMap<u32, usize> = HashMap::with_capacity(ids.len());
         let mut absorbed: Vec<(u32, Span)> = Vec::new();
-        for &id in &g.members {
+        for &id in &ids {
             self.unindex(id);
             let slot = &mut self.nodes[id as usize];
             let n = slot.node.take().expect("live node");

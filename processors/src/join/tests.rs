@@ -706,8 +706,8 @@ fn bkmonitor_bookinfo_network_chains_follow_the_expected_links() {
         .groups
         .values()
         .map(|g| {
-            let mut v: Vec<u64> = g
-                .members
+            let mut v: Vec<u64> = j
+                .members_of(g)
                 .iter()
                 .map(|&m| j.node(m).span.span_id.as_u64())
                 .collect();
@@ -808,8 +808,8 @@ fn tcp_seq_reuse_needs_both_seqs_and_time_within_tolerance() {
         .groups
         .values()
         .map(|g| {
-            let mut v: Vec<u64> = g
-                .members
+            let mut v: Vec<u64> = j
+                .members_of(g)
                 .iter()
                 .map(|&m| j.node(m).span.span_id.as_u64())
                 .collect();
