@@ -23,7 +23,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::queue::{self, Accepted, Destination, ExportSettings, QueueConfig, RetryConfig};
+use crate::queue::{self, Accepted, Destination, ExportSettings, RetryConfig, SendingQueueConfig};
 use crate::RunningExporter;
 
 /// The gRPC method every OTLP trace receiver serves.
@@ -64,8 +64,9 @@ pub struct OtlpExporterConfig {
     pub timeout: Duration,
     /// Retry with backoff on retryable answers; see [`RetryConfig`].
     pub retry_on_failure: RetryConfig,
-    /// The bounded queue in front of the senders; see [`QueueConfig`].
-    pub sending_queue: QueueConfig,
+    /// The bounded queue in front of the senders, in memory or on disk; see
+    /// [`SendingQueueConfig`].
+    pub sending_queue: SendingQueueConfig,
 }
 
 impl Default for OtlpExporterConfig {
@@ -77,7 +78,7 @@ impl Default for OtlpExporterConfig {
             compression: Compression::Gzip,
             timeout: queue::DEFAULT_TIMEOUT,
             retry_on_failure: RetryConfig::default(),
-            sending_queue: QueueConfig::default(),
+            sending_queue: SendingQueueConfig::default(),
         }
     }
 }
@@ -176,7 +177,7 @@ impl OtlpExporterConfig {
         ExportSettings {
             timeout: self.timeout,
             retry: self.retry_on_failure.clone(),
-            queue: self.sending_queue.clone(),
+            queue: self.sending_queue.memory(),
         }
     }
 
@@ -190,6 +191,7 @@ impl OtlpExporterConfig {
             out.extend(issues);
         }
         out.extend(self.settings().validate());
+        out.extend(self.sending_queue.validate());
         out
     }
 
@@ -229,7 +231,11 @@ impl OtlpExporterConfig {
     pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
         let dest = self.destination(&ctx.id)?;
         tracing::info!(exporter = %ctx.id, endpoint = %dest.target, "otlp exporter ready");
-        Ok(queue::spawn(&ctx.id, &self.settings(), Arc::new(dest)).0)
+        let dest = Arc::new(dest);
+        match self.sending_queue.disk(&ctx.id) {
+            Some(disk) => Ok(queue::spawn_persistent(&ctx.id, &self.settings(), &disk, dest)?.0),
+            None => Ok(queue::spawn(&ctx.id, &self.settings(), dest).0),
+        }
     }
 }
 

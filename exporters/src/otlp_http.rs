@@ -31,7 +31,7 @@ use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceRespon
 use tailweave_core::{ComponentError, ExportError, Span};
 
 use crate::otlp::{Compression, TlsConfig};
-use crate::queue::{self, Accepted, Destination, ExportSettings, QueueConfig, RetryConfig};
+use crate::queue::{self, Accepted, Destination, ExportSettings, RetryConfig, SendingQueueConfig};
 use crate::RunningExporter;
 
 /// The OTLP/HTTP path appended to `endpoint`.
@@ -59,8 +59,9 @@ pub struct OtlpHttpExporterConfig {
     pub timeout: Duration,
     /// Retry with backoff on retryable answers; see [`RetryConfig`].
     pub retry_on_failure: RetryConfig,
-    /// The bounded queue in front of the senders; see [`QueueConfig`].
-    pub sending_queue: QueueConfig,
+    /// The bounded queue in front of the senders, in memory or on disk; see
+    /// [`SendingQueueConfig`].
+    pub sending_queue: SendingQueueConfig,
 }
 
 impl Default for OtlpHttpExporterConfig {
@@ -73,7 +74,7 @@ impl Default for OtlpHttpExporterConfig {
             compression: Compression::Gzip,
             timeout: queue::DEFAULT_TIMEOUT,
             retry_on_failure: RetryConfig::default(),
-            sending_queue: QueueConfig::default(),
+            sending_queue: SendingQueueConfig::default(),
         }
     }
 }
@@ -83,7 +84,7 @@ impl OtlpHttpExporterConfig {
         ExportSettings {
             timeout: self.timeout,
             retry: self.retry_on_failure.clone(),
-            queue: self.sending_queue.clone(),
+            queue: self.sending_queue.memory(),
         }
     }
 
@@ -167,6 +168,7 @@ impl OtlpHttpExporterConfig {
             out.extend(i);
         }
         out.extend(self.settings().validate());
+        out.extend(self.sending_queue.validate());
         out
     }
 
@@ -208,7 +210,11 @@ impl OtlpHttpExporterConfig {
     pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
         let dest = self.destination(&ctx.id)?;
         tracing::info!(exporter = %ctx.id, url = %dest.url, "otlp_http exporter ready");
-        Ok(queue::spawn(&ctx.id, &self.settings(), Arc::new(dest)).0)
+        let dest = Arc::new(dest);
+        match self.sending_queue.disk(&ctx.id) {
+            Some(disk) => Ok(queue::spawn_persistent(&ctx.id, &self.settings(), &disk, dest)?.0),
+            None => Ok(queue::spawn(&ctx.id, &self.settings(), dest).0),
+        }
     }
 }
 

@@ -10,7 +10,17 @@
 //! When every sender of `input` is dropped, the consumers drain what is still queued (retrying as
 //! usual), then the destination's `shutdown` runs and `done` completes. The collector bounds that
 //! drain with its own deadline.
+//!
+//! With `sending_queue.storage: file` ([`spawn_persistent`]) the buffer is an on-disk log
+//! ([`disk`]): a writer task takes batches from a one-slot `input` channel, appends them (encoded as
+//! OTLP requests) and fsyncs before it takes the next group, so at most one batch in the channel
+//! plus the group being written live only in memory. Consumers read, deliver and acknowledge; what
+//! was not acknowledged is delivered again after a restart (at least once). When the log reaches
+//! `max_size_mib` the append is refused (logged, counted in `tailweave_exporter_queue_full_total`)
+//! and the writer waits for deliveries to free a segment, so the pipeline waits: backpressure,
+//! never a silent drop.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +32,16 @@ use tailweave_core::names::{
     EXPORTER_FAILED_SPANS, EXPORTER_QUEUE_CAPACITY, EXPORTER_QUEUE_SIZE, EXPORTER_RETRIES,
     EXPORTER_SENT_SPANS,
 };
-use tailweave_core::{ExportError, Exporter, Span, SpanBatch};
+use tailweave_core::otlp::{decode_request, encode_request, DecodeLimits};
+use tailweave_core::{ComponentError, ExportError, Exporter, Span, SpanBatch};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::RunningExporter;
+
+pub mod disk;
+use disk::{DiskError, DiskQueue};
 
 /// `reason` label of the failed-spans counter: the destination refused the batch for good.
 pub const REASON_PERMANENT: &str = "permanent";
@@ -43,6 +57,31 @@ pub const REASON_REJECTED: &str = "rejected";
 /// destination's acknowledgement of it. Recorded only for batches that carry `decided_at`.
 pub const EXPORTER_DECISION_TO_EXPORT_SECONDS: &str =
     "tailweave_exporter_decision_to_export_seconds";
+
+/// `reason` label: a batch larger than the whole on-disk queue (`sending_queue.max_size_mib`).
+pub const REASON_TOO_LARGE_FOR_QUEUE: &str = "too_large_for_queue";
+/// `reason` label: a record of the on-disk queue that no longer decodes as an OTLP request.
+pub const REASON_UNREADABLE: &str = "unreadable";
+
+/// Counter (label `exporter`): times an append to the on-disk queue was refused because it was
+/// full; each time the pipeline waits until deliveries free room.
+pub const EXPORTER_QUEUE_FULL: &str = "tailweave_exporter_queue_full_total";
+/// Counter (labels `exporter`, `reason` = `truncated` | `checksum`): records of the on-disk queue
+/// dropped as damaged: cut short by a crash mid-write, or failing their checksum.
+pub const EXPORTER_QUEUE_CORRUPT_RECORDS: &str = "tailweave_exporter_queue_corrupt_records_total";
+/// Gauge (label `exporter`): bytes of the on-disk queue's live segments.
+pub const EXPORTER_QUEUE_DISK_BYTES: &str = "tailweave_exporter_queue_disk_bytes";
+/// Gauge (label `exporter`): `sending_queue.max_size_mib` in bytes.
+pub const EXPORTER_QUEUE_DISK_CAPACITY_BYTES: &str = "tailweave_exporter_queue_disk_capacity_bytes";
+
+/// Default `sending_queue.max_size_mib`.
+pub const DEFAULT_MAX_SIZE_MIB: u64 = 512;
+/// Largest accepted `sending_queue.max_size_mib` (1 TiB).
+const MAX_SIZE_MIB_LIMIT: u64 = 1 << 20;
+/// Batches the file-backed queue's writer takes per fsync.
+const DISK_GROUP: usize = 64;
+/// Wait before retrying a failed disk operation (the pipeline waits meanwhile).
+const DISK_RETRY: Duration = Duration::from_secs(1);
 
 /// Default per-attempt timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,6 +146,144 @@ impl Default for QueueConfig {
             num_consumers: 10,
             queue_size: 1000,
         }
+    }
+}
+
+/// `sending_queue.storage`: where queued batches live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueStorage {
+    /// In memory: lost on a crash or a restart past the shutdown deadline.
+    #[default]
+    Memory,
+    /// In an fsynced log under `directory`: delivered after a restart, even after `kill -9`.
+    File,
+}
+
+/// `sending_queue` of the exporters that can keep it on disk (`otlp`, `otlp_http`): the
+/// in-memory settings plus the storage choice.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendingQueueConfig {
+    /// Buffer batches and send them concurrently. Must be `true` with `storage: file`.
+    /// Default `true`.
+    pub enabled: bool,
+    /// Concurrent senders. Default `10`.
+    pub num_consumers: usize,
+    /// Batches held in memory before the pipeline has to wait (`storage: memory` only; with
+    /// `file` the bound is `max_size_mib`). Default `1000`.
+    pub queue_size: usize,
+    /// `memory` or `file`. Default `memory`.
+    pub storage: QueueStorage,
+    /// With `storage: file`: the queue directory; each exporter keeps its log in
+    /// `<directory>/<exporter id>` (`/` in the id becomes `_`). It must not be shared with another
+    /// running process. Required with `file`; default none.
+    pub directory: Option<PathBuf>,
+    /// With `storage: file`: the most bytes the log may take on disk. Default `512`.
+    pub max_size_mib: u64,
+}
+
+impl Default for SendingQueueConfig {
+    fn default() -> Self {
+        let m = QueueConfig::default();
+        SendingQueueConfig {
+            enabled: m.enabled,
+            num_consumers: m.num_consumers,
+            queue_size: m.queue_size,
+            storage: QueueStorage::Memory,
+            directory: None,
+            max_size_mib: DEFAULT_MAX_SIZE_MIB,
+        }
+    }
+}
+
+/// Where and how large an exporter's on-disk queue is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub directory: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// An exporter id as a single path component.
+fn dir_component(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match s.as_str() {
+        "" | "." | ".." => format!("exporter{s}"),
+        _ => s,
+    }
+}
+
+impl SendingQueueConfig {
+    /// The in-memory part, as [`ExportSettings`] holds it.
+    pub fn memory(&self) -> QueueConfig {
+        QueueConfig {
+            enabled: self.enabled,
+            num_consumers: self.num_consumers,
+            queue_size: self.queue_size,
+        }
+    }
+
+    /// The on-disk queue of exporter `id`, when `storage: file`.
+    pub fn disk(&self, id: &str) -> Option<DiskConfig> {
+        if self.storage != QueueStorage::File {
+            return None;
+        }
+        let dir = self.directory.as_ref()?;
+        Some(DiskConfig {
+            directory: dir.join(dir_component(id)),
+            max_bytes: self.max_size_mib.min(MAX_SIZE_MIB_LIMIT) << 20,
+        })
+    }
+
+    /// Problems of the storage settings (the rest is checked by [`ExportSettings::validate`]),
+    /// with key paths relative to the exporter.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        match self.storage {
+            QueueStorage::File => {
+                if !self.enabled {
+                    out.push(ConfigIssue::new(
+                        "sending_queue.enabled",
+                        "storage: file needs the queue enabled",
+                    ));
+                }
+                match &self.directory {
+                    None => out.push(ConfigIssue::new(
+                        "sending_queue.directory",
+                        "required with storage: file",
+                    )),
+                    Some(d) if d.as_os_str().is_empty() => out.push(ConfigIssue::new(
+                        "sending_queue.directory",
+                        "must not be empty",
+                    )),
+                    Some(_) => {}
+                }
+                if self.max_size_mib == 0 || self.max_size_mib > MAX_SIZE_MIB_LIMIT {
+                    out.push(ConfigIssue::new(
+                        "sending_queue.max_size_mib",
+                        format!("must be between 1 and {MAX_SIZE_MIB_LIMIT}"),
+                    ));
+                }
+            }
+            QueueStorage::Memory => {
+                if self.directory.is_some() {
+                    out.push(ConfigIssue::new(
+                        "sending_queue.directory",
+                        "only used with storage: file (set storage: file, or remove it)",
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -303,6 +480,216 @@ pub fn spawn(
         tracing::debug!(exporter = %shared.id, "exporter drained and stopped");
     });
     (RunningExporter { input: tx, done }, stats)
+}
+
+/// Starts the queue around a destination with its batches kept in an on-disk log (see the module
+/// docs). What an earlier run left unacknowledged in `disk.directory` is delivered first. Must run
+/// inside a tokio runtime.
+pub fn spawn_persistent(
+    id: &str,
+    settings: &ExportSettings,
+    disk: &DiskConfig,
+    dest: Arc<dyn Destination>,
+) -> Result<(RunningExporter, Arc<QueueStats>), ComponentError> {
+    let (q, recovered) = DiskQueue::open(&disk.directory, disk.max_bytes).map_err(|e| {
+        ComponentError::build(
+            id,
+            format!("sending_queue.directory: cannot open the queue: {e}"),
+        )
+    })?;
+    let q = Arc::new(q);
+    let (_, consumers) = settings.shape();
+    let stats = Arc::new(QueueStats::default());
+    let shared = Arc::new(Shared {
+        id: id.to_string(),
+        settings: settings.clone(),
+        dest,
+        stats: stats.clone(),
+    });
+    if recovered.truncated_records > 0 {
+        metrics::counter!(EXPORTER_QUEUE_CORRUPT_RECORDS, "exporter" => shared.id.clone(), "reason" => "truncated")
+            .increment(recovered.truncated_records);
+        tracing::warn!(
+            exporter = %id,
+            directory = %disk.directory.display(),
+            records = recovered.truncated_records,
+            bytes = recovered.truncated_bytes,
+            "sending queue: dropped a record cut short by a crash mid-write"
+        );
+    }
+    tracing::info!(
+        exporter = %id,
+        directory = %disk.directory.display(),
+        pending_batches = recovered.records,
+        pending_bytes = recovered.bytes,
+        max_bytes = disk.max_bytes,
+        "sending queue on disk opened"
+    );
+    metrics::gauge!(EXPORTER_QUEUE_DISK_CAPACITY_BYTES, "exporter" => shared.id.clone())
+        .set(disk.max_bytes as f64);
+
+    // One slot: the batches that are only in memory are the one waiting here and the group
+    // being written.
+    let (tx, rx) = mpsc::channel::<SpanBatch>(1);
+    let writer = tokio::spawn(write_to_disk(shared.clone(), q.clone(), rx));
+    let gauges = {
+        let (q, id) = (q.clone(), shared.id.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                disk_gauges(&id, &q);
+            }
+        })
+    };
+    let reported_corrupt = Arc::new(AtomicU64::new(0));
+    let done = tokio::spawn(async move {
+        let mut workers = JoinSet::new();
+        for _ in 0..consumers {
+            workers.spawn(consume_disk(
+                shared.clone(),
+                q.clone(),
+                reported_corrupt.clone(),
+            ));
+        }
+        if let Err(e) = writer.await {
+            tracing::error!(exporter = %shared.id, error = %e, "sending queue writer failed");
+            q.close();
+        }
+        while let Some(r) = workers.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(exporter = %shared.id, error = %e, "exporter sender task failed");
+            }
+        }
+        gauges.abort();
+        disk_gauges(&shared.id, &q);
+        shared.dest.shutdown().await;
+        tracing::debug!(exporter = %shared.id, pending = q.pending(), "exporter drained and stopped");
+    });
+    Ok((RunningExporter { input: tx, done }, stats))
+}
+
+fn disk_gauges(id: &str, q: &DiskQueue) {
+    metrics::gauge!(EXPORTER_QUEUE_SIZE, "exporter" => id.to_string()).set(q.pending() as f64);
+    metrics::gauge!(EXPORTER_QUEUE_DISK_BYTES, "exporter" => id.to_string())
+        .set(q.used_bytes() as f64);
+}
+
+/// Makes everything appended durable and readable, retrying until the disk lets it.
+async fn sync_disk(id: &str, q: &Arc<DiskQueue>) {
+    loop {
+        let q2 = q.clone();
+        let r = tokio::task::spawn_blocking(move || q2.sync()).await;
+        match r {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::error!(exporter = %id, error = %e, "sending queue: fsync failed, retrying")
+            }
+            Err(e) => {
+                tracing::error!(exporter = %id, error = %e, "sending queue: fsync task failed, retrying")
+            }
+        }
+        tokio::time::sleep(DISK_RETRY).await;
+    }
+}
+
+async fn write_to_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, mut rx: mpsc::Receiver<SpanBatch>) {
+    let mut group = Vec::with_capacity(DISK_GROUP);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < DISK_GROUP {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        for b in group.drain(..) {
+            if !b.is_empty() {
+                append_waiting(&shared, &q, &b).await;
+            }
+        }
+        sync_disk(&shared.id, &q).await;
+    }
+    q.close();
+}
+
+/// Appends one batch, waiting (and so holding the pipeline) while the log is full or the disk
+/// fails. Only a batch that can never fit is given up on, and counted.
+async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) {
+    let payload = encode_request(&batch.spans);
+    let mut refused = false;
+    loop {
+        let freed = q.space_freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        match q.append(&payload, batch.decided_at) {
+            Ok(_) => {
+                if refused {
+                    tracing::info!(exporter = %shared.id, "sending queue has room again");
+                }
+                return;
+            }
+            Err(e @ DiskError::Full { .. }) => {
+                if !refused {
+                    refused = true;
+                    metrics::counter!(EXPORTER_QUEUE_FULL, "exporter" => shared.id.clone())
+                        .increment(1);
+                    tracing::warn!(exporter = %shared.id, error = %e, "sending queue refused a batch; the pipeline waits until deliveries free room");
+                }
+                // What is appended but not synced cannot be delivered, and so cannot free room.
+                sync_disk(&shared.id, q).await;
+                freed.await;
+            }
+            Err(e @ DiskError::TooLarge { .. }) => {
+                shared.count_failed(batch.len() as u64, REASON_TOO_LARGE_FOR_QUEUE);
+                tracing::warn!(exporter = %shared.id, spans = batch.len(), error = %e, "dropping batch");
+                return;
+            }
+            Err(e @ DiskError::Io { .. }) => {
+                tracing::error!(exporter = %shared.id, error = %e, "sending queue: write failed, retrying");
+                tokio::time::sleep(DISK_RETRY).await;
+            }
+        }
+    }
+}
+
+async fn consume_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, reported_corrupt: Arc<AtomicU64>) {
+    loop {
+        let rec = match q.next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(exporter = %shared.id, error = %e, "sending queue: read failed, retrying");
+                tokio::time::sleep(DISK_RETRY).await;
+                continue;
+            }
+        };
+        let corrupt = q.corrupt_records();
+        let before = reported_corrupt.fetch_max(corrupt, Ordering::Relaxed);
+        if corrupt > before {
+            metrics::counter!(EXPORTER_QUEUE_CORRUPT_RECORDS, "exporter" => shared.id.clone(), "reason" => "checksum")
+                .increment(corrupt - before);
+        }
+        match decode_request(rec.payload.clone(), &DecodeLimits::default()) {
+            Ok(d) => {
+                let bad = d.rejected_total();
+                if bad > 0 {
+                    shared.count_failed(bad, REASON_UNREADABLE);
+                }
+                if !d.spans.is_empty() {
+                    shared.deliver(&d.spans, rec.decided_at).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(exporter = %shared.id, error = %e, "sending queue: a stored batch does not decode; skipped");
+                shared.count_failed(0, REASON_UNREADABLE);
+            }
+        }
+        if let Err(e) = q.ack(rec.pos) {
+            tracing::error!(exporter = %shared.id, error = %e, "sending queue: cannot record delivery; it will be repeated after a restart");
+        }
+    }
 }
 
 struct Shared {
@@ -917,6 +1304,174 @@ mod tests {
             .collect();
         assert_eq!(samples.len(), 1, "{samples:?}");
         assert!(samples[0] >= 2.0 && samples[0] < 60.0, "{samples:?}");
+    }
+
+    fn disk_at(dir: &std::path::Path, max_bytes: u64) -> DiskConfig {
+        DiskConfig {
+            directory: dir.join("otlp_x"),
+            max_bytes,
+        }
+    }
+
+    fn segment_bytes(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Polls `cond` every 10 ms for at most 10 s.
+    async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn persistent_queue_delivers_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_at(dir.path(), 1 << 20);
+        let batches = [3u8, 5, 4];
+        let want: u64 = encode_request(&spans(3)).len() as u64
+            + encode_request(&spans(5)).len() as u64
+            + encode_request(&spans(4)).len() as u64
+            + 3 * disk::RECORD_HEADER;
+        {
+            // The destination never answers: nothing is acknowledged.
+            let stalled = Arc::new(Fake {
+                gate: Some(tokio::sync::Semaphore::new(0)),
+                ..Default::default()
+            });
+            let mut s = no_jitter();
+            s.queue.num_consumers = 1;
+            let (running, stats) = spawn_persistent("otlp/x", &s, &disk, stalled.clone()).unwrap();
+            for n in batches {
+                running.input.send(SpanBatch::new(spans(n))).await.unwrap();
+            }
+            assert!(
+                eventually(|| segment_bytes(&disk.directory) == want && stalled.calls() == 1).await
+            );
+            // As after kill -9: the tasks stop where they are, nothing is closed or flushed.
+            running.done.abort();
+            drop(running.input);
+            assert_eq!(stats.sent(), 0);
+        }
+        let fake = Fake::with(Vec::new());
+        let (running, stats) =
+            spawn_persistent("otlp/x", &no_jitter(), &disk, fake.clone()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!(stats.sent(), 3 + 5 + 4);
+        let mut sizes: Vec<usize> = fake.calls.lock().unwrap().iter().map(|c| c.1).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, [3, 4, 5]);
+        // Delivered: a third start finds nothing to send.
+        let fake = Fake::with(Vec::new());
+        let (running, stats) =
+            spawn_persistent("otlp/x", &no_jitter(), &disk, fake.clone()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!((stats.sent(), fake.calls()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn full_persistent_queue_holds_the_pipeline_then_delivers_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_at(dir.path(), 1 << 20);
+        let fake = Arc::new(Fake {
+            gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
+        });
+        let mut s = no_jitter();
+        s.queue.num_consumers = 2;
+        let (running, stats) = spawn_persistent("otlp/x", &s, &disk, fake.clone()).unwrap();
+        let per_batch = encode_request(&spans(200)).len() as u64 + disk::RECORD_HEADER;
+        let mut accepted = 0u64;
+        let mut blocked = false;
+        for _ in 0..10_000 {
+            let b = SpanBatch::new(spans(200));
+            match tokio::time::timeout(Duration::from_millis(500), running.input.send(b)).await {
+                Ok(r) => {
+                    r.unwrap();
+                    accepted += 1;
+                }
+                Err(_) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        assert!(blocked, "the pipeline never had to wait");
+        // The disk bound, plus the batch the writer holds and the one in the one-slot channel.
+        assert!(
+            accepted * per_batch <= disk.max_bytes + 2 * per_batch,
+            "{accepted} x {per_batch}"
+        );
+        assert!(segment_bytes(&disk.directory) <= disk.max_bytes);
+        fake.gate.as_ref().unwrap().add_permits(1_000_000);
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!(stats.sent(), accepted * 200);
+        assert_eq!(stats.failed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_disk_queue_is_counted_not_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_at(dir.path(), 100);
+        let fake = Fake::with(Vec::new());
+        let (running, stats) = spawn_persistent("otlp/x", &no_jitter(), &disk, fake).unwrap();
+        running.input.send(SpanBatch::new(spans(50))).await.unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        assert_eq!((stats.sent(), stats.failed()), (0, 50));
+    }
+
+    #[test]
+    fn sending_queue_storage_settings_are_checked() {
+        fn issues(yaml: &str) -> Vec<String> {
+            let c: SendingQueueConfig =
+                tailweave_core::config::parse(serde_yaml::from_str(yaml).unwrap()).unwrap();
+            c.validate().into_iter().map(|i| i.path).collect()
+        }
+        assert!(issues("{}").is_empty());
+        assert!(issues("{storage: file, directory: /var/lib/tw}").is_empty());
+        assert_eq!(issues("{storage: file}"), ["sending_queue.directory"]);
+        assert_eq!(
+            issues("{storage: file, enabled: false, directory: '', max_size_mib: 0}"),
+            [
+                "sending_queue.enabled",
+                "sending_queue.directory",
+                "sending_queue.max_size_mib"
+            ]
+        );
+        assert_eq!(issues("{directory: /x}"), ["sending_queue.directory"]);
+        let c: SendingQueueConfig = tailweave_core::config::parse(
+            serde_yaml::from_str("{storage: file, directory: /q, max_size_mib: 2}").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.disk("otlp/primary"),
+            Some(DiskConfig {
+                directory: "/q/otlp_primary".into(),
+                max_bytes: 2 << 20
+            })
+        );
+        assert_eq!(SendingQueueConfig::default().disk("otlp"), None);
+        assert_eq!(dir_component(".."), "exporter..");
+        assert_eq!(
+            SendingQueueConfig::default().memory(),
+            QueueConfig::default()
+        );
     }
 
     #[test]
