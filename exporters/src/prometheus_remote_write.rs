@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +134,9 @@ pub struct PrometheusRemoteWriteExporterConfig {
     /// Retry with backoff on 5xx, 429 and connection errors. Default initial `50ms`, max `5s`,
     /// given up after `60s`.
     pub retry_on_failure: RetryConfig,
+    /// Most time series in one request; a push of more is split into several requests (each
+    /// retried on its own). Default `5000`.
+    pub max_series_per_request: usize,
 }
 
 impl Default for PrometheusRemoteWriteExporterConfig {
@@ -146,6 +149,7 @@ impl Default for PrometheusRemoteWriteExporterConfig {
             push_interval: Duration::from_secs(15),
             timeout: Duration::from_secs(5),
             retry_on_failure: default_retry(),
+            max_series_per_request: 5000,
         }
     }
 }
@@ -215,6 +219,12 @@ impl PrometheusRemoteWriteExporterConfig {
         if self.timeout.is_zero() {
             out.push(ConfigIssue::new("timeout", "must be above 0s"));
         }
+        if self.max_series_per_request == 0 {
+            out.push(ConfigIssue::new(
+                "max_series_per_request",
+                "must be at least 1",
+            ));
+        }
         let r = &self.retry_on_failure;
         if r.enabled && (r.initial_interval.is_zero() || r.multiplier < 1.0) {
             out.push(ConfigIssue::new(
@@ -276,6 +286,8 @@ impl PrometheusRemoteWriteExporterConfig {
             retry: self.retry_on_failure.clone(),
             registry: registry.clone(),
             stats: Arc::new(PushStats::default()),
+            max_per_request: self.max_series_per_request,
+            last_ms: AtomicI64::new(i64::MIN),
         });
         tracing::info!(exporter = %ctx.id, url = %pusher.url, "prometheus_remote_write exporter ready");
         let stats = pusher.stats.clone();
@@ -397,6 +409,22 @@ pub fn write_request(sets: &[SetSnapshot], enc: &Encoding, now_ms: i64) -> promp
     req
 }
 
+/// Splits a request into requests of at most `max` time series; the metadata goes with the first.
+/// An empty request gives no request at all.
+pub fn split(req: prompb::WriteRequest, max: usize) -> Vec<prompb::WriteRequest> {
+    let max = max.max(1);
+    let mut out = Vec::new();
+    let mut metadata = req.metadata;
+    let mut ts = req.timeseries.into_iter().peekable();
+    while ts.peek().is_some() {
+        out.push(prompb::WriteRequest {
+            timeseries: ts.by_ref().take(max).collect(),
+            metadata: std::mem::take(&mut metadata),
+        });
+    }
+    out
+}
+
 /// Protobuf, then snappy's block format (not the framed one), as remote write wants.
 pub fn encode_body(req: &prompb::WriteRequest) -> Result<Bytes, snap::Error> {
     let raw = req.encode_to_vec();
@@ -415,6 +443,10 @@ struct Pusher {
     retry: RetryConfig,
     registry: Arc<RedRegistry>,
     stats: Arc<PushStats>,
+    max_per_request: usize,
+    /// The timestamp of the last push: each push gets a later one, because Prometheus refuses a
+    /// second, different sample at the same millisecond (the final push may follow a tick's).
+    last_ms: AtomicI64,
 }
 
 impl Pusher {
@@ -433,16 +465,22 @@ impl Pusher {
 
     async fn push_once(&self) {
         let sets = self.registry.snapshot();
-        let now_ms = SystemTime::now()
+        let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        let prev = self.last_ms.load(Ordering::Relaxed);
+        let now_ms = wall.max(prev.saturating_add(1));
+        self.last_ms.store(now_ms, Ordering::Relaxed);
         let req = write_request(&sets, &self.opts, now_ms);
-        if req.timeseries.is_empty() {
-            return;
+        for part in split(req, self.max_per_request) {
+            self.push_request(&part).await;
         }
+    }
+
+    async fn push_request(&self, req: &prompb::WriteRequest) {
         let samples = req.timeseries.len() as u64;
-        let body = match encode_body(&req) {
+        let body = match encode_body(req) {
             Ok(b) => b,
             Err(e) => {
                 self.failed(&ExportError::permanent(format!("snappy: {e}")), 1);
@@ -661,6 +699,22 @@ mod tests {
     }
 
     #[test]
+    fn large_pushes_are_split_with_metadata_in_the_first_request() {
+        let req = write_request(&registry().snapshot(), &Encoding::default(), 1);
+        let all = req.timeseries.clone();
+        let parts = split(req, 4);
+        assert_eq!(
+            parts.iter().map(|p| p.timeseries.len()).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
+        assert_eq!(parts[0].metadata.len(), 2);
+        assert!(parts[1..].iter().all(|p| p.metadata.is_empty()));
+        let joined: Vec<_> = parts.into_iter().flat_map(|p| p.timeseries).collect();
+        assert_eq!(joined, all);
+        assert!(split(prompb::WriteRequest::default(), 4).is_empty());
+    }
+
+    #[test]
     fn validate_paths() {
         let c = PrometheusRemoteWriteExporterConfig {
             endpoint: "ftp://x".into(),
@@ -799,6 +853,27 @@ mod tests {
             "{n} requests, {} retries",
             stats.retries()
         );
+    }
+
+    #[tokio::test]
+    async fn every_push_is_stamped_later_than_the_one_before() {
+        let (url, seen) = receiver(vec![]).await;
+        let mut c = cfg(url);
+        c.push_interval = Duration::from_millis(1);
+        let (running, stats) = c.build_with(&ctx(), registry()).unwrap();
+        while stats.sent() < 5 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(running.input);
+        running.done.await.unwrap();
+        let st = seen.lock().unwrap();
+        let stamps: Vec<i64> = st
+            .requests
+            .iter()
+            .map(|(_, wr)| wr.timeseries[0].samples[0].timestamp)
+            .collect();
+        assert!(stamps.len() >= 6, "{stamps:?}");
+        assert!(stamps.windows(2).all(|w| w[1] > w[0]), "{stamps:?}");
     }
 
     #[tokio::test]
