@@ -17,10 +17,12 @@
 //! - [`scenario`]: the generator: SDK spans, DeepFlow rows (`shared/docs/ebpf-spans.md`) and the
 //!   expected joined tree (`shared/docs/join.md`) of every trace.
 //! - [`truth`]: the ground truth and [`truth::compare`], which scores a join's output.
+//! - [`replay`]: fast replay of the `sdk` scenario by patching pre-encoded traces (benches).
 //! - [`send`]: delivery over OTLP/gRPC or OTLP/HTTP: rate, delays, shuffling, connections,
 //!   retries, the summary.
 //! - `rng`: the fixed PRNG behind the determinism.
 
+pub mod replay;
 mod rng;
 pub mod scenario;
 pub mod send;
@@ -121,6 +123,11 @@ pub struct LoadgenArgs {
     /// DeepFlow rows held for their delay, at most; beyond it generation pauses.
     #[arg(long, default_value_t = 500_000)]
     pub max_delayed_rows: usize,
+    /// `sdk` scenario only: generate this many traces once and replay them with fresh ids and
+    /// shifted times (much cheaper than generating each trace; for saturating a collector).
+    /// 0 = generate every trace.
+    #[arg(long, default_value_t = 0)]
+    pub replay_pool: usize,
 }
 
 /// Traces sent when neither `--count` nor `--duration` is given.
@@ -209,6 +216,12 @@ impl LoadgenArgs {
         if self.max_delayed_rows == 0 {
             out.push(ConfigIssue::new("--max-delayed-rows", "must be at least 1"));
         }
+        if self.replay_pool > 0 && self.scenario != ScenarioKind::Sdk {
+            out.push(ConfigIssue::new(
+                "--replay-pool",
+                "replays the sdk scenario only (use --scenario sdk)",
+            ));
+        }
         out
     }
 }
@@ -250,19 +263,38 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         send_cfg.protocol,
         send_cfg.connections,
     );
-    let summary = send::send(
-        &send_cfg,
-        Generator::new(scenario, args.seed),
-        |t| {
-            if let Some(w) = truth.as_mut() {
-                serde_json::to_writer(&mut *w, &t.truth)?;
-                w.write_all(b"\n")?;
-            }
-            Ok(())
-        },
-        stop,
-    )
-    .await?;
+    let mut write = |t: &truth::TraceTruth| -> std::io::Result<()> {
+        if let Some(w) = truth.as_mut() {
+            serde_json::to_writer(&mut *w, t)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    };
+    let summary = if args.replay_pool > 0 {
+        let replayer = replay::Replayer::new(scenario, args.seed, args.replay_pool)?;
+        let want_truth = args.truth.is_some();
+        send::send(
+            &send_cfg,
+            replayer,
+            |t| {
+                if want_truth {
+                    write(&t.truth())
+                } else {
+                    Ok(())
+                }
+            },
+            stop,
+        )
+        .await?
+    } else {
+        send::send(
+            &send_cfg,
+            Generator::new(scenario, args.seed),
+            |t| write(&t.truth),
+            stop,
+        )
+        .await?
+    };
     if let Some(w) = truth.as_mut() {
         w.flush().context("writing the ground truth")?;
     }

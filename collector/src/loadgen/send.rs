@@ -176,8 +176,9 @@ pub async fn send<I, F>(
     stop: CancellationToken,
 ) -> Result<Summary, SendError>
 where
-    I: IntoIterator<Item = GeneratedTrace>,
-    F: FnMut(&GeneratedTrace) -> std::io::Result<()>,
+    I: IntoIterator,
+    I::Item: Outgoing,
+    F: FnMut(&I::Item) -> std::io::Result<()>,
 {
     let counters = Arc::new(Counters::default());
     let n = cfg.connections.max(1);
@@ -264,19 +265,20 @@ where
         }
         let Some(trace) = traces.next() else { break };
         on_trace(&trace)?;
+        let (sdk_parts, ebpf_parts) = trace.into_wire();
         summary.traces += 1;
-        summary.sdk_spans += trace.sdk_span_count() as u64;
-        summary.ebpf_spans += trace.ebpf_span_count() as u64;
-        for rs in &trace.sdk {
-            sdk.push(Encoded::new(rs)).await;
+        summary.sdk_spans += sdk_parts.iter().map(|p| p.spans).sum::<u64>();
+        summary.ebpf_spans += ebpf_parts.iter().map(|p| p.0.spans).sum::<u64>();
+        for rs in sdk_parts {
+            sdk.push(rs).await;
         }
         let now = Instant::now();
-        for (rs, delay) in trace.ebpf.into_iter().zip(trace.ebpf_delay) {
+        for (rs, delay) in ebpf_parts {
             delayed_seq += 1;
             delayed.push(Delayed {
                 due: now + delay,
                 seq: delayed_seq,
-                rs: Encoded::new(&rs),
+                rs,
             });
         }
     }
@@ -348,15 +350,41 @@ async fn release(
     }
 }
 
+/// A trace the sender can deliver: its SDK ResourceSpans and its DeepFlow rows with their
+/// delays, encoded.
+pub trait Outgoing {
+    #[allow(clippy::type_complexity)]
+    fn into_wire(self) -> (Vec<Encoded>, Vec<(Encoded, Duration)>);
+}
+
+impl Outgoing for GeneratedTrace {
+    fn into_wire(self) -> (Vec<Encoded>, Vec<(Encoded, Duration)>) {
+        let sdk = self.sdk.iter().map(Encoded::new).collect();
+        let ebpf = self
+            .ebpf
+            .iter()
+            .map(Encoded::new)
+            .zip(self.ebpf_delay)
+            .collect();
+        (sdk, ebpf)
+    }
+}
+
 /// One ResourceSpans, encoded as a `resource_spans` field of `ExportTraceServiceRequest`
 /// (tag, length, message), so that a request body is a concatenation of them.
-struct Encoded {
-    field: Bytes,
-    spans: u64,
+pub struct Encoded {
+    pub(crate) field: Bytes,
+    pub(crate) spans: u64,
 }
 
 impl Encoded {
-    fn new(rs: &ResourceSpans) -> Encoded {
+    /// From bytes that already hold one `resource_spans` field (tag 1, length, message)
+    /// with `spans` spans.
+    pub fn from_field(field: Bytes, spans: u64) -> Encoded {
+        Encoded { field, spans }
+    }
+
+    pub fn new(rs: &ResourceSpans) -> Encoded {
         let len = rs.encoded_len();
         let mut buf = Vec::with_capacity(len + 11);
         // Field 1, wire type 2 (length-delimited).
