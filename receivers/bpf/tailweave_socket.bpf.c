@@ -200,7 +200,9 @@ static __always_inline int watched(struct config *cfg, __u32 tgid, char *comm)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct task_struct *leader = BPF_CORE_READ(task, group_leader);
-	BPF_CORE_READ_STR_INTO(comm, leader, comm);
+	/* The key is all 16 bytes: clear what the string copy leaves behind. */
+	__builtin_memset(comm, 0, 16);
+	bpf_core_read_str(comm, 16, &leader->comm);
 	if (cfg->watch_all)
 		return 1;
 	if (bpf_map_lookup_elem(&watch_pids, &tgid))
