@@ -33,9 +33,11 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, BytesMut};
 use hashbrown::HashMap;
 use tailweave_core::config::BuildContext;
 use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use tailweave_core::wire::put_len_field;
 use tailweave_core::{ComponentError, Processor, Span, SpanBatch, TraceId};
 
 pub use config::{OnFull, PolicyConfig, PolicyKind, TailSamplingConfig};
@@ -164,7 +166,7 @@ struct Trace {
     first: Instant,
     last: Instant,
     root: bool,
-    /// Held bytes: the spans' `held_bytes`, the unused capacity of `spans`, bookkeeping.
+    /// Bytes of its spans: their `held_bytes` plus the unused capacity of `spans`.
     bytes: usize,
     /// Arrival order, to tell a live entry of `arrivals`/`timers` from a stale one.
     seq: u64,
@@ -174,11 +176,8 @@ struct Trace {
 
 type TimerEntry = Reverse<(Instant, u64, TraceId)>;
 
-/// Bytes per trace beyond its spans: its map slot, its timer and arrival entries.
-const TRACE_OVERHEAD: usize = std::mem::size_of::<(TraceId, Trace)>()
-    + 1
-    + std::mem::size_of::<TimerEntry>()
-    + std::mem::size_of::<(u64, TraceId)>();
+/// A slot of the trace table: the entry and its control byte.
+const SLOT_SIZE: usize = std::mem::size_of::<(TraceId, Trace)>() + 1;
 const SPAN_SIZE: usize = std::mem::size_of::<Span>();
 
 /// Most decision-latency samples kept between two ticks (the rest are not recorded).
@@ -205,7 +204,8 @@ pub struct TailSampling {
     arrivals: VecDeque<(u64, TraceId)>,
     next_seq: u64,
     cache: DecisionCache,
-    bytes_held: usize,
+    /// Bytes of buffered spans (the sum of `Trace::bytes`); see `bytes_held` for the total.
+    span_bytes: usize,
     spans_held: usize,
 
     stats: TailSamplingStats,
@@ -278,7 +278,7 @@ impl TailSampling {
                 cfg.decision_cache.sampled_cache_size,
                 cfg.decision_cache.non_sampled_cache_size,
             ),
-            bytes_held: 0,
+            span_bytes: 0,
             spans_held: 0,
             flushed: stats.clone(),
             stats,
@@ -314,9 +314,20 @@ impl TailSampling {
         self.spans_held
     }
 
-    /// Bytes held by undecided traces.
+    /// Bytes held for undecided traces: buffered spans plus the trace table, the timers and the
+    /// arrival queue at their allocated capacity (what they occupy, not what they use).
     pub fn bytes_held(&self) -> usize {
-        self.bytes_held
+        // hashbrown keeps at least one eighth of its buckets free.
+        let slots = self.traces.capacity() + self.traces.capacity() / 7;
+        self.span_bytes
+            + slots * SLOT_SIZE
+            + self.timers.capacity() * std::mem::size_of::<TimerEntry>()
+            + self.arrivals.capacity() * std::mem::size_of::<(u64, TraceId)>()
+    }
+
+    /// Bytes of buffered spans alone (their `held_bytes` and the spare room of the per-trace lists).
+    pub fn buffered_bytes(&self) -> usize {
+        self.span_bytes
     }
 
     /// Decisions remembered for late spans: (kept, dropped).
@@ -325,7 +336,7 @@ impl TailSampling {
     }
 
     fn is_full(&self) -> bool {
-        self.traces.len() >= self.num_traces || self.bytes_held >= self.max_bytes
+        self.traces.len() >= self.num_traces || self.bytes_held() >= self.max_bytes
     }
 
     fn ingest(&mut self, now: Instant, span: Span) {
@@ -333,7 +344,7 @@ impl TailSampling {
         if let Some(t) = self.traces.get_mut(&id) {
             let before = t.bytes;
             add_span(t, now, span, self.after_root, &mut self.timers);
-            self.bytes_held += t.bytes - before;
+            self.span_bytes += t.bytes - before;
             self.spans_held += 1;
             if t.spans.len() >= self.max_spans_per_trace || t.bytes >= self.max_trace_bytes {
                 self.decide(now, &id, Trigger::Size);
@@ -357,14 +368,14 @@ impl TailSampling {
                 first: now,
                 last: now,
                 root: false,
-                bytes: TRACE_OVERHEAD,
+                bytes: 0,
                 seq,
                 scheduled: deadline,
             };
             self.timers.push(Reverse((deadline, seq, id)));
             self.arrivals.push_back((seq, id));
             add_span(&mut t, now, span, self.after_root, &mut self.timers);
-            self.bytes_held += t.bytes;
+            self.span_bytes += t.bytes;
             self.spans_held += 1;
             let size_reached =
                 t.spans.len() >= self.max_spans_per_trace || t.bytes >= self.max_trace_bytes;
@@ -374,7 +385,7 @@ impl TailSampling {
             }
         }
         if self.on_full == OnFull::DecideEarly {
-            while self.bytes_held > self.max_bytes {
+            while self.bytes_held() > self.max_bytes {
                 if !self.decide_oldest(now, Trigger::Memory) {
                     break;
                 }
@@ -386,8 +397,8 @@ impl TailSampling {
     fn late(&mut self, mut span: Span, c: Cached) {
         match c {
             Cached::Kept { policy, adjusted } => {
-                let name = &self.names[policy as usize].name;
-                if !annotate(&mut span, name, adjusted) {
+                let a = Annotation::new(&self.names[policy as usize].name, adjusted);
+                if !a.apply(&mut span) {
                     self.stats.annotate_failed += 1;
                 }
                 self.stats.late_spans_kept += 1;
@@ -423,7 +434,7 @@ impl TailSampling {
         let Some(t) = self.traces.remove(id) else {
             return;
         };
-        self.bytes_held -= t.bytes;
+        self.span_bytes -= t.bytes;
         self.spans_held -= t.spans.len();
         let set = self.tenant_set(&t.spans);
         let view = TraceView {
@@ -445,9 +456,9 @@ impl TailSampling {
                 let pc = &mut self.stats.per_policy[policy as usize];
                 pc.kept_traces += 1;
                 pc.kept_spans += n;
-                let name = &self.names[policy as usize].name;
+                let a = Annotation::new(&self.names[policy as usize].name, adjusted);
                 for mut s in t.spans {
-                    if !annotate(&mut s, name, adjusted) {
+                    if !a.apply(&mut s) {
                         self.stats.annotate_failed += 1;
                     }
                     self.out_kept.push(s);
@@ -514,6 +525,7 @@ impl TailSampling {
             let traces = &self.traces;
             self.arrivals
                 .retain(|(seq, id)| traces.get(id).is_some_and(|t| t.seq == *seq));
+            self.arrivals.shrink_to(2 * live + 1024);
         }
         if self.timers.len() > 3 * live + 1024 {
             let traces = &self.traces;
@@ -522,6 +534,7 @@ impl TailSampling {
                     .get(id)
                     .is_some_and(|t| t.seq == *seq && t.scheduled == *d)
             });
+            self.timers.shrink_to(3 * live + 1024);
         }
     }
 
@@ -612,7 +625,7 @@ impl TailSampling {
         metrics::gauge!(METRIC_SPANS_IN_MEMORY, "processor" => id.clone(), "pipeline" => pipeline.clone())
             .set(self.spans_held as f64);
         metrics::gauge!(METRIC_BYTES_HELD, "processor" => id.clone(), "pipeline" => pipeline.clone())
-            .set(self.bytes_held as f64);
+            .set(self.bytes_held() as f64);
         let h =
             metrics::histogram!(METRIC_DECISION_LATENCY, "processor" => id, "pipeline" => pipeline);
         for l in self.latencies.drain(..) {
@@ -643,32 +656,82 @@ fn add_span(
         }
     }
     let cap = t.spans.capacity();
+    if t.spans.len() == cap {
+        // Grow by half (at least 4) rather than doubling: a 10-span trace then wastes 2 slots
+        // instead of 6, about 20 bytes per buffered span, for the same 3 allocations.
+        t.spans.reserve_exact((cap / 2).max(4));
+    }
     t.bytes += span.held_bytes() - SPAN_SIZE;
     t.spans.push(span);
     t.bytes += (t.spans.capacity() - cap) * SPAN_SIZE;
 }
 
-/// Writes the sampling attributes, replacing any that an upstream sampler wrote.
-fn annotate(span: &mut Span, policy: &str, adjusted: f64) -> bool {
-    span.edit(|p| {
-        p.attributes
-            .retain(|kv| kv.key != ATTR_POLICY && kv.key != ATTR_ADJUSTED_COUNT);
-        p.attributes.push(KeyValue {
-            key: ATTR_POLICY.to_string(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(policy.to_string())),
-            }),
-            ..Default::default()
-        });
-        p.attributes.push(KeyValue {
-            key: ATTR_ADJUSTED_COUNT.to_string(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::DoubleValue(adjusted)),
-            }),
-            ..Default::default()
-        });
-    })
-    .is_ok()
+/// The two sampling attributes of a kept trace, encoded once per decision as `Span.attributes`
+/// (field 9) entries.
+struct Annotation<'a> {
+    policy: &'a str,
+    adjusted: f64,
+    encoded: Vec<u8>,
+}
+
+impl<'a> Annotation<'a> {
+    fn new(policy: &'a str, adjusted: f64) -> Self {
+        let mut any = Vec::with_capacity(policy.len() + 4);
+        put_len_field(&mut any, 1, policy.as_bytes()); // AnyValue.string_value
+        let mut kv = Vec::with_capacity(any.len() + ATTR_POLICY.len() + 4);
+        put_len_field(&mut kv, 1, ATTR_POLICY.as_bytes());
+        put_len_field(&mut kv, 2, &any);
+        let mut encoded = Vec::with_capacity(kv.len() + 48);
+        put_len_field(&mut encoded, 9, &kv);
+        let mut any = Vec::with_capacity(9);
+        any.put_u8((4 << 3) | 1); // AnyValue.double_value, fixed64
+        any.put_f64_le(adjusted);
+        let mut kv = Vec::with_capacity(any.len() + ATTR_ADJUSTED_COUNT.len() + 4);
+        put_len_field(&mut kv, 1, ATTR_ADJUSTED_COUNT.as_bytes());
+        put_len_field(&mut kv, 2, &any);
+        put_len_field(&mut encoded, 9, &kv);
+        Annotation {
+            policy,
+            adjusted,
+            encoded,
+        }
+    }
+
+    /// Writes the attributes on `span`. Protobuf merges repeated fields wherever they appear,
+    /// so when the span carries neither attribute yet (the usual case) they are appended to its
+    /// bytes: one copy, no decode. A span that an upstream sampler already marked goes through
+    /// `Span::edit` so that the old values are replaced, not duplicated.
+    fn apply(&self, span: &mut Span) -> bool {
+        let marked = span
+            .attrs()
+            .any(|(k, _)| k == ATTR_POLICY || k == ATTR_ADJUSTED_COUNT);
+        if !marked {
+            let mut b = BytesMut::with_capacity(span.raw.len() + self.encoded.len());
+            b.extend_from_slice(&span.raw);
+            b.extend_from_slice(&self.encoded);
+            span.raw = b.freeze();
+            return true;
+        }
+        span.edit(|p| {
+            p.attributes
+                .retain(|kv| kv.key != ATTR_POLICY && kv.key != ATTR_ADJUSTED_COUNT);
+            p.attributes.push(KeyValue {
+                key: ATTR_POLICY.to_string(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(self.policy.to_string())),
+                }),
+                ..Default::default()
+            });
+            p.attributes.push(KeyValue {
+                key: ATTR_ADJUSTED_COUNT.to_string(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::DoubleValue(self.adjusted)),
+                }),
+                ..Default::default()
+            });
+        })
+        .is_ok()
+    }
 }
 
 impl Processor for TailSampling {

@@ -257,7 +257,7 @@ fn decision_wait_decides_a_rootless_trace_after_30s() {
     assert_eq!(r.p.stats().decided(Trigger::DecisionWait), 1);
     assert_eq!(r.p.traces_held(), 0);
     assert_eq!(r.p.spans_held(), 0);
-    assert_eq!(r.p.bytes_held(), 0);
+    assert_eq!(r.p.buffered_bytes(), 0);
 }
 
 #[test]
@@ -888,7 +888,7 @@ fn every_span_is_accounted_for() {
     let st = r.p.stats();
     assert_eq!(got, st.spans_kept + st.late_spans_kept);
     assert_eq!(sent, st.spans_kept + st.spans_dropped);
-    assert_eq!(r.p.bytes_held(), 0);
+    assert_eq!(r.p.buffered_bytes(), 0);
 }
 
 // ---------------------------------------------------------------- tenants
@@ -1050,4 +1050,20 @@ fn build_refuses_an_invalid_config() {
     assert!(e.contains("nope"), "{e}");
     let c = config(ALWAYS);
     assert!(c.build(&ctx).is_ok());
+}
+
+#[test]
+fn appended_attributes_decode_like_an_edit() {
+    let mut fast = root(tid(1), 1).attr("http.route", s("/x")).build();
+    let mut slow = fast.clone();
+    assert!(Annotation::new("p", 4.0).apply(&mut fast));
+    slow.edit(|p| {
+        p.attributes.push(kv(ATTR_POLICY, s("p")));
+        p.attributes
+            .push(kv(ATTR_ADJUSTED_COUNT, any_value::Value::DoubleValue(4.0)));
+    })
+    .expect("decodes");
+    assert_eq!(fast.decode().expect("valid"), slow.decode().expect("valid"));
+    // The header is untouched.
+    assert_eq!((fast.trace_id, fast.span_id), (slow.trace_id, slow.span_id));
 }
