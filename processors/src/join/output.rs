@@ -4,6 +4,7 @@ use tailweave_core::ebpf::flags;
 use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use tailweave_core::proto::tonic::trace::v1::{status, Span as ProtoSpan, Status};
 use tailweave_core::span::hex;
+use tailweave_core::wire::{len_field_size, put_len_field, put_len_header, put_varint, varint_len};
 use tailweave_core::{Span, SpanId, SpanSource};
 
 use super::tree::{Member, Parent, Plan};
@@ -107,74 +108,114 @@ pub fn apply(
         let merged_end = span.ebpf.as_deref().map(|e| e.end_ns);
         let received_parent = span.parent_span_id;
         let received_trace = span.trace_id;
-        // Decoding a span that decoded on receipt cannot fail; if it did, the span goes out as is.
-        let _ = span.edit(|p| {
+        let clears_parent = new_parent == Some(SpanId::ZERO) && !received_parent.is_zero();
+        let fast = absorbed.is_empty() && !timed_out && !clears_parent && !has_join_attrs(&span);
+        if fast {
+            let mut f = Appender::new(&span);
             if is_ebpf {
                 if received_trace.0 != trace_id {
-                    set_attr(
-                        p,
-                        kv_str(super::output::ORIGINAL_TRACE_ID, hex(&received_trace.0)),
-                    );
-                    p.trace_id = trace_id.to_vec();
+                    f.attr_str(ORIGINAL_TRACE_ID, &hex(&received_trace.0));
+                    f.trace_id(trace_id);
+                    span.trace_id = tailweave_core::TraceId(trace_id);
                 }
-                if let Some(np) = new_parent {
-                    p.parent_span_id = if np.is_zero() {
-                        Vec::new()
-                    } else {
-                        np.0.to_vec()
-                    };
+                if let Some(np) = new_parent.filter(|p| *p != received_parent) {
+                    f.parent(np);
+                    span.parent_span_id = np;
                 }
                 if let Some(t) = &tap {
-                    set_attr(p, kv_str(TAP_SIDE, t.clone()));
-                }
-                for r in &absorbed {
-                    merge_response(p, r);
-                }
-                if let Some(end) = merged_end {
-                    p.end_time_unix_nano = p.end_time_unix_nano.max(end);
-                }
-                if !absorbed.is_empty() {
-                    set_attr(p, kv_str("df.span.type", "session".into()));
-                    set_attr(
-                        p,
-                        kv_strs(MERGED_SPAN_IDS, absorbed.iter().map(|r| r.span_id.to_hex())),
-                    );
-                }
-                if timed_out {
-                    p.status = Some(Status {
-                        message: TIMEOUT_MESSAGE.into(),
-                        code: status::StatusCode::Error as i32,
-                    });
+                    f.attr_str(TAP_SIDE, t);
                 }
                 if emit_offset && offset != 0 {
-                    set_attr(p, kv(CLOCK_OFFSET, any_value::Value::IntValue(offset)));
+                    f.attr_int(CLOCK_OFFSET, offset);
                 }
-            } else if let Some(np) = new_parent {
-                if np != received_parent {
-                    let orig = if received_parent.is_zero() {
-                        String::new()
-                    } else {
-                        received_parent.to_hex()
-                    };
-                    set_attr(p, kv_str(ORIGINAL_PARENT, orig));
-                    p.parent_span_id = if np.is_zero() {
-                        Vec::new()
-                    } else {
-                        np.0.to_vec()
-                    };
-                }
+            } else if let Some(np) = new_parent.filter(|p| *p != received_parent) {
+                let orig = if received_parent.is_zero() {
+                    String::new()
+                } else {
+                    received_parent.to_hex()
+                };
+                f.attr_str(ORIGINAL_PARENT, &orig);
+                f.parent(np);
+                span.parent_span_id = np;
             }
-            set_attr(p, kv(ORDER, any_value::Value::IntValue(order as i64)));
+            f.attr_int(ORDER, order as i64);
             if let Some(v) = via {
-                set_attr(p, kv_str(VIA, v.as_str().into()));
+                f.attr_str(VIA, v.as_str());
             }
             if !other_traces.is_empty() {
-                set_attr(
-                    p,
-                    kv_strs(OTHER_TRACE_IDS, other_traces.iter().map(|t| hex(t))),
-                );
+                f.attr_strs(OTHER_TRACE_IDS, other_traces.iter().map(|t| hex(t)));
             }
-        });
+            span.raw = f.finish();
+        } else {
+            // Decoding a span that decoded on receipt cannot fail; if it did, the span goes out as is.
+            let _ = span.edit(|p| {
+                if is_ebpf {
+                    if received_trace.0 != trace_id {
+                        set_attr(
+                            p,
+                            kv_str(super::output::ORIGINAL_TRACE_ID, hex(&received_trace.0)),
+                        );
+                        p.trace_id = trace_id.to_vec();
+                    }
+                    if let Some(np) = new_parent {
+                        p.parent_span_id = if np.is_zero() {
+                            Vec::new()
+                        } else {
+                            np.0.to_vec()
+                        };
+                    }
+                    if let Some(t) = &tap {
+                        set_attr(p, kv_str(TAP_SIDE, t.clone()));
+                    }
+                    for r in &absorbed {
+                        merge_response(p, r);
+                    }
+                    if let Some(end) = merged_end {
+                        p.end_time_unix_nano = p.end_time_unix_nano.max(end);
+                    }
+                    if !absorbed.is_empty() {
+                        set_attr(p, kv_str("df.span.type", "session".into()));
+                        set_attr(
+                            p,
+                            kv_strs(MERGED_SPAN_IDS, absorbed.iter().map(|r| r.span_id.to_hex())),
+                        );
+                    }
+                    if timed_out {
+                        p.status = Some(Status {
+                            message: TIMEOUT_MESSAGE.into(),
+                            code: status::StatusCode::Error as i32,
+                        });
+                    }
+                    if emit_offset && offset != 0 {
+                        set_attr(p, kv(CLOCK_OFFSET, any_value::Value::IntValue(offset)));
+                    }
+                } else if let Some(np) = new_parent {
+                    if np != received_parent {
+                        let orig = if received_parent.is_zero() {
+                            String::new()
+                        } else {
+                            received_parent.to_hex()
+                        };
+                        set_attr(p, kv_str(ORIGINAL_PARENT, orig));
+                        p.parent_span_id = if np.is_zero() {
+                            Vec::new()
+                        } else {
+                            np.0.to_vec()
+                        };
+                    }
+                }
+                set_attr(p, kv(ORDER, any_value::Value::IntValue(order as i64)));
+                if let Some(v) = via {
+                    set_attr(p, kv_str(VIA, v.as_str().into()));
+                }
+                if !other_traces.is_empty() {
+                    set_attr(
+                        p,
+                        kv_strs(OTHER_TRACE_IDS, other_traces.iter().map(|t| hex(t))),
+                    );
+                }
+            });
+        }
         span.marks.timed_out = timed_out;
         unit.push((order, span));
     }
@@ -226,4 +267,114 @@ pub fn late_span(mut span: Span, t: &LateTarget) -> Span {
     });
     span.marks.late = true;
     span
+}
+
+/// Whether the span already carries `tailweave.join.*` attributes (appending would duplicate keys).
+fn has_join_attrs(span: &Span) -> bool {
+    span.attrs().any(|(k, _)| k.starts_with("tailweave.join."))
+}
+
+/// Rewrites a span by appending fields to its encoded bytes instead of decoding and re-encoding
+/// it. Protobuf concatenates repeated fields and keeps the last value of a singular one, so an
+/// appended `attributes` entry, `trace_id` or non-empty `parent_span_id` gives the same message
+/// as a rewrite (prost, Go and Java decoders all follow that rule). Used only when no attribute
+/// key is duplicated and no field is cleared; everything else goes through `Span::edit`.
+struct Appender {
+    buf: Vec<u8>,
+}
+
+impl Appender {
+    fn new(span: &Span) -> Appender {
+        let mut buf = Vec::with_capacity(span.raw.len() + 160);
+        buf.extend_from_slice(&span.raw);
+        Appender { buf }
+    }
+    fn trace_id(&mut self, t: [u8; 16]) {
+        put_len_field(&mut self.buf, 1, &t);
+    }
+    fn parent(&mut self, p: SpanId) {
+        put_len_field(&mut self.buf, 4, &p.0);
+    }
+    /// `KeyValue { key, value: AnyValue { string_value } }` as attribute field 9.
+    fn attr_str(&mut self, key: &str, v: &str) {
+        let any = len_field_size(1, v.len());
+        let kv = len_field_size(1, key.len()) + len_field_size(2, any);
+        put_len_header(&mut self.buf, 9, kv);
+        put_len_field(&mut self.buf, 1, key.as_bytes());
+        put_len_header(&mut self.buf, 2, any);
+        put_len_field(&mut self.buf, 1, v.as_bytes());
+    }
+    fn attr_int(&mut self, key: &str, v: i64) {
+        let any = 1 + varint_len(v as u64);
+        let kv = len_field_size(1, key.len()) + len_field_size(2, any);
+        put_len_header(&mut self.buf, 9, kv);
+        put_len_field(&mut self.buf, 1, key.as_bytes());
+        put_len_header(&mut self.buf, 2, any);
+        put_varint(&mut self.buf, 3 << 3);
+        put_varint(&mut self.buf, v as u64);
+    }
+    fn attr_strs(&mut self, key: &str, vs: impl Iterator<Item = String>) {
+        let mut arr = Vec::new();
+        for v in vs {
+            put_len_header(&mut arr, 1, len_field_size(1, v.len()));
+            put_len_field(&mut arr, 1, v.as_bytes());
+        }
+        let any = len_field_size(5, arr.len());
+        let kv = len_field_size(1, key.len()) + len_field_size(2, any);
+        put_len_header(&mut self.buf, 9, kv);
+        put_len_field(&mut self.buf, 1, key.as_bytes());
+        put_len_header(&mut self.buf, 2, any);
+        put_len_field(&mut self.buf, 5, &arr);
+    }
+    fn finish(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tailweave_core::proto::tonic::trace::v1::Span as ProtoSpan;
+    use tailweave_core::Scope;
+
+    #[test]
+    fn appended_fields_decode_as_a_rewrite() {
+        let p = ProtoSpan {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            parent_span_id: vec![3; 8],
+            name: "x".into(),
+            attributes: vec![kv_str("a", "b".into())],
+            ..Default::default()
+        };
+        let span = Span::from_proto(std::sync::Arc::new(Scope::default()), &p);
+        let mut f = Appender::new(&span);
+        f.trace_id([9; 16]);
+        f.parent(SpanId([7; 8]));
+        f.attr_str(VIA, "tcp_seq");
+        f.attr_int(ORDER, -3);
+        f.attr_int("big", i64::MAX);
+        f.attr_strs(
+            MERGED_SPAN_IDS,
+            ["00aa".to_string(), "00bb".to_string()].into_iter(),
+        );
+        let out = Span::from_raw(span.scope.clone(), f.finish()).unwrap();
+        let got = out.decode().unwrap();
+        let mut want = p.clone();
+        want.trace_id = vec![9; 16];
+        want.parent_span_id = vec![7; 8];
+        want.attributes.push(kv_str(VIA, "tcp_seq".into()));
+        want.attributes
+            .push(kv(ORDER, any_value::Value::IntValue(-3)));
+        want.attributes
+            .push(kv("big", any_value::Value::IntValue(i64::MAX)));
+        want.attributes.push(kv_strs(
+            MERGED_SPAN_IDS,
+            ["00aa".to_string(), "00bb".to_string()],
+        ));
+        assert_eq!(got, want);
+        // The header parser agrees (last value wins).
+        assert_eq!(out.parent_span_id, SpanId([7; 8]));
+        assert_eq!(out.trace_id.0, [9; 16]);
+    }
 }
