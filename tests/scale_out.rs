@@ -575,7 +575,7 @@ async fn scale_out_matches_the_single_gateway_run() {
     let side_b = start(sidecar_config(gp.grpc), sb).await;
     send(sa.grpc, sb.grpc, &all).await;
     settle(
-        &[single.clone()],
+        std::slice::from_ref(&single),
         std::slice::from_ref(&single_sink),
         sent_spans,
     )
