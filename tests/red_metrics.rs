@@ -38,17 +38,25 @@ fn prometheus_bin() -> PathBuf {
 }
 
 impl Prometheus {
-    fn start() -> Prometheus {
+    /// Starts Prometheus receiving remote write and scraping `scrape` (the `prometheus`
+    /// exporter) every second with exemplar storage on, so it parses our OpenMetrics exemplars.
+    fn start(scrape: &str) -> Prometheus {
         let bin = prometheus_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("prometheus.yml");
-        // Nothing to scrape: samples only arrive by remote write.
-        std::fs::write(&cfg, "global:\n  scrape_interval: 1h\nscrape_configs: []\n")
-            .expect("write");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tailweave\n    \
+                 static_configs:\n      - targets: ['{scrape}']\n"
+            ),
+        )
+        .expect("write");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(bin)
             .arg("--web.enable-remote-write-receiver")
+            .arg("--enable-feature=exemplar-storage")
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
@@ -104,6 +112,24 @@ impl Prometheus {
 
     fn scalar(&self, promql: &str) -> Option<f64> {
         self.query(promql).first().map(|(_, v)| *v)
+    }
+
+    /// The `trace_id` label of every stored exemplar of the series `promql` selects.
+    fn exemplar_trace_ids(&self, promql: &str) -> Vec<String> {
+        let path = format!(
+            "/api/v1/query_exemplars?query={}&start=2000-01-01T00:00:00Z&end=2100-01-01T00:00:00Z",
+            urlencode(promql)
+        );
+        let (st, _, body) = http_request(&self.addr, "GET", &path, &[], &[]).expect("query");
+        let j: Json = serde_json::from_slice(&body).expect("json answer");
+        assert_eq!(st, 200, "exemplar query {promql}: {j}");
+        j["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["exemplars"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["labels"]["trace_id"].as_str().map(str::to_string))
+            .collect()
     }
 }
 
@@ -260,9 +286,10 @@ fn send_workload(c: &Collector, seed: u64) -> Vec<ResourceSpans> {
 
 #[test]
 fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at_kept_traces() {
-    let prom = Prometheus::start();
-    let sink = Sink::start_blocking();
     let ports = Ports::new();
+    let metrics_addr = format!("127.0.0.1:{}", ports.extra[0]);
+    let prom = Prometheus::start(&metrics_addr);
+    let sink = Sink::start_blocking();
     let mut c = Collector::start(&config(&prom, &sink), ports);
     let sent = send_workload(&c, 8);
     let truth = truth_of(&sent);
@@ -308,15 +335,15 @@ fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at
         .sum();
     assert!(errors > 0);
     let got_errors = prom
-        .scalar("sum(traces_span_metrics_calls_total{status_code=\"STATUS_CODE_ERROR\"})")
+        .scalar("sum(traces_span_metrics_calls_total{cluster=\"e2e\",status_code=\"STATUS_CODE_ERROR\"})")
         .expect("error series");
     assert_eq!(got_errors as u64, errors);
     let count = prom
-        .scalar("sum(traces_span_metrics_duration_milliseconds_count)")
+        .scalar("sum(traces_span_metrics_duration_milliseconds_count{cluster=\"e2e\"})")
         .expect("histogram count");
     assert_eq!(count as u64, truth.spans);
     let le50 = prom
-        .scalar("sum(traces_span_metrics_duration_milliseconds_bucket{le=\"50\"})")
+        .scalar("sum(traces_span_metrics_duration_milliseconds_bucket{cluster=\"e2e\",le=\"50\"})")
         .expect("le=50 bucket");
     assert_eq!(le50 as u64, truth.le_50ms);
 
@@ -331,7 +358,6 @@ fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at
         "the sampler dropped traces"
     );
 
-    let metrics_addr = format!("127.0.0.1:{}", ports.extra[0]);
     let exemplars = wait_for("exemplars on /metrics", Duration::from_secs(30), || {
         let (st, hdrs, body) = http_request(
             &metrics_addr,
@@ -358,6 +384,31 @@ fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at
     });
     for id in &exemplars {
         assert!(kept.contains(id), "exemplar {id} is not a kept trace");
+    }
+
+    // The real Prometheus scraped the same counts and stored the exemplars it parsed.
+    let scraped = format!(
+        "sum(traces_span_metrics_calls_total{{job=\"tailweave\",source=\"e2e\"}}) == {}",
+        truth.spans
+    );
+    wait_for("the scraped counts", Duration::from_secs(60), || {
+        prom.scalar(&scraped)
+    });
+    let stored = wait_for(
+        "exemplars stored by Prometheus",
+        Duration::from_secs(60),
+        || {
+            let ids = prom.exemplar_trace_ids(
+                "traces_span_metrics_duration_milliseconds_bucket{job=\"tailweave\"}",
+            );
+            (!ids.is_empty()).then_some(ids)
+        },
+    );
+    for id in &stored {
+        assert!(
+            kept.contains(id),
+            "stored exemplar {id} is not a kept trace"
+        );
     }
 
     // A plain scrape gets the text format without exemplars.
