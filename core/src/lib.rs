@@ -19,6 +19,7 @@ pub mod names;
 pub mod otlp;
 pub mod red;
 pub mod span;
+pub mod tls;
 pub mod wire;
 
 pub use config::{BuildContext, ConfigIssue, SelfInfo};
