@@ -137,23 +137,33 @@ fn apply(span: &mut Span, model: EbpfSpan) {
     span.ebpf = Some(Box::new(model));
 }
 
-/// Interns agent names within one batch: most rows of a batch come from few agents.
+/// Interns the repeated strings of a batch (agent, pod, host, process, endpoint names): rows of
+/// one batch come from few agents and pods, so most lookups hit and share one `Arc`.
 #[derive(Default)]
 pub struct AgentCache {
     recent: Vec<Arc<str>>,
+    next: usize,
 }
 
 impl AgentCache {
+    const SIZE: usize = 32;
+
     fn get(&mut self, s: &str) -> Arc<str> {
         if let Some(a) = self.recent.iter().find(|a| &***a == s) {
             return a.clone();
         }
         let a: Arc<str> = s.into();
-        if self.recent.len() >= 8 {
-            self.recent.remove(0);
+        if self.recent.len() < Self::SIZE {
+            self.recent.push(a.clone());
+        } else {
+            self.recent[self.next] = a.clone();
+            self.next = (self.next + 1) % Self::SIZE;
         }
-        self.recent.push(a.clone());
         a
+    }
+
+    fn opt(&mut self, v: Option<&str>) -> Option<Arc<str>> {
+        v.map(|s| self.get(s))
     }
 }
 
@@ -327,7 +337,7 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
         Ok(Some(i)) => Some(u64::try_from(i).map_err(|_| Malformed::Integer)?),
         Err(()) => return Err(Malformed::Integer),
     };
-    m.endpoint = arc_of(span.attr("df.span.endpoint"));
+    m.endpoint = agents.opt(str_of(span.attr("df.span.endpoint")));
 
     // correlation keys
     m.req_tcp_seq = u32_of(res.attr("df.transport.req_tcp_seq"), Malformed::TcpSeq)?;
@@ -358,17 +368,24 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
         u32_of(res.attr("process.pid_0"), Malformed::Integer)?,
         u32_of(res.attr("process.pid_1"), Malformed::Integer)?,
     ];
+    let mut key = String::with_capacity(48);
     for side in 0..2 {
-        let sfx = |base: &str| -> Option<Arc<str>> {
-            let key = format!("{base}_{side}");
-            arc_of(res.attr(&key))
+        let mut sfx = |base: &str| -> Option<&str> {
+            key.clear();
+            key.push_str(base);
+            key.push('_');
+            key.push(if side == 0 { '0' } else { '1' });
+            str_of(res.attr(&key))
         };
-        m.process_name[side] = sfx("thread.name");
-        m.instance[side] =
+        let process = sfx("thread.name");
+        let instance =
             sfx("df.universal_tag.pod").or_else(|| sfx("df.universal_tag.auto_instance"));
-        m.host[side] = sfx("df.universal_tag.host")
+        let host = sfx("df.universal_tag.host")
             .or_else(|| sfx("df.universal_tag.chost"))
             .or_else(|| sfx("df.universal_tag.pod_node"));
+        m.process_name[side] = agents.opt(process);
+        m.instance[side] = agents.opt(instance);
+        m.host[side] = agents.opt(host);
     }
     m.ip = [
         str_of(res.attr("df.network.ip_0")).and_then(|s| s.parse::<IpAddr>().ok()),
