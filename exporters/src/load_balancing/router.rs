@@ -184,6 +184,9 @@ pub fn trace_of(span: &Span) -> Option<TraceId> {
     }
 }
 
+/// Rounds of "a placed span teaches its keys" per batch; chains in DeepFlow rows are short.
+const MAX_ASSOCIATION_PASSES: usize = 4;
+
 fn trace_hash(t: &TraceId) -> u64 {
     hash(&t.0)
 }
@@ -283,23 +286,50 @@ impl Router {
                 None => unplaced.push(span),
             }
         }
-        if learned && !self.pending.is_empty() {
-            let waiting = std::mem::take(&mut self.pending);
+        // Spans placed through a key teach their other keys too (a MySQL `s-p` row shares only
+        // a TCP sequence with the `c-p` row that shares the syscall id with the keyed call), so
+        // the waiting and the new spans are tried again while placing them teaches something.
+        let mut waiting: Vec<(Option<Instant>, Span)> = Vec::new();
+        if learned {
+            waiting.extend(
+                std::mem::take(&mut self.pending)
+                    .into_iter()
+                    .map(|(d, s)| (Some(d), s)),
+            );
+        }
+        waiting.extend(unplaced.into_iter().map(|s| (None, s)));
+        for _ in 0..MAX_ASSOCIATION_PASSES {
+            let mut progress = false;
+            let mut rest = Vec::with_capacity(waiting.len());
             for (deadline, span) in waiting {
                 match self.lookup(&span) {
                     Some(t) => {
+                        if let Some(m) = span.ebpf.as_deref() {
+                            for k in association_keys(m) {
+                                progress |= self.index.learn(now, k, t, self.cfg.max_entries);
+                            }
+                        }
                         self.stats.associated += 1;
                         self.place(Place::Trace(t), span, &mut out, is_down);
                     }
-                    None => self.pending.push_back((deadline, span)),
+                    None => rest.push((deadline, span)),
                 }
             }
+            waiting = rest;
+            if !progress {
+                break;
+            }
         }
-        for span in unplaced {
-            if let Some(t) = self.lookup(&span) {
-                self.stats.associated += 1;
-                self.place(Place::Trace(t), span, &mut out, is_down);
-            } else if self.cfg.wait.is_zero() {
+        // Spans that waited before keep their place in the queue; new ones join at its end.
+        let (old, new): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(d, _)| d.is_some());
+        let mut requeue: VecDeque<(Instant, Span)> = old
+            .into_iter()
+            .filter_map(|(d, s)| d.map(|d| (d, s)))
+            .collect();
+        requeue.extend(std::mem::take(&mut self.pending));
+        self.pending = requeue;
+        for (_, span) in new {
+            if self.cfg.wait.is_zero() {
                 self.by_key(span, &mut out, is_down);
             } else {
                 if self.pending.len() >= self.cfg.max_pending {

@@ -226,6 +226,31 @@ fn ebpf_span_without_trace_follows_a_trace_seen_with_its_key() {
 }
 
 #[test]
+fn a_span_placed_through_a_key_teaches_its_other_keys() {
+    let mut r = Router::new(&names(3), AssociationConfig::default());
+    let now = Instant::now();
+    // The MySQL server's s-p row (TCP seq only) comes first, then the shop's c-p MySQL row
+    // (same TCP seq, same syscall id as the keyed call), then the keyed call itself.
+    let routed = r.route(
+        now,
+        vec![
+            ebpf(None, 3, 0, 4711),
+            ebpf(None, 2, 99, 4711),
+            ebpf(Some(5), 1, 99, 0),
+        ],
+        &up,
+    );
+    let at = placement(&routed);
+    assert_eq!(at.len(), 3, "nothing waits");
+    assert_eq!(at[&2], at[&1]);
+    assert_eq!(at[&3], at[&1]);
+    assert_eq!(r.stats.associated, 2);
+    // A row sharing only that TCP seq, later: the index learned it from the placed row.
+    let at2 = placement(&r.route(now, vec![ebpf(None, 4, 0, 4711)], &up));
+    assert_eq!(at2[&4], at[&1]);
+}
+
+#[test]
 fn a_waiting_span_is_placed_when_its_trace_shows_up() {
     let cfg = AssociationConfig {
         wait: Duration::from_secs(1),
