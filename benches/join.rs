@@ -63,6 +63,18 @@ fn run(batches: Vec<(Duration, Vec<Span>)>) -> usize {
     emitted + out.drain(..).map(|b| b.len()).sum::<usize>()
 }
 
+/// Resident set size from /proc (0 where unavailable).
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<usize>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
 fn report_memory() {
     let batches = workload(2000, 1);
     let spans: usize = batches.iter().map(|(_, b)| b.len()).sum();
@@ -78,6 +90,7 @@ fn report_memory() {
             resource_bytes += s.resource().raw.len();
         }
     }
+    let rss0 = rss_bytes();
     let mut j = Join::new(JoinConfig::default());
     let t0 = Instant::now();
     let mut out = Vec::new();
@@ -85,8 +98,13 @@ fn report_memory() {
         // One instant: nothing is due, everything stays buffered.
         j.process(t0, SpanBatch::new(b), &mut out);
     }
+    let state = rss_bytes().saturating_sub(rss0);
     let held = j.pending_bytes();
     let n = j.pending_spans();
+    println!(
+        "join state beyond the spans themselves (slab, indexes, groups, timers; RSS delta): {:.0} B/span",
+        state as f64 / n.max(1) as f64
+    );
     println!(
         "join memory: {n} of {spans} spans buffered in {} groups; held_bytes {:.0} B/span; encoded span {:.0} B/span \
          (ratio {:.2}); unique resources {:.0} B/span more",
