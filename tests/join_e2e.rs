@@ -69,7 +69,7 @@ fn loadgen(c: &Collector, dir: &Path, args: &[&str]) -> (Vec<TraceTruth>, serde_
             "--ebpf-endpoint",
             &format!("http://127.0.0.1:{}", c.ports.extra[0]),
         ])
-        .args(["--rate", "0", "--connections", "4"])
+        .args(["--connections", "4"])
         .args(args)
         .arg("--truth")
         .arg(&truth)
