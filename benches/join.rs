@@ -121,11 +121,8 @@ fn bench(c: &mut Criterion) {
     report_memory();
     let batches = workload(2000, 10);
     let spans: usize = batches.iter().map(|(_, b)| b.len()).sum();
-    assert_eq!(
-        run(batches.clone()),
-        spans,
-        "every span is emitted: nothing unassociated here"
-    );
+    // Every span comes out; the one response row per trace is merged into its request row.
+    assert_eq!(run(batches.clone()), spans - 2000);
     let mut g = c.benchmark_group("join");
     g.throughput(Throughput::Elements(spans as u64));
     g.sample_size(20);

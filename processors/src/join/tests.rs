@@ -1565,3 +1565,61 @@ fn game_scenario_of_the_bench_joins_into_the_intended_tree() {
         "dangling header"
     );
 }
+
+#[test]
+fn multi_worker_gateway_links_its_process_spans_by_x_request_id() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = example_i();
+    // nginx handed the request to another worker: the syscall chain breaks (E3 gets new ids),
+    // and the X-Request-ID nginx injected links its inbound and outbound process spans.
+    let mut rows: Vec<Span> = ebpf
+        .into_iter()
+        .filter(|s| s.span_id.as_u64() != E2 && s.span_id.as_u64() != E3)
+        .collect();
+    let mut e2 = DfRow::new(E2, "s-p", "nginx-node")
+        .trace(T1, W2)
+        .seqs(1001, 2001)
+        .sys(77, 78)
+        .pids(0, 900)
+        .pods("web-pod", "nginx-pod")
+        .time_us(us(9.2), us(48.8));
+    e2.xreq = [None, Some("rid-42".into())];
+    let mut e3 = DfRow::new(E3, "c-p", "nginx-node")
+        .trace(T1, W2)
+        .seqs(3001, 4001)
+        .sys(91, 92)
+        .pids(900, 0)
+        .pods("nginx-pod", "api-pod")
+        .time_us(us(9.6), us(48.0));
+    e3.xreq = [Some("rid-42".into()), None];
+    rows.push(e2.to_span());
+    rows.push(e3.to_span());
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, rows);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    let e3 = find(&unit, E3);
+    assert_eq!(e3.parent_span_id, SpanId::from_u64(E2));
+    assert_eq!(s_attr(e3, VIA).as_deref(), Some("x_request_id"));
+    assert_eq!(find(&unit, A1).parent_span_id, SpanId::from_u64(E4));
+}
+
+#[test]
+fn emit_clock_offset_writes_the_estimated_agent_offset() {
+    let cfg = JoinConfig {
+        emit_clock_offset: true,
+        ..Default::default()
+    };
+    let mut j = join(cfg);
+    let t0 = Instant::now();
+    let (sdk, ebpf) = example_iii(true);
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    // join.md §9 (iii): agent B's offset is estimated at 1.7 ms (true skew 2.0).
+    assert_eq!(
+        i_attr(find(&unit, R3), super::output::CLOCK_OFFSET),
+        Some(1700)
+    );
+    assert_eq!(i_attr(find(&unit, R1), super::output::CLOCK_OFFSET), None);
+}
