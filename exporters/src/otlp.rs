@@ -17,6 +17,7 @@ use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::otlp::encode_request;
 use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use tailweave_core::tls::{ClientTlsSettings, ALPN_H2};
 use tailweave_core::{ComponentError, ExportError, Span};
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
@@ -39,14 +40,12 @@ pub enum Compression {
     None,
 }
 
-/// `tls`: transport security of the connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// Plaintext, no TLS. TLS itself is not implemented yet, so this must be `true` unless the
-    /// endpoint says `http://`. Default `false`, as in the Collector.
-    pub insecure: bool,
-}
+/// `tls`: transport security of the connection (`insecure`, `ca_file`, `cert_file`, `key_file`,
+/// `server_name_override`); see [`ClientTlsSettings`].
+pub type TlsConfig = ClientTlsSettings;
+
+mod connect;
+pub use connect::Connector;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -125,20 +124,54 @@ fn parse_grpc_endpoint(endpoint: &str) -> Result<Target, String> {
     })
 }
 
-/// Checks the TLS choice shared by both OTLP exporters. `plaintext_scheme` as in [`Target`].
-pub(crate) fn tls_issue(tls: &TlsConfig, plaintext_scheme: Option<bool>) -> Option<ConfigIssue> {
+/// Checks the TLS choice of the gRPC exporter. `plaintext_scheme` as in [`Target`]: `http://`
+/// means plaintext (as in the Collector), `https://` TLS, no scheme TLS unless `tls.insecure`.
+pub(crate) fn tls_issue(tls: &TlsConfig, plaintext_scheme: Option<bool>) -> Vec<ConfigIssue> {
+    let mut out = tls.validate("tls");
     match plaintext_scheme {
-        Some(false) => Some(ConfigIssue::new(
+        Some(true) if tls.has_tls_settings() => out.push(ConfigIssue::new(
             "endpoint",
-            "https:// needs TLS, which this exporter does not implement yet; use http:// (plaintext)",
+            "http:// means plaintext, so the tls settings would be ignored; use https:// or no scheme",
         )),
-        Some(true) => None,
-        None if tls.insecure => None,
-        None => Some(ConfigIssue::new(
+        Some(false) if tls.insecure => out.push(ConfigIssue::new(
             "tls.insecure",
-            "TLS is not implemented yet: set `tls: {insecure: true}` for plaintext, or give an http:// endpoint",
+            "https:// needs TLS; remove insecure: true or use http://",
         )),
+        _ => {}
     }
+    out
+}
+
+/// Whether this exporter encrypts: the endpoint's scheme, else `tls.insecure`.
+fn uses_tls(tls: &TlsConfig, plaintext_scheme: Option<bool>) -> bool {
+    match plaintext_scheme {
+        Some(plain) => !plain,
+        None => !tls.insecure,
+    }
+}
+
+/// The connector of an exporter: TLS with the rustls config built from `tls`, offering `alpn`.
+pub(crate) fn connector(
+    tls: &TlsConfig,
+    encrypt: bool,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<Connector, String> {
+    let timeout = (!timeout.is_zero()).then_some(timeout);
+    if !encrypt {
+        return Ok(Connector::new(timeout, None));
+    }
+    let cfg = tls
+        .client_config(&[alpn])
+        .map_err(|e| format!("tls: {e}"))?;
+    let name = match &tls.server_name_override {
+        Some(n) => Some(
+            tls.server_name(n)
+                .map_err(|e| format!("tls.server_name_override: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Connector::new(timeout, Some((cfg, name))))
 }
 
 fn grpc_metadata(headers: &BTreeMap<String, String>) -> Result<MetadataMap, Vec<ConfigIssue>> {
@@ -213,12 +246,13 @@ impl OtlpExporterConfig {
             parse_grpc_endpoint(&self.endpoint).map_err(|m| ComponentError::build(id, m))?;
         let headers = grpc_metadata(&self.headers)
             .map_err(|_| ComponentError::build(id, "headers: invalid gRPC metadata".to_string()))?;
-        let mut endpoint = Channel::from_shared(format!("http://{}", target.authority))
+        // Always http:// to tonic: the connector does the TLS (see `connect`).
+        let endpoint = Channel::from_shared(format!("http://{}", target.authority))
             .map_err(|e| ComponentError::build(id, format!("endpoint: {e}")))?;
-        if !self.timeout.is_zero() {
-            endpoint = endpoint.connect_timeout(self.timeout);
-        }
-        let channel = endpoint.connect_lazy();
+        let encrypt = uses_tls(&self.tls, target.plaintext_scheme);
+        let connector = connector(&self.tls, encrypt, ALPN_H2, self.timeout)
+            .map_err(|m| ComponentError::build(id, m))?;
+        let channel = endpoint.connect_with_connector_lazy(connector);
         Ok(GrpcExporter {
             target: target.authority,
             channel,
@@ -466,12 +500,31 @@ mod tests {
     }
 
     #[test]
-    fn tls_must_be_insecure_for_now() {
-        assert_eq!(paths(&cfg("endpoint: localhost:4317")), ["tls.insecure"]);
-        assert!(paths(&cfg("endpoint: localhost:4317\ntls: {insecure: true}")).is_empty());
+    fn tls_follows_the_scheme_then_insecure() {
+        let tls = |y: &str| {
+            let c = cfg(y);
+            let t = parse_grpc_endpoint(&c.endpoint).unwrap();
+            (paths(&c), uses_tls(&c.tls, t.plaintext_scheme))
+        };
+        // As in the Collector: no scheme means TLS unless insecure; http:// is plaintext.
+        assert_eq!(tls("endpoint: localhost:4317"), (vec![], true));
         assert_eq!(
-            paths(&cfg("endpoint: https://localhost:4317")),
+            tls("endpoint: localhost:4317\ntls: {insecure: true}"),
+            (vec![], false)
+        );
+        assert_eq!(tls("endpoint: http://localhost:4317"), (vec![], false));
+        assert_eq!(tls("endpoint: https://localhost:4317"), (vec![], true));
+        assert_eq!(
+            tls("endpoint: https://localhost:4317\ntls: {insecure: true}").0,
+            ["tls.insecure"]
+        );
+        assert_eq!(
+            tls("endpoint: http://localhost:4317\ntls: {ca_file: /ca.pem}").0,
             ["endpoint"]
+        );
+        assert_eq!(
+            tls("endpoint: localhost:4317\ntls: {cert_file: /c.pem}").0,
+            ["tls.key_file"]
         );
     }
 
@@ -496,7 +549,7 @@ mod tests {
     fn unknown_keys_and_compression_are_refused() {
         let bad = serde_yaml::from_str("endpoint: x:1\ncompression: zstd").unwrap();
         assert!(tailweave_core::config::parse::<OtlpExporterConfig>(bad).is_err());
-        let bad = serde_yaml::from_str("endpoint: x:1\ntls: {ca_file: /x}").unwrap();
+        let bad = serde_yaml::from_str("endpoint: x:1\ntls: {ca: /x}").unwrap();
         let e = tailweave_core::config::parse::<OtlpExporterConfig>(bad)
             .err()
             .unwrap();

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
@@ -28,9 +27,10 @@ use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::otlp::encode_request;
 use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use tailweave_core::tls::ALPN_HTTP1;
 use tailweave_core::{ComponentError, ExportError, Span};
 
-use crate::otlp::{Compression, TlsConfig};
+use crate::otlp::{Compression, Connector, TlsConfig};
 use crate::queue::{self, Accepted, Destination, ExportSettings, RetryConfig, SendingQueueConfig};
 use crate::RunningExporter;
 
@@ -48,7 +48,9 @@ pub struct OtlpHttpExporterConfig {
     pub endpoint: String,
     /// Full URL for traces; overrides `endpoint`. Default none.
     pub traces_endpoint: Option<String>,
-    /// Accepted for Collector compatibility; the URL scheme decides (only `http://` works now).
+    /// TLS settings for an `https://` URL (`ca_file`, `cert_file`, `key_file`,
+    /// `server_name_override`); the URL's scheme decides whether TLS is used. Default: system roots,
+    /// no client certificate.
     pub tls: TlsConfig,
     /// HTTP headers sent with every request (e.g. `authorization`). Default none.
     pub headers: BTreeMap<String, String>,
@@ -109,17 +111,11 @@ impl OtlpHttpExporterConfig {
         let uri = Uri::from_str(&raw)
             .map_err(|e| ConfigIssue::new(key, format!("{raw:?} is not a URL: {e}")))?;
         match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(ConfigIssue::new(
-                    key,
-                    "https:// needs TLS, which this exporter does not implement yet; use http://",
-                ))
-            }
+            Some("http") | Some("https") => {}
             _ => {
                 return Err(ConfigIssue::new(
                     key,
-                    format!("{raw:?}: the URL must start with http://"),
+                    format!("{raw:?}: the URL must start with http:// or https://"),
                 ))
             }
         }
@@ -161,8 +157,27 @@ impl OtlpHttpExporterConfig {
 
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut out = Vec::new();
-        if let Err(i) = self.url() {
-            out.push(i);
+        match self.url() {
+            Err(i) => out.push(i),
+            Ok(u) => {
+                out.extend(self.tls.validate("tls"));
+                let key = if self.traces_endpoint.is_some() {
+                    "traces_endpoint"
+                } else {
+                    "endpoint"
+                };
+                match u.scheme_str() {
+                    Some("http") if self.tls.has_tls_settings() => out.push(ConfigIssue::new(
+                        key,
+                        "http:// means plaintext, so the tls settings would be ignored; use https://",
+                    )),
+                    Some("https") if self.tls.insecure => out.push(ConfigIssue::new(
+                        "tls.insecure",
+                        "https:// needs TLS; remove insecure: true or use http://",
+                    )),
+                    _ => {}
+                }
+            }
         }
         if let Err(i) = self.header_map() {
             out.extend(i);
@@ -179,7 +194,12 @@ impl OtlpHttpExporterConfig {
         let Some(host) = uri.host() else {
             return Vec::new();
         };
-        vec![format!("{host}:{}", uri.port_u16().unwrap_or(80))]
+        let default_port = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        vec![format!("{host}:{}", uri.port_u16().unwrap_or(default_port))]
     }
 
     /// The destination without its queue (for tests and for callers that bring their own queue).
@@ -195,9 +215,9 @@ impl OtlpHttpExporterConfig {
         let headers = self
             .header_map()
             .map_err(|_| ComponentError::build(id, "headers: invalid HTTP header"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout((!self.timeout.is_zero()).then_some(self.timeout));
+        let encrypt = url.scheme_str() == Some("https");
+        let connector = crate::otlp::connector(&self.tls, encrypt, ALPN_HTTP1, self.timeout)
+            .map_err(|m| ComponentError::build(id, m))?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(HttpExporter {
             url,
@@ -223,7 +243,7 @@ pub struct HttpExporter {
     url: Uri,
     headers: HeaderMap,
     compression: Compression,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
 }
 
 #[async_trait]
@@ -373,7 +393,16 @@ mod tests {
         let paths =
             |y: &str| -> Vec<String> { cfg(y).validate().into_iter().map(|i| i.path).collect() };
         assert_eq!(paths("{}"), ["endpoint"]);
-        assert_eq!(paths("endpoint: https://h:4318"), ["endpoint"]);
+        assert!(paths("endpoint: https://h:4318").is_empty());
+        assert_eq!(
+            paths("endpoint: http://h:4318\ntls: {ca_file: /ca.pem}"),
+            ["endpoint"]
+        );
+        assert_eq!(
+            paths("endpoint: https://h:4318\ntls: {insecure: true}"),
+            ["tls.insecure"]
+        );
+        assert_eq!(cfg("endpoint: https://h").endpoints(), ["h:443"]);
         assert_eq!(
             paths("traces_endpoint: h:4318/v1/traces"),
             ["traces_endpoint"]
