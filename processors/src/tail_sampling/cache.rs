@@ -55,6 +55,13 @@ impl<V: Copy> Ring<V> {
     fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Oldest first.
+    fn iter(&self) -> impl Iterator<Item = (u64, V)> + '_ {
+        self.order
+            .iter()
+            .filter_map(|k| self.map.get(k).map(|v| (*k, *v)))
+    }
 }
 
 pub(crate) struct DecisionCache {
@@ -78,7 +85,10 @@ impl DecisionCache {
     }
 
     pub fn remember(&mut self, id: &TraceId, c: Cached) {
-        let k = key(id);
+        self.remember_key(key(id), c)
+    }
+
+    pub fn remember_key(&mut self, k: u64, c: Cached) {
         match c {
             Cached::Kept { policy, adjusted } => self.kept.insert(k, (policy, adjusted)),
             Cached::Dropped => self.dropped.insert(k, ()),
@@ -91,6 +101,18 @@ impl DecisionCache {
             return Some(Cached::Kept { policy, adjusted });
         }
         self.dropped.get(k).map(|()| Cached::Dropped)
+    }
+
+    /// Every remembered decision by key, each ring oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Cached)> + '_ {
+        self.dropped
+            .iter()
+            .map(|(k, ())| (k, Cached::Dropped))
+            .chain(
+                self.kept
+                    .iter()
+                    .map(|(k, (policy, adjusted))| (k, Cached::Kept { policy, adjusted })),
+            )
     }
 
     /// (kept, dropped) ids remembered.

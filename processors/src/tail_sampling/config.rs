@@ -44,6 +44,17 @@ pub enum OnFull {
     Backpressure,
 }
 
+/// Where undecided traces and decisions live across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// In memory only: a restart forgets buffered traces and decisions.
+    #[default]
+    None,
+    /// An append-only log under `directory`, replayed at start.
+    File,
+}
+
 /// Settings of the `tail_sampling` processor.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +114,14 @@ pub struct TailSamplingConfig {
     /// Policy sets per tenant value; traces of other tenants use `policies`.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// `file`: keep the spans of undecided traces and recent decisions in a log under
+    /// `directory`, so a restart (even `kill -9`) neither loses buffered traces nor decides a
+    /// trace again. Default `none`.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// Directory of the log with `storage: file` (one file per pipeline and processor).
+    #[serde(default)]
+    pub directory: Option<std::path::PathBuf>,
 }
 
 impl Default for TailSamplingConfig {
@@ -122,6 +141,8 @@ impl Default for TailSamplingConfig {
             policies: Vec::new(),
             tenant_key: None,
             tenants: BTreeMap::new(),
+            storage: StorageKind::None,
+            directory: None,
         }
     }
 }
@@ -520,6 +541,12 @@ impl TailSamplingConfig {
             out.push(ConfigIssue::new(
                 "max_trace_bytes",
                 "must be greater than 0",
+            ));
+        }
+        if self.storage == StorageKind::File && self.directory.is_none() {
+            out.push(ConfigIssue::new(
+                "directory",
+                "`storage: file` needs a directory for its log",
             ));
         }
         if self.policies.is_empty() {

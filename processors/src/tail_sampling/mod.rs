@@ -6,6 +6,7 @@
 //!   caps and tenants) and its validation.
 //! - `policy`: compiled policies and how a policy set votes on one trace.
 //! - `cache`: remembered decisions for late spans.
+//! - `storage`: the optional restart-safe log (`storage: file`).
 //! - this file: the state machine (`process`, `tick`, `shutdown`) and its self-metrics.
 //!
 //! # Triggers
@@ -26,6 +27,7 @@ pub mod config;
 
 mod cache;
 mod policy;
+mod storage;
 #[cfg(test)]
 mod tests;
 
@@ -40,10 +42,11 @@ use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use tailweave_core::wire::put_len_field;
 use tailweave_core::{ComponentError, Processor, Span, SpanBatch, TraceId};
 
-pub use config::{OnFull, PolicyConfig, PolicyKind, TailSamplingConfig};
+pub use config::{OnFull, PolicyConfig, PolicyKind, StorageKind, TailSamplingConfig};
 
 use cache::{Cached, DecisionCache};
 use policy::{Ctx, Outcome, PolicySet, Summary, TraceView};
+use storage::Storage;
 
 /// Span attribute naming the policy that kept the trace.
 pub const ATTR_POLICY: &str = "sampling.policy";
@@ -70,6 +73,8 @@ pub const METRIC_SPANS_IN_MEMORY: &str = "tailweave_tail_sampling_spans_in_memor
 pub const METRIC_BYTES_HELD: &str = "tailweave_tail_sampling_bytes_held";
 /// Seconds from a trace's first span to its decision.
 pub const METRIC_DECISION_LATENCY: &str = "tailweave_tail_sampling_decision_latency_seconds";
+/// Failed writes of the restart-safe log (the processor goes on in memory).
+pub const METRIC_STORAGE_ERRORS: &str = "tailweave_tail_sampling_storage_errors_total";
 /// Kept spans that could not be decoded to add the sampling attributes (forwarded as they were).
 pub const METRIC_ANNOTATE_FAILED: &str = "tailweave_tail_sampling_annotate_failed_spans_total";
 
@@ -144,6 +149,11 @@ pub struct TailSamplingStats {
     pub late_spans_kept: u64,
     pub late_spans_dropped: u64,
     pub annotate_failed: u64,
+    /// Spans of undecided traces read back from the log at start (`storage: file`).
+    pub restored_spans: u64,
+    /// Decisions read back from the log at start.
+    pub restored_decisions: u64,
+    pub storage_errors: u64,
 }
 
 impl TailSamplingStats {
@@ -214,6 +224,7 @@ pub struct TailSampling {
     out_kept: Vec<Span>,
     out_late: Vec<Span>,
     scratch: Vec<TraceId>,
+    storage: Option<Storage>,
 }
 
 impl TailSamplingConfig {
@@ -227,7 +238,13 @@ impl TailSamplingConfig {
                 .join("; ");
             return Err(ComponentError::build(&ctx.id, msg));
         }
-        Ok(TailSampling::new(self, &ctx.id, &ctx.pipeline))
+        TailSampling::open(self, &ctx.id, &ctx.pipeline, Instant::now()).map_err(|e| {
+            let dir = self
+                .directory
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            ComponentError::build(&ctx.id, format!("storage in {}: {e}", dir.display()))
+        })
     }
 }
 
@@ -287,6 +304,100 @@ impl TailSampling {
             out_kept: Vec::new(),
             out_late: Vec::new(),
             scratch: Vec::new(),
+            storage: None,
+        }
+    }
+
+    /// Builds the state machine and, with `storage: file`, replays its log: decisions go back
+    /// into the cache and the spans of traces that were not decided are buffered again (their
+    /// wait starts at `now`).
+    pub fn open(
+        cfg: &TailSamplingConfig,
+        id: &str,
+        pipeline: &str,
+        now: Instant,
+    ) -> std::io::Result<Self> {
+        let mut ts = TailSampling::new(cfg, id, pipeline);
+        let (StorageKind::File, Some(dir)) = (cfg.storage, cfg.directory.as_deref()) else {
+            return Ok(ts);
+        };
+        let name: String = format!("{pipeline}_{id}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let (mut st, replayed) = Storage::open(dir, &name)?;
+        if replayed.truncated > 0 {
+            tracing::warn!(
+                processor = id,
+                bytes = replayed.truncated,
+                "tail_sampling log ended in a torn record; cut it off"
+            );
+        }
+        let mut decided = hashbrown::HashSet::new();
+        for d in replayed.decisions {
+            let c = match d.kept {
+                Some((name, adjusted)) => Cached::Kept {
+                    policy: ts.policy_id(&name),
+                    adjusted,
+                },
+                None => Cached::Dropped,
+            };
+            ts.cache.remember_key(d.key, c);
+            decided.insert(d.key);
+            ts.stats.restored_decisions += 1;
+        }
+        for s in replayed.spans {
+            if !decided.contains(&cache::key(&s.trace_id)) {
+                ts.stats.restored_spans += 1;
+                ts.ingest(now, s);
+            }
+        }
+        tracing::info!(
+            processor = id,
+            spans = ts.stats.restored_spans,
+            decisions = ts.stats.restored_decisions,
+            "tail_sampling state restored"
+        );
+        compact(&mut st, &ts.traces, &ts.arrivals, &ts.cache, &ts.names)?;
+        ts.storage = Some(st);
+        Ok(ts)
+    }
+
+    /// The id of a policy named in the log; a name the config no longer has gets a new entry
+    /// (so late spans of its traces still carry it).
+    fn policy_id(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.names.iter().position(|n| n.name == name) {
+            return i as u32;
+        }
+        self.names.push(PolicyName {
+            name: name.to_string(),
+            tenant: "restored".to_string(),
+        });
+        self.stats.per_policy.push(PolicyCounts::default());
+        self.flushed.per_policy.push(PolicyCounts::default());
+        (self.names.len() - 1) as u32
+    }
+
+    /// Hands the log records to the OS (`sync`: to the disk), compacting when it has grown.
+    fn persist(&mut self, sync: bool) {
+        let Some(st) = &mut self.storage else {
+            return;
+        };
+        let mut r = if sync { st.sync() } else { st.flush() };
+        if r.is_ok() && sync && st.wants_compaction() {
+            r = compact(st, &self.traces, &self.arrivals, &self.cache, &self.names);
+        }
+        if let Err(e) = r {
+            self.stats.storage_errors += 1;
+            if self.stats.storage_errors == 1 {
+                tracing::warn!(processor = %self.id, error = %e, "tail_sampling log write failed");
+            }
         }
     }
 
@@ -342,6 +453,9 @@ impl TailSampling {
     fn ingest(&mut self, now: Instant, span: Span) {
         let id = span.trace_id;
         if let Some(t) = self.traces.get_mut(&id) {
+            if let Some(st) = &mut self.storage {
+                st.span(&span);
+            }
             let before = t.bytes;
             add_span(t, now, span, self.after_root, &mut self.timers);
             self.span_bytes += t.bytes - before;
@@ -374,6 +488,9 @@ impl TailSampling {
             };
             self.timers.push(Reverse((deadline, seq, id)));
             self.arrivals.push_back((seq, id));
+            if let Some(st) = &mut self.storage {
+                st.span(&span);
+            }
             add_span(&mut t, now, span, self.after_root, &mut self.timers);
             self.span_bytes += t.bytes;
             self.spans_held += 1;
@@ -464,6 +581,12 @@ impl TailSampling {
                     self.out_kept.push(s);
                 }
                 self.cache.remember(id, Cached::Kept { policy, adjusted });
+                if let Some(st) = &mut self.storage {
+                    st.decision(
+                        cache::key(id),
+                        Some((&self.names[policy as usize].name, adjusted)),
+                    );
+                }
             }
             Outcome::Dropped { policy } => {
                 self.stats.traces_dropped += 1;
@@ -480,6 +603,9 @@ impl TailSampling {
                     }
                 }
                 self.cache.remember(id, Cached::Dropped);
+                if let Some(st) = &mut self.storage {
+                    st.decision(cache::key(id), None);
+                }
             }
         }
     }
@@ -616,6 +742,10 @@ impl TailSampling {
             metrics::counter!(METRIC_LATE_SPANS, "processor" => id.clone(), "pipeline" => pipeline.clone(), "outcome" => "dropped")
                 .increment(s.late_spans_dropped - f.late_spans_dropped);
         }
+        if s.storage_errors > f.storage_errors {
+            metrics::counter!(METRIC_STORAGE_ERRORS, "processor" => id.clone(), "pipeline" => pipeline.clone())
+                .increment(s.storage_errors - f.storage_errors);
+        }
         if s.annotate_failed > f.annotate_failed {
             metrics::counter!(METRIC_ANNOTATE_FAILED, "processor" => id.clone(), "pipeline" => pipeline.clone())
                 .increment(s.annotate_failed - f.annotate_failed);
@@ -633,6 +763,25 @@ impl TailSampling {
         }
         self.flushed = self.stats.clone();
     }
+}
+
+/// Rewrites the log from the live state: remembered decisions, then the spans of undecided
+/// traces in arrival order.
+fn compact(
+    st: &mut Storage,
+    traces: &HashMap<TraceId, Trace>,
+    arrivals: &VecDeque<(u64, TraceId)>,
+    cache: &DecisionCache,
+    names: &[PolicyName],
+) -> std::io::Result<()> {
+    let spans = arrivals
+        .iter()
+        .filter_map(|(seq, id)| traces.get(id).filter(|t| t.seq == *seq))
+        .flat_map(|t| t.spans.iter());
+    let decisions = cache
+        .iter()
+        .map(|(k, c)| (k, storage::logged(c, |p| names[p as usize].name.as_str())));
+    st.compact(spans, decisions)
 }
 
 /// Appends a span to its trace, keeping the summary, the byte count and the root deadline.
@@ -753,11 +902,13 @@ impl Processor for TailSampling {
                 self.ingest(now, s);
             }
         }
+        self.persist(false);
         self.emit(out);
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         self.expire(now);
+        self.persist(true);
         self.emit(out);
         self.flush_metrics();
     }
@@ -772,6 +923,14 @@ impl Processor for TailSampling {
 
     fn shutdown(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         while self.decide_oldest(now, Trigger::Shutdown) {}
+        self.persist(true);
+        if let Some(st) = &mut self.storage {
+            // Only decisions are left: the next start needs them for late spans.
+            if let Err(e) = compact(st, &self.traces, &self.arrivals, &self.cache, &self.names) {
+                self.stats.storage_errors += 1;
+                tracing::warn!(processor = %self.id, error = %e, "tail_sampling log compaction failed");
+            }
+        }
         self.emit(out);
         self.flush_metrics();
     }

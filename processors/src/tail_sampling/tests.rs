@@ -1067,3 +1067,147 @@ fn appended_attributes_decode_like_an_edit() {
     // The header is untouched.
     assert_eq!((fast.trace_id, fast.span_id), (slow.trace_id, slow.span_id));
 }
+
+// ---------------------------------------------------------------- restart-safe storage
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tailweave-ts-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    fn log(&self) -> std::path::PathBuf {
+        self.0.join("traces_tail_sampling.log")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn stored(dir: &TempDir, policies: &str) -> String {
+    format!("storage: file\ndirectory: {}\n{policies}", dir.0.display())
+}
+
+fn open(yaml: &str, now: Instant) -> TailSampling {
+    let c = config(yaml);
+    assert!(c.validate().is_empty(), "{:?}", c.validate());
+    TailSampling::open(&c, "tail_sampling", "traces", now).expect("opens")
+}
+
+#[test]
+fn storage_file_needs_a_directory() {
+    let i = issues("storage: file\npolicies: [{name: all, type: always_sample}]");
+    assert!(i.iter().any(|m| m.starts_with("directory:")), "{i:?}");
+}
+
+#[test]
+fn a_restart_keeps_buffered_traces_and_decisions() {
+    let dir = TempDir::new("restart");
+    let y = stored(
+        &dir,
+        "policies: [{name: e, type: status_code, status_code: {status_codes: [ERROR]}}]",
+    );
+    let t0 = Instant::now();
+    let (pending, kept, dropped) = (tid(1), tid(2), tid(3));
+    {
+        let mut a = open(&y, t0);
+        let mut out = Vec::new();
+        let spans = vec![
+            root(pending, 1).error().res("service.name", s("a")).build(),
+            child(pending, 2).build(),
+        ];
+        a.process(t0, SpanBatch::new(spans), &mut out);
+        let whole = vec![root(kept, 1).error().build(), root(dropped, 1).build()];
+        a.process(t0, SpanBatch::whole(whole), &mut out);
+        assert_eq!(flat(out).len(), 1);
+        // Dropped here without shutdown: as after `kill -9`.
+    }
+    let t1 = t0 + Duration::from_secs(100);
+    let mut b = open(&y, t1);
+    assert_eq!(b.traces_held(), 1);
+    assert_eq!(b.spans_held(), 2);
+    assert_eq!(b.stats().restored_spans, 2);
+    assert_eq!(b.stats().restored_decisions, 2);
+    let mut out = Vec::new();
+    // Late spans follow the decisions made before the restart, and are not decided again.
+    let late = vec![child(kept, 5).build(), child(dropped, 5).error().build()];
+    b.process(t1, SpanBatch::new(late), &mut out);
+    let out = flat(out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].trace_id, kept);
+    assert_eq!(attr_str(&out[0], ATTR_POLICY).as_deref(), Some("e"));
+    // The restored trace waits again from the restart and keeps its resource.
+    let mut out = Vec::new();
+    b.tick(t1 + Duration::from_secs(2), &mut out);
+    let out = flat(out);
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().any(|s| s.resource().service_name() == Some("a")));
+}
+
+#[test]
+fn a_torn_last_record_is_cut_off_and_the_rest_replayed() {
+    let dir = TempDir::new("torn");
+    let y = stored(&dir, ALWAYS);
+    let t0 = Instant::now();
+    {
+        let mut a = open(&y, t0);
+        let mut out = Vec::new();
+        a.process(t0, SpanBatch::new(vec![child(tid(1), 2).build()]), &mut out);
+    }
+    let len = std::fs::metadata(dir.log()).expect("log").len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.log())
+            .expect("log");
+        // A span record whose payload never made it to disk.
+        f.write_all(&[2, 200, 0, 0, 0, 1, 2, 3]).expect("write");
+    }
+    let b = open(&y, t0);
+    assert_eq!(b.traces_held(), 1);
+    assert!(std::fs::metadata(dir.log()).expect("log").len() >= len);
+    drop(b);
+    // A flipped byte in the middle fails its check: replay stops before it.
+    let mut data = std::fs::read(dir.log()).expect("log");
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(dir.log(), &data).expect("write");
+    let c = open(&y, t0);
+    assert_eq!(c.traces_held(), 0);
+}
+
+#[test]
+fn shutdown_compacts_the_log_to_decisions() {
+    let dir = TempDir::new("compact");
+    let y = stored(&dir, ALWAYS);
+    let t0 = Instant::now();
+    let mut a = open(&y, t0);
+    let mut out = Vec::new();
+    let blob = "x".repeat(10_000);
+    for n in 0..20 {
+        let spans = vec![child(tid(n), 2).attr("b", s(&blob)).build()];
+        a.process(t0, SpanBatch::new(spans), &mut out);
+    }
+    let before = std::fs::metadata(dir.log()).expect("log").len();
+    assert!(before > 200_000);
+    a.shutdown(t0, &mut out);
+    assert_eq!(flat(out).len(), 20);
+    let after = std::fs::metadata(dir.log()).expect("log").len();
+    assert!(after < 2_000, "log still {after} bytes");
+    let b = open(&y, t0);
+    assert_eq!(b.traces_held(), 0);
+    assert_eq!(b.cached_decisions(), (20, 0));
+}
