@@ -506,3 +506,63 @@ pub(crate) mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    use super::tests::ev;
+    use super::*;
+    use crate::ebpf::span::SpanBuilder;
+
+    /// Spans per second one core turns kernel events into (decode, parse, pair, build).
+    /// A measurement, not a check: `cargo test --release -p tailweave-receivers throughput --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; run with --ignored --nocapture"]
+    fn spans_per_second_on_one_core() {
+        let limits = Limits {
+            max_sockets: 65536,
+            max_pending: 64,
+            request_timeout_ns: u64::MAX / 4,
+            detect_tries: 8,
+        };
+        let mut t = Tracker::new(limits, 0);
+        let mut b = SpanBuilder::new("node", "node");
+        let req = b"GET /api/cart/42?x=1 HTTP/1.1\r\nHost: shop\r\nUser-Agent: wrk\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nX-Request-ID: 7f3a\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
+        let n = 200_000u64;
+        let records: Vec<(Vec<u8>, Vec<u8>)> = (0..256u64)
+            .map(|sk| {
+                let q = ev(sk, Dir::Ingress, 1, 1, req).event().encode();
+                let r = ev(sk, Dir::Egress, 1, 2, resp).event().encode();
+                (q, r)
+            })
+            .collect();
+        let mut calls = Vec::new();
+        let mut spans = 0u64;
+        let mut build_time = std::time::Duration::ZERO;
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            let (q, r) = &records[(i % 256) as usize];
+            for rec in [q, r] {
+                if let Ok(e) = Event::decode(rec) {
+                    t.on_event(&e, &mut calls);
+                }
+            }
+            let bt = std::time::Instant::now();
+            for c in calls.drain(..) {
+                let s = b.build(&c);
+                spans += s.raw.len().min(1) as u64;
+            }
+            build_time += bt.elapsed();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{spans} spans from {} events in {secs:.3}s: {:.0} spans/s on one core \
+             ({:.3}s of it building spans)",
+            2 * n,
+            spans as f64 / secs,
+            build_time.as_secs_f64()
+        );
+        assert_eq!(spans, n);
+    }
+}
