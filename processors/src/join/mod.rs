@@ -813,16 +813,24 @@ impl Join {
             &self.tol,
             self.cfg.allow_multiple_trace_ids,
         );
-        let (unit, dropped) = output::apply(members, &plan, unit_trace, self.cfg.emit_clock_offset);
-        for s in &unit {
-            let source = if s.ebpf.is_some() { "ebpf" } else { "sdk" };
-            let via = s
-                .attr(output::VIA)
-                .and_then(|v| v.as_str())
-                .map(via_label)
-                .unwrap_or("root");
-            metrics::counter!(SPANS, "source" => source, "via" => via).increment(1);
+        // Counted from the plan: reading the attributes back would rescan every span.
+        let mut counts: [[u64; 6]; 2] = [[0; 6]; 2];
+        for (i, m) in members.iter().enumerate() {
+            if plan.kept[i] {
+                let src = usize::from(m.model().is_some());
+                counts[src][plan.via[i].map_or(5, |v| v as usize)] += 1;
+            }
         }
+        for (src, row) in counts.iter().enumerate() {
+            for (v, &n) in row.iter().enumerate() {
+                if n > 0 {
+                    let source = if src == 1 { "ebpf" } else { "sdk" };
+                    metrics::counter!(SPANS, "source" => source, "via" => VIA_LABELS[v])
+                        .increment(n);
+                }
+            }
+        }
+        let (unit, dropped) = output::apply(members, &plan, unit_trace, self.cfg.emit_clock_offset);
         self.tombs
             .record(g.tenant, plan.trace_id, &unit, now + self.cfg.wait.late_ttl);
         if !unit.is_empty() {
@@ -872,16 +880,15 @@ impl Join {
     }
 }
 
-fn via_label(s: &str) -> &'static str {
-    match s {
-        "tcp_seq" => "tcp_seq",
-        "span_id" => "span_id",
-        "syscall" => "syscall",
-        "x_request_id" => "x_request_id",
-        "trace_id" => "trace_id",
-        _ => "other",
-    }
-}
+/// `via` labels in `Via` order, then the main root.
+const VIA_LABELS: [&str; 6] = [
+    "tcp_seq",
+    "span_id",
+    "syscall",
+    "x_request_id",
+    "trace_id",
+    "root",
+];
 
 /// The keys of an eBPF span the indexes use, copied out so the state can be borrowed mutably.
 struct Keys {

@@ -113,37 +113,43 @@ pub fn tcp_related(sa: &Span, a: &EbpfSpan, sb: &Span, b: &EbpfSpan, tol: &Tol) 
     ok && !field_conflict(sa, a, sb, b)
 }
 
-/// Request-side attributes compared by §4.3 when the trace ids cannot decide.
-const SAME_KEYS: &[&str] = &["df.http.proxy_client", "http.flavor"];
-const TYPE_KEYS: &[&str] = &[
-    "http.method",
-    "rpc.method",
-    "df.mysql.request_type",
-    "df.postgresql.request_type",
-    "df.dns.request_type",
-];
-const DOMAIN_KEYS: &[&str] = &[
-    "df.request_domain",
-    "df.kafka.request_domain",
-    "df.mqtt.request_domain",
-];
-const RESOURCE_KEYS: &[&str] = &[
-    "df.http.path",
-    "rpc.service",
-    "db.statement",
-    "df.global.request_resource",
-];
-const RESPONSE_KEYS: &[&str] = &[
-    "http.status_code",
-    "df.response_code",
-    "df.dns.response_result",
-];
+/// Span attributes compared by §4.3 when the trace ids cannot decide, in slots so each span's
+/// attributes are scanned once per comparison.
+const SLOTS: usize = 17;
+/// Slots below this index are compared only when the protocols are equal (resource, endpoint).
+const RESOURCE_SLOTS: std::ops::Range<usize> = 10..14;
 
-fn attr_conflict(sa: &Span, sb: &Span, keys: &[&str], limit: usize) -> bool {
-    keys.iter().any(|k| match (sa.attr(k), sb.attr(k)) {
-        (Some(x), Some(y)) => !attr_eq(x, y, limit),
-        _ => false,
+fn slot(key: &str) -> Option<usize> {
+    Some(match key {
+        "df.http.proxy_client" => 0,
+        "http.flavor" => 1,
+        "http.method" => 2,
+        "rpc.method" => 3,
+        "df.mysql.request_type" => 4,
+        "df.postgresql.request_type" => 5,
+        "df.dns.request_type" => 6,
+        "df.request_domain" => 7,
+        "df.kafka.request_domain" => 8,
+        "df.mqtt.request_domain" => 9,
+        "df.http.path" => 10,
+        "rpc.service" => 11,
+        "db.statement" => 12,
+        "df.global.request_resource" => 13,
+        "http.status_code" => 14,
+        "df.response_code" => 15,
+        "df.dns.response_result" => 16,
+        _ => return None,
     })
+}
+
+fn compared_attrs(s: &Span) -> [Option<AttrValue<'_>>; SLOTS] {
+    let mut out = [None; SLOTS];
+    for (k, v) in s.attrs() {
+        if let Some(i) = slot(k) {
+            out[i] = Some(v);
+        }
+    }
+    out
 }
 
 fn attr_eq(x: AttrValue<'_>, y: AttrValue<'_>, limit: usize) -> bool {
@@ -184,11 +190,18 @@ pub fn field_conflict(sa: &Span, a: &EbpfSpan, sb: &Span, b: &EbpfSpan) -> bool 
             return true;
         }
     }
-    attr_conflict(sa, sb, SAME_KEYS, usize::MAX)
-        || attr_conflict(sa, sb, TYPE_KEYS, usize::MAX)
-        || attr_conflict(sa, sb, DOMAIN_KEYS, usize::MAX)
-        || (same_proto && attr_conflict(sa, sb, RESOURCE_KEYS, 1024))
-        || attr_conflict(sa, sb, RESPONSE_KEYS, usize::MAX)
+    let (xa, xb) = (compared_attrs(sa), compared_attrs(sb));
+    (0..SLOTS).any(|i| {
+        if RESOURCE_SLOTS.contains(&i) && !same_proto {
+            return false;
+        }
+        let limit = if RESOURCE_SLOTS.contains(&i) {
+            1024
+        } else {
+            usize::MAX
+        };
+        matches!((xa[i], xb[i]), (Some(x), Some(y)) if !attr_eq(x, y, limit))
+    })
 }
 
 /// Same process (join.md §1): same agent and local pid, or local instance when a pid is missing.

@@ -306,9 +306,13 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
         for bucket in by_req.values().chain(by_resp.values()) {
             for (k, &a) in bucket.iter().enumerate() {
                 for &b in &bucket[k + 1..] {
+                    let (ra, rb) = (find(&mut uf, a), find(&mut uf, b));
+                    if ra == rb {
+                        // Already one hop (the pair shares both seqs): A1 re-checks it anyway.
+                        continue;
+                    }
                     let (ea, eb) = (c.e(a).expect("e"), c.e(b).expect("e"));
                     if rules::tcp_related(&c.ms[a].span, ea, &c.ms[b].span, eb, tol) {
-                        let (ra, rb) = (find(&mut uf, a), find(&mut uf, b));
                         uf[ra.max(rb)] = ra.min(rb);
                     }
                 }
