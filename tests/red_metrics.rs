@@ -419,3 +419,130 @@ fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at
 
     assert!(c.terminate().success());
 }
+
+#[test]
+fn ebpf_spans_of_joined_traces_give_red_series_per_service_and_protocol() {
+    let ports = Ports::new();
+    // Prometheus also scrapes tailweave's own telemetry here; only remote write is asserted.
+    let prom = Prometheus::start(&format!("127.0.0.1:{}", ports.metrics));
+    let yaml = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+  deepflow:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{EXTRA0}}
+processors:
+  join:
+    tenant:
+      sdk_keys: [k8s.namespace.name]
+      ebpf_keys: [df.universal_tag.pod_ns]
+    wait:
+      min: 2s
+      idle: 1s
+      max: 20s
+  span_metrics:
+exporters:
+  prometheus_remote_write:
+    endpoint: http://{prom}/api/v1/write
+    push_interval: 500ms
+    external_labels: {{cluster: joined}}
+extensions:
+  health_check:
+    endpoint: 127.0.0.1:{{HEALTH}}
+service:
+  extensions: [health_check]
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{{METRICS}}
+  pipelines:
+    traces:
+      receivers: [otlp, deepflow]
+      processors: [join, span_metrics]
+      exporters: [prometheus_remote_write]
+"#,
+        prom = prom.addr
+    );
+    let mut c = Collector::start(&yaml, ports);
+    let cfg = ScenarioConfig {
+        scenario: ScenarioKind::Game,
+        traces: 60,
+        shuffle: false,
+        clock_skew_ms: 0,
+        ..Default::default()
+    };
+    let traces = generate(&cfg, 5);
+    // The ground truth of the join: every span it emits, by service and source.
+    let mut want: BTreeMap<(String, bool), u64> = BTreeMap::new();
+    for t in &traces {
+        for s in &t.truth.spans {
+            let ebpf = s.source == tailweave_collector::loadgen::truth::Source::Ebpf;
+            *want.entry((s.service.clone(), ebpf)).or_default() += 1;
+        }
+    }
+    let total: u64 = want.values().sum();
+    assert!(
+        want.keys().any(|(_, ebpf)| *ebpf),
+        "the workload has eBPF spans"
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut sdk = TraceServiceClient::connect(c.grpc_endpoint())
+            .await
+            .expect("connect otlp");
+        let mut df = TraceServiceClient::connect(format!("http://127.0.0.1:{}", ports.extra[0]))
+            .await
+            .expect("connect deepflow");
+        for t in &traces {
+            sdk.export(ExportTraceServiceRequest {
+                resource_spans: t.sdk.clone(),
+            })
+            .await
+            .expect("sdk export");
+        }
+        for t in &traces {
+            df.export(ExportTraceServiceRequest {
+                resource_spans: t.ebpf.clone(),
+            })
+            .await
+            .expect("deepflow export");
+        }
+    });
+
+    let q = format!("sum(traces_span_metrics_calls_total{{cluster=\"joined\"}}) == {total}");
+    wait_for("every joined span counted", Duration::from_secs(90), || {
+        prom.scalar(&q)
+    });
+    let by = |sel: &str| -> BTreeMap<String, u64> {
+        prom.query(&format!(
+            "sum by (service_name) (traces_span_metrics_calls_total{{cluster=\"joined\",{sel}}})"
+        ))
+        .into_iter()
+        .map(|(l, v)| (l.get("service_name").cloned().unwrap_or_default(), v as u64))
+        .collect()
+    };
+    let got_sdk = by("protocol=\"\"");
+    let got_ebpf = by("protocol!=\"\"");
+    let want_of = |ebpf: bool| -> BTreeMap<String, u64> {
+        want.iter()
+            .filter(|((_, e), _)| *e == ebpf)
+            .map(|((s, _), n)| (s.clone(), *n))
+            .collect()
+    };
+    assert_eq!(got_sdk, want_of(false), "SDK spans per service");
+    assert_eq!(got_ebpf, want_of(true), "eBPF spans per service");
+    // Uninstrumented services are keyed by their protocol.
+    let protocols: HashSet<String> = prom
+        .query("count by (protocol) (traces_span_metrics_calls_total{cluster=\"joined\",protocol!=\"\"})")
+        .into_iter()
+        .filter_map(|(l, _)| l.get("protocol").cloned())
+        .collect();
+    for p in ["MySQL", "Redis"] {
+        assert!(protocols.contains(p), "{p} in {protocols:?}");
+    }
+    assert!(c.terminate().success());
+}
