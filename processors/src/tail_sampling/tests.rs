@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use tailweave_core::proto::tonic::resource::v1::Resource as ProtoResource;
@@ -1210,4 +1212,172 @@ fn shutdown_compacts_the_log_to_decisions() {
     let b = open(&y, t0);
     assert_eq!(b.traces_held(), 0);
     assert_eq!(b.cached_decisions(), (20, 0));
+}
+
+// ---------------------------------------------------------------- self-metrics
+
+/// Records what the processor reports, keyed `name{k=v,...}` with labels sorted.
+#[derive(Default)]
+struct TestRecorder {
+    counters: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Cell>>>,
+}
+
+#[derive(Default)]
+struct Cell(std::sync::Mutex<f64>);
+
+impl metrics::CounterFn for Cell {
+    fn increment(&self, v: u64) {
+        *self.0.lock().unwrap() += v as f64;
+    }
+    fn absolute(&self, v: u64) {
+        *self.0.lock().unwrap() = v as f64;
+    }
+}
+impl metrics::GaugeFn for Cell {
+    fn increment(&self, v: f64) {
+        *self.0.lock().unwrap() += v;
+    }
+    fn decrement(&self, v: f64) {
+        *self.0.lock().unwrap() -= v;
+    }
+    fn set(&self, v: f64) {
+        *self.0.lock().unwrap() = v;
+    }
+}
+impl metrics::HistogramFn for Cell {
+    // A histogram cell counts its samples.
+    fn record(&self, _v: f64) {
+        *self.0.lock().unwrap() += 1.0;
+    }
+}
+
+impl TestRecorder {
+    fn cell(&self, key: &metrics::Key) -> Arc<Cell> {
+        let mut labels: Vec<String> = key
+            .labels()
+            .filter(|l| l.key() != "processor" && l.key() != "pipeline")
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        let k = format!("{}{{{}}}", key.name(), labels.join(","));
+        self.counters.lock().unwrap().entry(k).or_default().clone()
+    }
+    fn get(&self, k: &str) -> f64 {
+        self.counters
+            .lock()
+            .unwrap()
+            .get(k)
+            .map_or(0.0, |c| *c.0.lock().unwrap())
+    }
+}
+
+impl metrics::Recorder for TestRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(self.cell(key))
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::from_arc(self.cell(key))
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(self.cell(key))
+    }
+}
+
+#[test]
+fn self_metrics_report_decisions_late_spans_and_memory() {
+    let rec = TestRecorder::default();
+    metrics::with_local_recorder(&rec, || {
+        let mut r = Run::new(&format!("num_traces: 2\n{MISSION}"));
+        let h = Probabilistic::new("", 10.0);
+        let plain = (0..100)
+            .find(|n| !h.keeps(&tid(*n)))
+            .expect("some id is not kept");
+        r.send_whole(0, vec![root(tid(1000), 1).error(), child(tid(1000), 2)]);
+        r.send_whole(1, vec![root(tid(plain), 1)]);
+        r.send(2, vec![child(tid(1000), 3), child(tid(plain), 3)]);
+        r.send(
+            3,
+            vec![
+                child(tid(2001), 2),
+                child(tid(2002), 2),
+                child(tid(2003), 2),
+            ],
+        );
+        r.tick(4);
+        assert_eq!(rec.get("tailweave_tail_sampling_traces_in_memory{}"), 2.0);
+        assert_eq!(rec.get("tailweave_tail_sampling_spans_in_memory{}"), 2.0);
+        assert!(rec.get("tailweave_tail_sampling_bytes_held{}") > 0.0);
+        r.shutdown(5);
+    });
+    let t = "tailweave_tail_sampling_traces_total";
+    assert_eq!(
+        rec.get(&format!(
+            "{t}{{decision=kept,policy=errors,tenant=default}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_spans_total{decision=kept,policy=errors,tenant=default}"),
+        2.0
+    );
+    // tid(2001) pushed out by the cap is not an error and likely not in the 10%: either way it
+    // is counted once, in kept or dropped.
+    let decided = rec.get(&format!("{t}{{decision=dropped,policy=none}}"))
+        + rec.get(&format!(
+            "{t}{{decision=kept,policy=baseline,tenant=default}}"
+        ))
+        + rec.get(&format!(
+            "{t}{{decision=kept,policy=errors,tenant=default}}"
+        ));
+    assert_eq!(decided, 5.0);
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_late_spans_total{outcome=kept}"),
+        1.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_late_spans_total{outcome=dropped}"),
+        1.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_decisions_total{trigger=whole}"),
+        2.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_early_decisions_total{cause=cap}"),
+        1.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_early_decisions_total{cause=shutdown}"),
+        2.0
+    );
+    assert_eq!(
+        rec.get("tailweave_tail_sampling_decision_latency_seconds{}"),
+        5.0
+    );
+    assert_eq!(rec.get("tailweave_tail_sampling_traces_in_memory{}"), 0.0);
 }
