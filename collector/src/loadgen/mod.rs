@@ -27,6 +27,7 @@ mod rng;
 pub mod scenario;
 pub mod send;
 pub mod truth;
+pub mod wire;
 
 #[cfg(test)]
 mod join_tests;
@@ -289,7 +290,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     } else {
         send::send(
             &send_cfg,
-            Generator::new(scenario, args.seed),
+            Generator::new(scenario, args.seed).wire(),
             |t| write(&t.truth),
             stop,
         )

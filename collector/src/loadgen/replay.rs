@@ -18,8 +18,9 @@ use bytes::Bytes;
 
 use super::rng::Rng;
 use super::scenario::{Generator, ScenarioConfig, ScenarioKind};
-use super::send::{Encoded, Outgoing};
+use super::send::Outgoing;
 use super::truth::TraceTruth;
+use super::wire::Encoded;
 use tailweave_core::span::{hex, unhex};
 
 /// Offsets into one encoded ResourceSpans field of the fields a replay rewrites.

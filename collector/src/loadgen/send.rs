@@ -27,13 +27,13 @@ use http_body_util::{BodyExt, Full};
 use prost::Message;
 use serde::Serialize;
 use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use tailweave_core::proto::tonic::trace::v1::ResourceSpans;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::rng::Rng;
-use super::scenario::{span_count, GeneratedTrace};
+use super::scenario::{GeneratedTrace, WireTrace};
+pub use super::wire::Encoded;
 
 /// Spans handed to the endpoint, by outcome (`outcome` = accepted | refused | failed).
 pub const LOADGEN_SPANS: &str = "tailweave_loadgen_spans_total";
@@ -357,6 +357,12 @@ pub trait Outgoing {
     fn into_wire(self) -> (Vec<Encoded>, Vec<(Encoded, Duration)>);
 }
 
+impl Outgoing for WireTrace {
+    fn into_wire(self) -> (Vec<Encoded>, Vec<(Encoded, Duration)>) {
+        (self.sdk, self.ebpf)
+    }
+}
+
 impl Outgoing for GeneratedTrace {
     fn into_wire(self) -> (Vec<Encoded>, Vec<(Encoded, Duration)>) {
         let sdk = self.sdk.iter().map(Encoded::new).collect();
@@ -367,34 +373,6 @@ impl Outgoing for GeneratedTrace {
             .zip(self.ebpf_delay)
             .collect();
         (sdk, ebpf)
-    }
-}
-
-/// One ResourceSpans, encoded as a `resource_spans` field of `ExportTraceServiceRequest`
-/// (tag, length, message), so that a request body is a concatenation of them.
-pub struct Encoded {
-    pub(crate) field: Bytes,
-    pub(crate) spans: u64,
-}
-
-impl Encoded {
-    /// From bytes that already hold one `resource_spans` field (tag 1, length, message)
-    /// with `spans` spans.
-    pub fn from_field(field: Bytes, spans: u64) -> Encoded {
-        Encoded { field, spans }
-    }
-
-    pub fn new(rs: &ResourceSpans) -> Encoded {
-        let len = rs.encoded_len();
-        let mut buf = Vec::with_capacity(len + 11);
-        // Field 1, wire type 2 (length-delimited).
-        buf.push(0x0a);
-        prost::encoding::encode_varint(len as u64, &mut buf);
-        rs.encode_raw(&mut buf);
-        Encoded {
-            field: Bytes::from(buf),
-            spans: span_count(std::slice::from_ref(rs)) as u64,
-        }
     }
 }
 

@@ -474,3 +474,36 @@ fn sdk_scenario_has_n_spans_a_server_root_and_unchanged_parents() {
         }
     }
 }
+
+#[test]
+fn the_wire_stream_equals_the_encoded_proto_stream() {
+    for cfg in [
+        game(100),
+        ScenarioConfig {
+            split_rate: 1.0,
+            error_rate: 0.5,
+            timeout_rate: 0.3,
+            ..game(50)
+        },
+        ScenarioConfig {
+            scenario: ScenarioKind::Sdk,
+            ..ScenarioConfig::default()
+        },
+    ] {
+        let mut a = Generator::new(cfg.clone(), 77);
+        let mut b = Generator::new(cfg.clone(), 77);
+        for _ in 0..cfg.traces {
+            let p = a.next_trace();
+            let w = b.next_wire();
+            assert_eq!(p.truth, w.truth);
+            let sdk: Vec<ResourceSpans> = w.sdk.iter().map(|e| e.decode().unwrap()).collect();
+            assert_eq!(p.sdk, sdk);
+            assert_eq!(p.ebpf.len(), w.ebpf.len());
+            for ((rs, d), (e, wd)) in p.ebpf.iter().zip(&p.ebpf_delay).zip(&w.ebpf) {
+                assert_eq!(d, wd);
+                assert_eq!(rs, &e.decode().unwrap());
+                assert_eq!(e.spans(), 1);
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use super::*;
-use crate::loadgen::scenario::{generate, ScenarioConfig};
+use crate::loadgen::scenario::{generate, span_count, ScenarioConfig};
 use tailweave_core::proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
