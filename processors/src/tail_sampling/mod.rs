@@ -15,6 +15,24 @@
 //! [`SpanBatch`] marked `whole` (the join assembled it, so there is nothing to wait for); the caps
 //! (`num_traces`, `max_memory_mib`, oldest first, unless `on_full: backpressure`); shutdown.
 //!
+//! # Example
+//! ```yaml
+//! tail_sampling:
+//!   decision_wait: 30s
+//!   decision_wait_after_root: 2s
+//!   num_traces: 100000
+//!   max_memory_mib: 512
+//!   policies:
+//!     - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+//!     - {name: slow, type: latency, latency: {threshold_ms: 500}}
+//!     - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
+//!     - name: no-health-checks
+//!       type: drop
+//!       drop: {drop_sub_policy: [{name: probe, type: string_attribute,
+//!              string_attribute: {key: http.route, values: [/healthz]}}]}
+//! ```
+//! Every kept span carries `sampling.policy` and `sampling.adjusted_count`.
+//!
 //! # Why it is shaped like this
 //! Time is a parameter, so every trigger is tested without sleeping. Deadlines live in one
 //! min-heap with lazy invalidation: a trace has at most two entries, and a deadline that moved

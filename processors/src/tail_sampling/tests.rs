@@ -1381,3 +1381,21 @@ fn self_metrics_report_decisions_late_spans_and_memory() {
     );
     assert_eq!(rec.get("tailweave_tail_sampling_traces_in_memory{}"), 0.0);
 }
+
+#[test]
+fn the_module_doc_example_is_a_valid_config() {
+    let docs = include_str!("mod.rs");
+    let yaml: String = docs
+        .lines()
+        .skip_while(|l| !l.starts_with("//! ```yaml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("//! ```"))
+        .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+        .collect();
+    let v: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("example is YAML");
+    let c: TailSamplingConfig =
+        tailweave_core::config::parse(v.get("tail_sampling").cloned().expect("block"))
+            .expect("example parses");
+    assert!(c.validate().is_empty(), "{:?}", c.validate());
+    assert_eq!(c.policies.len(), 4);
+}
