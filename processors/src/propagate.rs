@@ -15,7 +15,8 @@
 //! The entry span is the root (the earliest one if a broken trace has several), else the earliest
 //! SERVER span. `from: any` takes the entry span's value if it has one, else the earliest span that
 //! has the attribute. A value is read from the span's attributes, else its resource's, and written
-//! as a span attribute with its type kept.
+//! as a span attribute with its type kept. When an uninstrumented edge (an nginx `s-p` eBPF span)
+//! is the root of the joined trace, the entry span has no application attributes: use `from: any`.
 //!
 //! Place it after the join: the join emits each trace as one batch (`SpanBatch.whole`), so every
 //! span of the trace is seen together. A batch that is not whole (no join upstream, or spans that
