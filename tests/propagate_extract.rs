@@ -299,3 +299,61 @@ processors:
     );
     assert!(c.terminate().success());
 }
+
+#[test]
+fn bad_rules_are_config_errors_with_their_key_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:0
+processors:
+  extract:
+    rules:
+      - from: body
+        regex: '(?P<code>\d+'
+      - from: body
+        json: true
+        into: {x: result}
+      - from: body
+        key_value: {separator: ";", pair_separator: ";"}
+  propagate:
+    rules:
+      - attributes: [user.id, user.id]
+exporters:
+  debug:
+service:
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [extract, propagate]
+      exporters: [debug]
+"#,
+    )
+    .expect("write");
+    let out = std::process::Command::new(tailweave_suite::tailweave_bin())
+        .arg("validate")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    for path in [
+        "processors.extract.rules[0].regex",
+        "processors.extract.rules[1].into.x",
+        "processors.extract.rules[2].key_value",
+        "processors.propagate.rules[0].attributes[1]",
+    ] {
+        assert!(text.contains(path), "{path} missing from:\n{text}");
+    }
+}
