@@ -766,3 +766,316 @@ async fn a_gateway_stopped_mid_run_has_its_traces_rerouted_and_none_is_lost() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The game workload with ground truth: join and tail sampling on the gateways
+
+use tailweave_collector::loadgen::scenario::{generate, GeneratedTrace, ScenarioConfig};
+use tailweave_collector::loadgen::truth::{compare, Comparison, TraceTruth};
+
+fn join_gateway_config(sink: &Sink) -> String {
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+  deepflow:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{EXTRA0}}
+processors:
+  self_filter:
+  join:
+    wait: {{min: 3s, idle: 2s, max: 20s}}
+  tail_sampling:
+    decision_wait: 25s
+    policies:
+      - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
+      - {{name: slow, type: latency, latency: {{threshold_ms: 500}}}}
+      - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: 30}}}}
+exporters:
+  otlp:
+    endpoint: {sink}
+    tls: {{insecure: true}}
+{TELEMETRY}
+  pipelines:
+    traces:
+      receivers: [otlp, deepflow]
+      processors: [self_filter, join, tail_sampling]
+      exporters: [otlp]
+"#,
+        sink = sink.endpoint()
+    )
+}
+
+/// The load balancer of the game run: SDK spans from the sidecars, DeepFlow rows on its own port.
+fn join_lb_config(gateways: &[u16]) -> String {
+    lb_config(gateways, "30s").replace(
+        "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:{GRPC}\n",
+        "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:{GRPC}\n  deepflow:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:{EXTRA0}\n",
+    )
+    .replace("receivers: [otlp]", "receivers: [otlp, deepflow]")
+}
+
+fn service_of(rs: &ResourceSpans) -> String {
+    rs.resource
+        .as_ref()
+        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// SDK spans to the two sidecars (each service has its own, by name) and the DeepFlow rows to
+/// `deepflow` as DeepFlow's server exporter sends them (batches of 32 rows), 20 traces at a time
+/// so the rows of a trace arrive within the join's wait.
+async fn send_game(sidecars: [u16; 2], deepflow: u16, traces: &[GeneratedTrace]) {
+    let mut clients = Vec::new();
+    for p in sidecars {
+        clients.push(
+            TraceServiceClient::connect(format!("http://127.0.0.1:{p}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut df = TraceServiceClient::connect(format!("http://127.0.0.1:{deepflow}"))
+        .await
+        .unwrap();
+    for group in traces.chunks(20) {
+        let mut per: [Vec<ResourceSpans>; 2] = [Vec::new(), Vec::new()];
+        for t in group {
+            for rs in &t.sdk {
+                let h = tailweave_exporters::load_balancing::ring::hash(service_of(rs).as_bytes());
+                per[(h % 2) as usize].push(rs.clone());
+            }
+        }
+        for (side, list) in per.into_iter().enumerate() {
+            if !list.is_empty() {
+                clients[side]
+                    .export(ExportTraceServiceRequest {
+                        resource_spans: list,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let rows: Vec<ResourceSpans> = group.iter().flat_map(|t| t.ebpf.clone()).collect();
+        for chunk in rows.chunks(32) {
+            df.export(ExportTraceServiceRequest {
+                resource_spans: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// Waits until the gateways took every span, hold nothing, and their sinks hold every kept span.
+async fn settle_game(gateways: &[std::sync::Arc<Collector>], sinks: &[Sink], sent: u64) {
+    wait_for_async(
+        "gateways took every span",
+        Duration::from_secs(60),
+        || async {
+            let mut n = 0.0;
+            for g in gateways {
+                n += metric(g, "tailweave_join_incoming_spans_total", vec![]).await;
+            }
+            (n as u64 >= sent).then_some(())
+        },
+    )
+    .await;
+    wait_for_async(
+        "join and sampler empty",
+        Duration::from_secs(90),
+        || async {
+            let mut held = 0.0;
+            for g in gateways {
+                held += metric(g, "tailweave_join_pending_spans", vec![]).await;
+                held += metric(g, "tailweave_tail_sampling_spans_in_memory", vec![]).await;
+            }
+            (held == 0.0).then_some(())
+        },
+    )
+    .await;
+    wait_for_async("kept spans delivered", Duration::from_secs(60), || async {
+        let mut kept = 0.0;
+        for g in gateways {
+            kept += metric(
+                g,
+                "tailweave_tail_sampling_spans_total",
+                vec![("decision".into(), "kept".into())],
+            )
+            .await;
+        }
+        let got: usize = sinks.iter().map(|s| s.span_count()).sum();
+        (got as u64 >= kept as u64).then_some(())
+    })
+    .await;
+}
+
+struct GameRun {
+    cmp: Comparison,
+    kept: HashSet<String>,
+    /// Trace ids found at more than one sink.
+    at_several: usize,
+}
+
+fn judge(truth: &[TraceTruth], sinks: &[Sink]) -> GameRun {
+    let known: HashSet<&str> = truth.iter().map(|t| t.trace_id.as_str()).collect();
+    let mut kept = HashSet::new();
+    let mut at_several = 0;
+    let mut observed = Vec::new();
+    let mut seen_at: HashMap<String, usize> = HashMap::new();
+    for (i, s) in sinks.iter().enumerate() {
+        for r in s.spans() {
+            let t = hex(&r.span.trace_id);
+            if known.contains(t.as_str()) {
+                kept.insert(t.clone());
+            }
+            match seen_at.get(&t) {
+                Some(j) if *j != i => at_several += 1,
+                _ => {
+                    seen_at.insert(t, i);
+                }
+            }
+            observed.push(r.span);
+        }
+    }
+    let kept_truth: Vec<TraceTruth> = truth
+        .iter()
+        .filter(|t| kept.contains(&t.trace_id))
+        .cloned()
+        .collect();
+    GameRun {
+        cmp: compare(&kept_truth, &observed),
+        kept,
+        at_several,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_out_of_the_game_workload_matches_the_single_gateway_run() {
+    let cfg = ScenarioConfig {
+        traces: 300,
+        error_rate: 0.05,
+        slow_rate: 0.05,
+        timeout_rate: 0.0,
+        ebpf_delay_ms: 0,
+        shuffle: true,
+        ..ScenarioConfig::default()
+    };
+    let game = generate(&cfg, 42);
+    let truth: Vec<TraceTruth> = game.iter().map(|t| t.truth.clone()).collect();
+    let sent: u64 = game
+        .iter()
+        .map(|t| (t.sdk_span_count() + t.ebpf_span_count()) as u64)
+        .sum();
+
+    // Single gateway, on the same path (sidecars and DeepFlow -> load balancer -> gateway), so
+    // the runs differ only in the number of gateways.
+    let single_sink = Sink::start().await;
+    let gp = Ports::new();
+    let single = start(join_gateway_config(&single_sink), gp).await;
+    let lp1 = Ports::new();
+    let lb1 = start(join_lb_config(&[gp.grpc]), lp1).await;
+    let (sa, sb) = (Ports::new(), Ports::new());
+    let a = start(sidecar_config(lp1.grpc), sa).await;
+    let b = start(sidecar_config(lp1.grpc), sb).await;
+    send_game([sa.grpc, sb.grpc], lp1.extra[0], &game).await;
+    let t0 = std::time::Instant::now();
+    settle_game(
+        std::slice::from_ref(&single),
+        std::slice::from_ref(&single_sink),
+        sent,
+    )
+    .await;
+    eprintln!("single gateway settled in {:?}", t0.elapsed());
+    let one = judge(&truth, std::slice::from_ref(&single_sink));
+    drop((a, b, lb1, single));
+
+    // Two sidecars and DeepFlow -> one load balancer -> three gateways -> three sinks.
+    let sinks = [
+        Sink::start().await,
+        Sink::start().await,
+        Sink::start().await,
+    ];
+    let gports = [Ports::new(), Ports::new(), Ports::new()];
+    let mut gateways = Vec::new();
+    for (s, p) in sinks.iter().zip(gports) {
+        gateways.push(start(join_gateway_config(s), p).await);
+    }
+    let lp = Ports::new();
+    let lb = start(join_lb_config(&gports.map(|p| p.grpc)), lp).await;
+    let (sa, sb) = (Ports::new(), Ports::new());
+    let _a = start(sidecar_config(lp.grpc), sa).await;
+    let _b = start(sidecar_config(lp.grpc), sb).await;
+    send_game([sa.grpc, sb.grpc], lp.extra[0], &game).await;
+    let t0 = std::time::Instant::now();
+    settle_game(&gateways, &sinks, sent).await;
+    eprintln!("three gateways settled in {:?}", t0.elapsed());
+    let three = judge(&truth, &sinks);
+    let by_key = metric(
+        &lb,
+        "tailweave_loadbalancer_unkeyed_spans_total",
+        vec![("outcome".into(), "by_key".into())],
+    )
+    .await;
+    let associated = metric(
+        &lb,
+        "tailweave_loadbalancer_unkeyed_spans_total",
+        vec![("outcome".into(), "associated".into())],
+    )
+    .await;
+    eprintln!(
+        "game: {} traces, {sent} spans; single gateway kept {} ({} complete, {} partial, parents {:.4}); three gateways kept {} ({} complete, {} partial, parents {:.4}, {} spans at a second sink); unkeyed eBPF spans: {} associated, {} by key",
+        truth.len(),
+        one.kept.len(),
+        one.cmp.traces_complete,
+        one.cmp.traces_partial,
+        one.cmp.parent_accuracy(),
+        three.kept.len(),
+        three.cmp.traces_complete,
+        three.cmp.traces_partial,
+        three.cmp.parent_accuracy(),
+        three.at_several,
+        associated as u64,
+        by_key as u64,
+    );
+
+    // Every error and slow trace kept, whole, by both.
+    for run in [&one, &three] {
+        for t in truth.iter().filter(|t| t.error || t.slow) {
+            assert!(
+                run.kept.contains(&t.trace_id),
+                "{} ({}) not kept",
+                t.trace_id,
+                t.case
+            );
+        }
+        let rest: Vec<&TraceTruth> = truth.iter().filter(|t| !t.error && !t.slow).collect();
+        let share = rest
+            .iter()
+            .filter(|t| run.kept.contains(&t.trace_id))
+            .count() as f64
+            / rest.len() as f64;
+        assert!(
+            (0.2..0.4).contains(&share),
+            "kept {share} of the rest, configured 30%"
+        );
+    }
+    assert_eq!(three.at_several, 0, "a trace reached two gateways' sinks");
+    assert_eq!(
+        three.kept, one.kept,
+        "three gateways kept other traces than one"
+    );
+    assert_eq!(three.cmp.traces_partial, 0, "{:?}", three.cmp.examples);
+    assert_eq!(
+        three.cmp, one.cmp,
+        "three gateways joined otherwise than one"
+    );
+}
