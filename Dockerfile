@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # tailweave: multi-stage build, small non-root runtime image.
 #
 #   docker build -t tailweave .
@@ -9,24 +10,13 @@
 ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
-# Manifests first, so the dependency layer is cached across source changes.
-COPY Cargo.toml Cargo.lock ./
-COPY core/Cargo.toml core/Cargo.toml
-COPY receivers/Cargo.toml receivers/Cargo.toml
-COPY processors/Cargo.toml processors/Cargo.toml
-COPY exporters/Cargo.toml exporters/Cargo.toml
-COPY collector/Cargo.toml collector/Cargo.toml
-RUN set -eu; \
-    for c in core receivers processors exporters; do mkdir -p $c/src && echo '' > $c/src/lib.rs; done; \
-    mkdir -p collector/src tests/support benches && echo '' > collector/src/lib.rs \
-      && echo 'fn main() {}' > collector/src/main.rs && echo '' > tests/support/lib.rs; \
-    for b in join sampler; do echo 'fn main() {}' > benches/$b.rs; done; \
-    cargo fetch --locked
 COPY . .
-# `touch` so cargo rebuilds the crates whose placeholder sources were cached above.
-RUN touch core/src/lib.rs receivers/src/lib.rs processors/src/lib.rs exporters/src/lib.rs \
-      collector/src/lib.rs collector/src/main.rs \
-    && cargo build --release --locked -p tailweave-collector --bin tailweave \
+# BuildKit cache mounts keep the registry and the build directory between builds, so a source
+# change recompiles only what changed (no placeholder-manifest trick to keep in sync with the
+# workspace's benches and tests).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p tailweave-collector --bin tailweave \
     && cp target/release/tailweave /tailweave \
     && /tailweave --config pipelines.yaml validate
 
