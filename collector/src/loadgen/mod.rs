@@ -122,7 +122,7 @@ pub struct LoadgenArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub request_timeout: Duration,
     /// DeepFlow rows held for their delay, at most; beyond it generation pauses.
-    #[arg(long, default_value_t = 500_000)]
+    #[arg(long, default_value_t = 200_000)]
     pub max_delayed_rows: usize,
     /// `sdk` scenario only: generate this many traces once and replay them with fresh ids and
     /// shifted times (much cheaper than generating each trace; for saturating a collector).

@@ -108,7 +108,7 @@ impl Default for SendConfig {
             request_timeout: Duration::from_secs(10),
             sdk_flush_interval: Duration::from_millis(200),
             ebpf_flush_interval: Duration::from_secs(1),
-            max_delayed_rows: 500_000,
+            max_delayed_rows: 200_000,
             shuffle: true,
             seed: 1,
         }

@@ -3,6 +3,27 @@
 //! The truth of a trace lists every span the join should emit for it, with the parent the join
 //! should give it (`shared/docs/join.md`). [`compare`] checks an observed output (the spans a
 //! downstream sink received) against it; end-to-end tests assert on its counts.
+//!
+//! `tailweave loadgen --truth FILE` writes one [`TraceTruth`] per line ([`read_truth`] reads
+//! it back), e.g. (spans shortened):
+//!
+//! ```text
+//! {"trace_id":"6f1c…","tenant":"game-0","case":"mysql_error","error":true,"slow":false,
+//!  "duration_us":24113,"spans":[
+//!   {"span_id":"a3…","parent_span_id":null,"source":"sdk","tap_side":null,"via":null,
+//!    "service":"game-client","name":"player checkout"},
+//!   {"span_id":"b7…","parent_span_id":"a3…","source":"sdk","tap_side":null,"via":"span_id",
+//!    "service":"game-client","name":"POST /api/checkout"},
+//!   {"span_id":"6553f1000040001a","parent_span_id":"b7…","source":"ebpf","tap_side":"c-p",
+//!    "via":"span_id","service":"game-client","name":"POST /api/checkout"},
+//!   {"span_id":"6553f10000400031","parent_span_id":"…","source":"ebpf","tap_side":"s-p",
+//!    "merged_span_ids":["6553f10000400032"],"via":"tcp_seq","service":"login",
+//!    "name":"POST /login/verify"}, …]}
+//! ```
+//!
+//! A trace's spans form one tree; eBPF spans take the SDK trace id; a merged span keeps the
+//! request row's id and lists the response row in `merged_span_ids` (the response row itself
+//! is not an expected span).
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
