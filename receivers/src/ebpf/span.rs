@@ -12,7 +12,11 @@
 //! DeepFlow's fake form (row id, zero padded), so the span has no trace key and the join
 //! associates it by TCP sequence and syscall trace id.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
 
 use tailweave_core::ebpf::{flags, EbpfSpan, Signal, TapSide};
 use tailweave_core::proto::tonic::common::v1::{
@@ -37,7 +41,14 @@ pub struct SpanBuilder {
     /// Low 32 bits of the next row id; the high 32 are the end time in seconds (DeepFlow's `_id`
     /// layout), so ids stay unique across restarts more than a second apart.
     counter: u32,
+    /// Encoded per-socket resource attributes, by flow id (bounded: cleared when full).
+    fixed: HashMap<(u64, u8, bool), Bytes>,
+    /// The encoded instrumentation scope every span shares.
+    scope: Bytes,
 }
+
+/// Sockets whose fixed resource part is kept encoded.
+const MAX_CACHED_RESOURCES: usize = 8192;
 
 impl SpanBuilder {
     pub fn new(agent: &str, host: &str) -> SpanBuilder {
@@ -45,6 +56,14 @@ impl SpanBuilder {
             agent: agent.into(),
             host: host.into(),
             counter: 0,
+            fixed: HashMap::new(),
+            scope: Bytes::from(
+                InstrumentationScope {
+                    name: SCOPE_NAME.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
         }
     }
 
@@ -52,6 +71,38 @@ impl SpanBuilder {
         self.counter = self.counter.wrapping_add(1);
         let id = ((end_ns / 1_000_000_000) << 32) | self.counter as u64;
         id.max(1)
+    }
+
+    /// The resource attributes that stay the same for every call of one socket.
+    fn fixed_attrs(
+        &self,
+        c: &Call,
+        tap: &TapSide,
+        side: usize,
+        client: (std::net::IpAddr, u16),
+        server: (std::net::IpAddr, u16),
+    ) -> Vec<KeyValue> {
+        vec![
+            s("service.name", &c.comm),
+            s("telemetry.sdk.name", "tailweave-ebpf"),
+            s("df.capture_info.signal_source", "eBPF"),
+            s("df.capture_info.observation_point", tap.code()),
+            s("df.capture_info.agent", &self.agent),
+            s("df.application.l7_protocol", c.l7.name()),
+            s("df.network.protocol", "TCP"),
+            kv(
+                "df.network.is_ipv4",
+                any_value::Value::BoolValue(client.0.is_ipv4()),
+            ),
+            s("df.network.ip_0", &client.0.to_string()),
+            s("df.network.ip_1", &server.0.to_string()),
+            i("df.transport.client_port", client.1 as i64),
+            i("df.transport.server_port", server.1 as i64),
+            i("df.flow_info.flow_id", c.flow_id as i64),
+            i(&format!("process.pid_{side}"), c.pid as i64),
+            s(&format!("thread.name_{side}"), &c.comm),
+            s(&format!("df.universal_tag.host_{side}"), &self.host),
+        ]
     }
 
     pub fn build(&mut self, c: &Call) -> Span {
@@ -153,36 +204,45 @@ impl SpanBuilder {
         m.process_name[side] = Some(c.comm.clone());
         m.host[side] = Some(self.host.clone());
 
-        // The resource: what DeepFlow writes per row (§3), local side only.
-        let mut ra = vec![
-            s("service.name", &c.comm),
-            s("telemetry.sdk.name", "tailweave-ebpf"),
-            s("df.capture_info.signal_source", "eBPF"),
-            s("df.capture_info.observation_point", tap.code()),
-            s("df.capture_info.agent", &self.agent),
-            s("df.application.l7_protocol", c.l7.name()),
-            s("df.network.protocol", "TCP"),
-            kv(
-                "df.network.is_ipv4",
-                any_value::Value::BoolValue(client.0.is_ipv4()),
-            ),
-            s("df.network.ip_0", &client.0.to_string()),
-            s("df.network.ip_1", &server.0.to_string()),
-            i("df.transport.client_port", client.1 as i64),
-            i("df.transport.server_port", server.1 as i64),
-            i("df.flow_info.id", row_id as i64),
-            i("df.flow_info.flow_id", c.flow_id as i64),
-            i(&format!("process.pid_{side}"), c.pid as i64),
-            s(&format!("thread.name_{side}"), &c.comm),
-            s(&format!("df.universal_tag.host_{side}"), &self.host),
-        ];
+        // The resource: what DeepFlow writes per row (§3), local side only. The part fixed for
+        // the socket is encoded once per socket; the per-row part is appended (repeated fields
+        // concatenate).
+        let cache_key = (c.flow_id, c.l7.id(), c.role == Role::Client);
+        let fixed = match self.fixed.get(&cache_key) {
+            Some(b) => b.clone(),
+            None => {
+                let b = Bytes::from(
+                    ProtoResource {
+                        attributes: self.fixed_attrs(c, &tap, side, client, server),
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                );
+                if self.fixed.len() >= MAX_CACHED_RESOURCES {
+                    self.fixed.clear();
+                }
+                self.fixed.insert(cache_key, b.clone());
+                b
+            }
+        };
+        let mut ra = vec![i("df.flow_info.id", row_id as i64)];
         if req_seq != 0 {
             ra.push(i("df.transport.req_tcp_seq", req_seq as i64));
         }
         if resp_seq != 0 {
             ra.push(i("df.transport.resp_tcp_seq", resp_seq as i64));
         }
-
+        let mut raw = BytesMut::with_capacity(fixed.len() + 96);
+        raw.extend_from_slice(&fixed);
+        raw.extend_from_slice(
+            &ProtoResource {
+                attributes: ra,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let resource = Resource::new(raw.freeze(), Bytes::new());
+        let scope = Scope::new(resource, self.scope.clone(), Bytes::new());
         let span_type = if f & flags::SESSION != 0 {
             "session"
         } else if f & flags::REQUEST_ONLY != 0 {
@@ -289,21 +349,6 @@ impl SpanBuilder {
             status::StatusCode::Ok
         };
 
-        let resource = Resource::from_proto(
-            &ProtoResource {
-                attributes: ra,
-                ..Default::default()
-            },
-            "",
-        );
-        let scope = Scope::from_proto(
-            resource,
-            &InstrumentationScope {
-                name: SCOPE_NAME.into(),
-                ..Default::default()
-            },
-            "",
-        );
         let p = ProtoSpan {
             trace_id: trace_id.to_vec(),
             span_id: row_id.to_be_bytes().to_vec(),
