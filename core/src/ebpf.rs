@@ -160,6 +160,8 @@ pub struct EbpfSpan {
     pub process_name: [Option<Arc<str>>; 2],
     pub instance: [Option<Arc<str>>; 2],
     pub host: [Option<Arc<str>>; 2],
+    /// `df.universal_tag.pod_ns_0/_1`: the join's default tenant key, read once on receipt.
+    pub namespace: [Option<Arc<str>>; 2],
     pub ip: [Option<IpAddr>; 2],
     pub port: [u16; 2],
     pub start_ns: u64,
@@ -207,5 +209,6 @@ impl EbpfSpan {
             + self.process_name.iter().map(s).sum::<usize>()
             + self.instance.iter().map(s).sum::<usize>()
             + self.host.iter().map(s).sum::<usize>()
+            + self.namespace.iter().map(s).sum::<usize>()
     }
 }

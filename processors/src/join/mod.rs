@@ -93,6 +93,8 @@ pub struct Join {
     tombs: tomb::Tombs,
     /// Tenant lookups by resource: spans of one ResourceSpans share it.
     seq: u64,
+    /// `tenant.ebpf_keys` is the default `[df.universal_tag.pod_ns]`, which the model carries.
+    default_ebpf_key: bool,
     scratch: Vec<u32>,
     scratch_pass: Vec<(u32, bool)>,
     /// (resource address, tenant); the address is only compared, never dereferenced.
@@ -247,10 +249,12 @@ impl Join {
             tombs: tomb::Tombs::default(),
             last_tenant: None,
             seq: 0,
+            default_ebpf_key: false,
             scratch: Vec::new(),
             scratch_pass: Vec::new(),
         };
         j.tombs.cap = j.cfg.max_pending_spans;
+        j.default_ebpf_key = j.cfg.tenant.ebpf_keys == ["df.universal_tag.pod_ns"];
         j
     }
 
@@ -297,17 +301,30 @@ impl Join {
                 return t;
             }
             Some(e) => {
+                // The normalizer reads the default key on receipt; other producers of the model
+                // may not fill it, so the resource is read when it is empty.
+                let from_model = || match e.local_side() {
+                    Some(side) => e.namespace[side].as_deref(),
+                    None => match (&e.namespace[0], &e.namespace[1]) {
+                        (Some(a), Some(b)) if a == b => Some(&**a),
+                        _ => None,
+                    },
+                };
                 let r = span.resource();
                 let read = |keys: &[String]| {
                     keys.iter()
                         .find_map(|k| r.attr(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()))
                 };
-                match e.local_side() {
+                let from_resource = || match e.local_side() {
                     Some(side) => read(&self.ebpf_keys[side]),
                     None => match (read(&self.ebpf_keys[0]), read(&self.ebpf_keys[1])) {
                         (Some(a), Some(b)) if a == b => Some(a),
                         _ => None,
                     },
+                };
+                match self.default_ebpf_key {
+                    true => from_model().or_else(from_resource),
+                    false => from_resource(),
                 }
             }
         };

@@ -96,19 +96,20 @@ struct Inst {
 }
 
 fn sdk_inst(s: &Span) -> Inst {
-    let r = s.resource();
-    let st = |k: &str| {
-        r.attr(k)
-            .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty())
-            .map(String::from)
-    };
-    Inst {
-        pod: st("k8s.pod.name"),
-        host: st("host.name"),
-        pid: r.attr("process.pid").and_then(|v| v.as_i64()),
-        sid: st("service.instance.id"),
+    let mut i = Inst::default();
+    let st =
+        |v: tailweave_core::AttrValue<'_>| v.as_str().filter(|v| !v.is_empty()).map(String::from);
+    // One pass over the resource.
+    for (k, v) in s.resource().attrs() {
+        match k {
+            "k8s.pod.name" if i.pod.is_none() => i.pod = st(v),
+            "host.name" if i.host.is_none() => i.host = st(v),
+            "process.pid" if i.pid.is_none() => i.pid = v.as_i64(),
+            "service.instance.id" if i.sid.is_none() => i.sid = st(v),
+            _ => {}
+        }
     }
+    i
 }
 
 /// `Some(true)` if any pair available on both sides is equal, `Some(false)` if some pair is
@@ -265,15 +266,23 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
         via: vec![None; n],
     };
     let is_sdk: Vec<bool> = (0..n).map(|i| c.e(i).is_none()).collect();
-    let insts: Vec<Inst> = (0..n)
-        .map(|i| {
-            if is_sdk[i] {
-                sdk_inst(&c.ms[i].span)
-            } else {
-                Inst::default()
+    // SDK spans of one service share their resource: read each resource once.
+    let mut by_resource: HashMap<usize, usize> = HashMap::new();
+    let mut insts: Vec<Inst> = Vec::with_capacity(n);
+    for i in 0..n {
+        if !is_sdk[i] {
+            insts.push(Inst::default());
+            continue;
+        }
+        let key = c.ms[i].span.resource() as *const tailweave_core::Resource as usize;
+        match by_resource.get(&key) {
+            Some(&j) => insts.push(insts[j].clone()),
+            None => {
+                by_resource.insert(key, i);
+                insts.push(sdk_inst(&c.ms[i].span));
             }
-        })
-        .collect();
+        }
+    }
     let mut sdk_by_id: HashMap<SpanId, usize> = HashMap::with_capacity(n);
     for i in (0..n).filter(|&i| is_sdk[i]) {
         sdk_by_id.insert(c.ms[i].span.span_id, i);

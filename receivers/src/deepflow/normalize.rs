@@ -288,17 +288,19 @@ pub fn is_fake_trace_id(trace: &[u8; 16], span_id: &[u8; 8]) -> bool {
 
 /// Reads one eBPF-derived span into the model; `agents` interns agent names across calls.
 pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malformed> {
-    let res = span.resource();
+    // One pass over each attribute list: a lookup per key would rescan the list each time.
+    let ra = Attrs::collect(span.resource().attrs(), RES_KEYS);
+    let sa = Attrs::collect(span.attrs(), SPAN_KEYS);
     let mut m = EbpfSpan::default();
     let mut f = 0u16;
-    match str_of(span.attr("df.span.type")) {
+    match str_of(sa.attr("df.span.type")) {
         None => return Err(Malformed::MissingSpanType),
         Some("request") => f |= flags::REQUEST_ONLY,
         Some("response") => f |= flags::RESPONSE_ONLY,
         Some("session") | Some("other") => f |= flags::SESSION,
         Some(_) => return Err(Malformed::SpanType),
     }
-    m.tap_side = match str_of(res.attr("df.capture_info.observation_point")) {
+    m.tap_side = match str_of(ra.attr("df.capture_info.observation_point")) {
         None => TapSide::Unknown,
         Some(s) => match TapSide::parse(s) {
             TapSide::Other(_) => return Err(Malformed::ObservationPoint),
@@ -309,7 +311,7 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
     // identity
     m.row_id = span.span_id.as_u64();
     m.otlp_trace_id = span.trace_id.0;
-    let native = str_of(span.attr("df.span.native.trace_id"));
+    let native = str_of(sa.attr("df.span.native.trace_id"));
     m.trace_key = trace_key(&span.trace_id.0, &span.span_id.0, native);
     if native.is_none() && is_fake_trace_id(&span.trace_id.0, &span.span_id.0) {
         f |= flags::FAKE_TRACE_ID;
@@ -319,54 +321,54 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
     } else if !span.parent_span_id.is_zero() {
         m.header_span_id = Some(span.parent_span_id.0);
     }
-    m.flow_id = u64_of(res.attr("df.flow_info.flow_id"), Malformed::Integer)?;
-    m.signal = match str_of(res.attr("df.capture_info.signal_source")) {
+    m.flow_id = u64_of(ra.attr("df.flow_info.flow_id"), Malformed::Integer)?;
+    m.signal = match str_of(ra.attr("df.capture_info.signal_source")) {
         Some(s) if s.eq_ignore_ascii_case("ebpf") => Signal::Ebpf,
         Some(s) if s.eq_ignore_ascii_case("packet") => Signal::Packet,
         Some(_) => Signal::Other,
         None if m.tap_side.is_process() => Signal::Ebpf,
         None => Signal::Packet,
     };
-    m.agent = agents.get(str_of(res.attr("df.capture_info.agent")).unwrap_or(""));
+    m.agent = agents.get(str_of(ra.attr("df.capture_info.agent")).unwrap_or(""));
     let (l7, tls) =
-        str_of(res.attr("df.application.l7_protocol")).map_or((0, false), l7_protocol_id);
+        str_of(ra.attr("df.application.l7_protocol")).map_or((0, false), l7_protocol_id);
     m.l7_protocol = l7;
     m.is_tls = tls;
-    m.request_id = match int_of(span.attr("df.global.request_id")) {
+    m.request_id = match int_of(sa.attr("df.global.request_id")) {
         Ok(None) => None,
         Ok(Some(i)) => Some(u64::try_from(i).map_err(|_| Malformed::Integer)?),
         Err(()) => return Err(Malformed::Integer),
     };
-    m.endpoint = agents.opt(str_of(span.attr("df.span.endpoint")));
+    m.endpoint = agents.opt(str_of(sa.attr("df.span.endpoint")));
 
     // correlation keys
-    m.req_tcp_seq = u32_of(res.attr("df.transport.req_tcp_seq"), Malformed::TcpSeq)?;
-    m.resp_tcp_seq = u32_of(res.attr("df.transport.resp_tcp_seq"), Malformed::TcpSeq)?;
+    m.req_tcp_seq = u32_of(ra.attr("df.transport.req_tcp_seq"), Malformed::TcpSeq)?;
+    m.resp_tcp_seq = u32_of(ra.attr("df.transport.resp_tcp_seq"), Malformed::TcpSeq)?;
     m.syscall_req = u64_of(
-        span.attr("df.span.syscall_trace_id_request"),
+        sa.attr("df.span.syscall_trace_id_request"),
         Malformed::SyscallTraceId,
     )?;
     m.syscall_resp = u64_of(
-        span.attr("df.span.syscall_trace_id_response"),
+        sa.attr("df.span.syscall_trace_id_response"),
         Malformed::SyscallTraceId,
     )?;
     m.syscall_thread = [
-        u32_of(span.attr("df.span.syscall_thread_0"), Malformed::Integer)?,
-        u32_of(span.attr("df.span.syscall_thread_1"), Malformed::Integer)?,
+        u32_of(sa.attr("df.span.syscall_thread_0"), Malformed::Integer)?,
+        u32_of(sa.attr("df.span.syscall_thread_1"), Malformed::Integer)?,
     ];
     m.syscall_cap_seq = [
-        u32_of(span.attr("df.span.syscall_cap_seq_0"), Malformed::Integer)?,
-        u32_of(span.attr("df.span.syscall_cap_seq_1"), Malformed::Integer)?,
+        u32_of(sa.attr("df.span.syscall_cap_seq_0"), Malformed::Integer)?,
+        u32_of(sa.attr("df.span.syscall_cap_seq_1"), Malformed::Integer)?,
     ];
     m.x_request_id = [
-        arc_of(span.attr("df.span.x_request_id_0")),
-        arc_of(span.attr("df.span.x_request_id_1")),
+        arc_of(sa.attr("df.span.x_request_id_0")),
+        arc_of(sa.attr("df.span.x_request_id_1")),
     ];
 
     // placement
     m.pid = [
-        u32_of(res.attr("process.pid_0"), Malformed::Integer)?,
-        u32_of(res.attr("process.pid_1"), Malformed::Integer)?,
+        u32_of(ra.attr("process.pid_0"), Malformed::Integer)?,
+        u32_of(ra.attr("process.pid_1"), Malformed::Integer)?,
     ];
     let mut key = String::with_capacity(48);
     for side in 0..2 {
@@ -375,7 +377,7 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
             key.push_str(base);
             key.push('_');
             key.push(if side == 0 { '0' } else { '1' });
-            str_of(res.attr(&key))
+            str_of(ra.attr(&key))
         };
         let process = sfx("thread.name");
         let instance =
@@ -386,13 +388,14 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
         m.process_name[side] = agents.opt(process);
         m.instance[side] = agents.opt(instance);
         m.host[side] = agents.opt(host);
+        m.namespace[side] = agents.opt(sfx("df.universal_tag.pod_ns"));
     }
     m.ip = [
-        str_of(res.attr("df.network.ip_0")).and_then(|s| s.parse::<IpAddr>().ok()),
-        str_of(res.attr("df.network.ip_1")).and_then(|s| s.parse::<IpAddr>().ok()),
+        str_of(ra.attr("df.network.ip_0")).and_then(|s| s.parse::<IpAddr>().ok()),
+        str_of(ra.attr("df.network.ip_1")).and_then(|s| s.parse::<IpAddr>().ok()),
     ];
     let port = |k: &str| {
-        int_of(res.attr(k))
+        int_of(ra.attr(k))
             .ok()
             .flatten()
             .and_then(|p| u16::try_from(p).ok())
@@ -424,7 +427,7 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
     }
     let has_transport = ["df.transport.client_port", "df.transport.server_port"]
         .iter()
-        .any(|k| res.attr(k).is_some())
+        .any(|k| ra.attr(k).is_some())
         || m.req_tcp_seq != 0
         || m.resp_tcp_seq != 0;
     if !has_transport {
@@ -439,6 +442,86 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
     }
     m.flags = f;
     Ok(m)
+}
+
+/// The resource keys the normalizer reads.
+const RES_KEYS: &[&str] = &[
+    "df.capture_info.observation_point",
+    "df.capture_info.agent",
+    "df.capture_info.signal_source",
+    "df.application.l7_protocol",
+    "df.flow_info.flow_id",
+    "df.transport.req_tcp_seq",
+    "df.transport.resp_tcp_seq",
+    "df.transport.client_port",
+    "df.transport.server_port",
+    "process.pid_0",
+    "process.pid_1",
+    "thread.name_0",
+    "thread.name_1",
+    "df.universal_tag.pod_0",
+    "df.universal_tag.pod_1",
+    "df.universal_tag.auto_instance_0",
+    "df.universal_tag.auto_instance_1",
+    "df.universal_tag.host_0",
+    "df.universal_tag.host_1",
+    "df.universal_tag.chost_0",
+    "df.universal_tag.chost_1",
+    "df.universal_tag.pod_node_0",
+    "df.universal_tag.pod_node_1",
+    "df.universal_tag.pod_ns_0",
+    "df.universal_tag.pod_ns_1",
+    "df.network.ip_0",
+    "df.network.ip_1",
+];
+
+/// The span keys the normalizer reads.
+const SPAN_KEYS: &[&str] = &[
+    "df.span.type",
+    "df.span.native.trace_id",
+    "df.global.request_id",
+    "df.span.endpoint",
+    "df.span.syscall_trace_id_request",
+    "df.span.syscall_trace_id_response",
+    "df.span.syscall_thread_0",
+    "df.span.syscall_thread_1",
+    "df.span.syscall_cap_seq_0",
+    "df.span.syscall_cap_seq_1",
+    "df.span.x_request_id_0",
+    "df.span.x_request_id_1",
+    "df.metrics.response_duration_us",
+];
+
+const MAX_KEYS: usize = 32;
+
+/// The values of a fixed key list, read in one pass over an attribute list.
+struct Attrs<'a> {
+    keys: &'static [&'static str],
+    vals: [Option<AttrValue<'a>>; MAX_KEYS],
+}
+
+impl<'a> Attrs<'a> {
+    fn collect(
+        iter: impl Iterator<Item = (&'a str, AttrValue<'a>)>,
+        keys: &'static [&'static str],
+    ) -> Self {
+        let mut vals = [None; MAX_KEYS];
+        for (k, v) in iter {
+            if let Some(i) = keys.iter().position(|x| *x == k) {
+                // The first occurrence wins, as with a lookup.
+                if vals[i].is_none() {
+                    vals[i] = Some(v);
+                }
+            }
+        }
+        Attrs { keys, vals }
+    }
+
+    fn attr(&self, key: &str) -> Option<AttrValue<'a>> {
+        let i = self.keys.iter().position(|x| *x == key);
+        debug_assert!(i.is_some(), "{key} missing from the key list");
+        i.and_then(|i| self.vals[i])
+    }
 }
 
 #[cfg(test)]
