@@ -642,7 +642,13 @@ impl Driver {
                 continue;
             }
             s.last_probe = Some(now);
-            s.b.probe(self.settings.timeout);
+            // A zero timeout means "none" to the queue; a probe still needs a bound.
+            let bound = if self.settings.timeout.is_zero() {
+                crate::queue::DEFAULT_TIMEOUT
+            } else {
+                self.settings.timeout
+            };
+            s.b.probe(bound);
         }
     }
 

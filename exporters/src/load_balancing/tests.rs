@@ -132,7 +132,6 @@ association: {max_entries: 0, wait: 60s}
     for want in [
         "routing_key",
         "protocol.otlp.endpoint",
-        "protocol.otlp.tls.insecure",
         "protocol.otlp.sending_queue.queue_size",
         "resolver",
         "association.max_entries",

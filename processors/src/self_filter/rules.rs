@@ -266,9 +266,9 @@ impl Rules {
             }
             if !self.export_ports.is_empty() {
                 out.push(format!(
-                    "rule own_process: drop eBPF spans whose client is pid {} or process {:?} on {host} calling an exporter endpoint [{}]",
-                    self.pid,
+                    "rule own_process: drop eBPF spans whose client is process {:?} (pid {} here) on {host} calling an exporter endpoint [{}]",
                     self.process_name,
+                    self.pid,
                     self.export_endpoints.join(", ")
                 ));
             }
