@@ -8,8 +8,8 @@
 //! resolution: the next one carries the newer totals. 5xx and 429 answers and connection errors are
 //! retried with exponential backoff (honouring `Retry-After`) for up to
 //! `retry_on_failure.max_elapsed_time`; other answers are final. Every given-up push is counted.
-//! Exemplars are not sent (the receiving Prometheus needs a feature flag to store them); the
-//! `prometheus` exporter serves them.
+//! With `send_exemplars: true` each histogram bucket also carries its exemplar (a kept trace's id);
+//! the receiving Prometheus stores them only with `--enable-feature=exemplar-storage`.
 //!
 //! Like `prometheus`, it marks the trace ids of the spans that reach it as kept. When its input
 //! ends (shutdown) it pushes one last time, so the final counts reach the destination.
@@ -68,6 +68,20 @@ pub mod prompb {
         pub labels: Vec<Label>,
         #[prost(message, repeated, tag = "2")]
         pub samples: Vec<Sample>,
+        #[prost(message, repeated, tag = "3")]
+        pub exemplars: Vec<Exemplar>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Exemplar {
+        /// `trace_id`, `span_id`.
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<Label>,
+        #[prost(double, tag = "2")]
+        pub value: f64,
+        /// Unix milliseconds.
+        #[prost(int64, tag = "3")]
+        pub timestamp: i64,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -137,6 +151,9 @@ pub struct PrometheusRemoteWriteExporterConfig {
     /// Most time series in one request; a push of more is split into several requests (each
     /// retried on its own). Default `5000`.
     pub max_series_per_request: usize,
+    /// Send the histogram buckets' exemplars (trace ids of kept traces). The receiving Prometheus
+    /// stores them only with `--enable-feature=exemplar-storage`. Default `false`.
+    pub send_exemplars: bool,
 }
 
 impl Default for PrometheusRemoteWriteExporterConfig {
@@ -150,6 +167,7 @@ impl Default for PrometheusRemoteWriteExporterConfig {
             timeout: Duration::from_secs(5),
             retry_on_failure: default_retry(),
             max_series_per_request: 5000,
+            send_exemplars: false,
         }
     }
 }
@@ -281,6 +299,7 @@ impl PrometheusRemoteWriteExporterConfig {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                exemplars: self.send_exemplars,
             },
             timeout: self.timeout,
             retry: self.retry_on_failure.clone(),
@@ -329,6 +348,8 @@ impl PushStats {
 pub struct Encoding {
     pub namespace: String,
     pub external_labels: Vec<(String, String)>,
+    /// Attach bucket exemplars.
+    pub exemplars: bool,
 }
 
 fn series(
@@ -361,6 +382,7 @@ fn series(
             value,
             timestamp: ts,
         }],
+        exemplars: Vec::new(),
     }
 }
 
@@ -386,14 +408,31 @@ pub fn write_request(sets: &[SetSnapshot], enc: &Encoding, now_ms: i64) -> promp
             let labels = label_set(s, &enc.external_labels);
             req.timeseries
                 .push(series(calls.clone(), &labels, None, s.calls as f64, now_ms));
-            for (le, count, _) in s.cumulative(&set.cfg.bounds) {
-                req.timeseries.push(series(
+            for (le, count, ex) in s.cumulative(&set.cfg.bounds) {
+                let mut ts = series(
                     format!("{dur}_bucket"),
                     &labels,
                     Some(("le", fmt_float(le))),
                     count as f64,
                     now_ms,
-                ));
+                );
+                if let (true, Some(e)) = (enc.exemplars, ex) {
+                    ts.exemplars.push(prompb::Exemplar {
+                        labels: vec![
+                            prompb::Label {
+                                name: "span_id".into(),
+                                value: e.span_id.to_hex(),
+                            },
+                            prompb::Label {
+                                name: "trace_id".into(),
+                                value: e.trace_id.to_hex(),
+                            },
+                        ],
+                        value: e.value,
+                        timestamp: (e.time_unix_ns / 1_000_000) as i64,
+                    });
+                }
+                req.timeseries.push(ts);
             }
             req.timeseries
                 .push(series(format!("{dur}_sum"), &labels, None, s.sum, now_ms));
@@ -640,6 +679,7 @@ mod tests {
                 ("cluster".into(), "eu1".into()),
                 ("service_name".into(), "ignored".into()),
             ],
+            exemplars: false,
         };
         let req = write_request(&registry().snapshot(), &enc, 1234);
         // 2 series x (calls + 2 buckets + sum + count)
@@ -696,6 +736,61 @@ mod tests {
         let body = encode_body(&req).unwrap();
         let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
         assert_eq!(prompb::WriteRequest::decode(raw.as_slice()).unwrap(), req);
+    }
+
+    #[test]
+    fn exemplars_of_kept_traces_ride_on_their_buckets_when_asked() {
+        let reg = RedRegistry::new();
+        let set = reg
+            .register(
+                "span_metrics",
+                RedSetConfig {
+                    namespace: "m".into(),
+                    unit: DurationUnit::Milliseconds,
+                    bounds: vec![10.0],
+                    label_names: vec!["service_name".into()],
+                    max_series: 10,
+                    exemplars: true,
+                    max_pending_traces: 10,
+                },
+            )
+            .unwrap();
+        let mut w = set.writer();
+        for (t, d) in [(1u8, 5.0), (2, 50.0)] {
+            w.observe(&Observation {
+                labels: &[Some(Cow::Borrowed("cart"))],
+                duration: d,
+                trace_id: TraceId([t; 16]),
+                span_id: SpanId([t; 8]),
+                end_unix_ns: 7_000_000,
+            });
+        }
+        drop(w);
+        reg.mark_kept(&[TraceId([2; 16])]);
+        let mut enc = Encoding {
+            exemplars: true,
+            ..Default::default()
+        };
+        let req = write_request(&reg.snapshot(), &enc, 1);
+        let with: Vec<&prompb::TimeSeries> = req
+            .timeseries
+            .iter()
+            .filter(|t| !t.exemplars.is_empty())
+            .collect();
+        assert_eq!(with.len(), 1, "only the bucket of the kept trace");
+        assert!(with[0]
+            .labels
+            .iter()
+            .any(|l| l.name == "le" && l.value == "+Inf"));
+        let e = &with[0].exemplars[0];
+        assert_eq!((e.value, e.timestamp), (50.0, 7));
+        assert!(e
+            .labels
+            .iter()
+            .any(|l| l.name == "trace_id" && l.value == TraceId([2; 16]).to_hex()));
+        enc.exemplars = false;
+        let req = write_request(&reg.snapshot(), &enc, 1);
+        assert!(req.timeseries.iter().all(|t| t.exemplars.is_empty()));
     }
 
     #[test]
