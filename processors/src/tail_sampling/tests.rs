@@ -1399,3 +1399,110 @@ fn the_module_doc_example_is_a_valid_config() {
     assert!(c.validate().is_empty(), "{:?}", c.validate());
     assert_eq!(c.policies.len(), 4);
 }
+
+/// Random interleavings of many traces, root first or last, some as join units. With tight
+/// caps every trigger is in play (caps, size, root wait, decision wait, whole, shutdown) and
+/// each trace still comes out whole or not at all, every span counted once. With caps and
+/// waits that do not bind, every error trace and every slow trace comes out as well.
+#[test]
+fn random_arrivals_never_split_a_trace_or_lose_an_error() {
+    for (seed, tight) in (0..8u64).map(|s| (s, s % 2 == 0)) {
+        let mut rng = seed.wrapping_mul(0x1234_5678_9abc_def1) | 1;
+        let mut next = move |n: u64| {
+            rng = splitmix(rng);
+            rng % n
+        };
+        let limits = if tight {
+            "num_traces: 12\nmax_spans_per_trace: 12\ndecision_wait: 5s"
+        } else {
+            "decision_wait: 1h\ndecision_wait_after_root: 0s"
+        };
+        let mut r = Run::new(&format!("{limits}\n{MISSION}"));
+        let mut sent: std::collections::HashMap<TraceId, (usize, bool)> = Default::default();
+        let mut pending: Vec<B> = Vec::new();
+        let mut got: std::collections::HashMap<TraceId, usize> = Default::default();
+        let mut ms = 0;
+        for n in 0..400u64 {
+            let t = tid(seed * 10_000 + n);
+            let spans = 1 + next(15) as usize;
+            let error = next(10) == 0;
+            let slow = next(10) == 0;
+            let mut trace: Vec<B> = (0..spans as u64)
+                .map(|j| {
+                    let b = if j == 0 {
+                        root(t, if slow { 800 } else { 20 })
+                    } else {
+                        child(t, j + 1)
+                    };
+                    if error && j == spans as u64 - 1 {
+                        b.error()
+                    } else {
+                        b
+                    }
+                })
+                .collect();
+            sent.insert(t, (spans, error || slow));
+            if next(5) == 0 {
+                // A unit from the join.
+                for s in r.send_whole(ms, trace) {
+                    *got.entry(s.trace_id).or_default() += 1;
+                }
+                continue;
+            }
+            // Root first or last, the rest shuffled into what is pending.
+            if next(2) == 0 {
+                trace.reverse();
+            }
+            for b in trace {
+                let at = next(pending.len() as u64 + 1) as usize;
+                pending.insert(at, b);
+            }
+            while pending.len() > 30 {
+                let k = 1 + next(10) as usize;
+                let batch: Vec<B> = pending.drain(..k.min(pending.len())).collect();
+                ms += next(300);
+                for s in r.send(ms, batch).into_iter().chain(r.tick(ms)) {
+                    *got.entry(s.trace_id).or_default() += 1;
+                }
+            }
+        }
+        while !pending.is_empty() {
+            let batch: Vec<B> = pending.drain(..pending.len().min(7)).collect();
+            ms += 100;
+            for s in r.send(ms, batch).into_iter().chain(r.tick(ms)) {
+                *got.entry(s.trace_id).or_default() += 1;
+            }
+        }
+        for s in r.shutdown(ms + 1) {
+            *got.entry(s.trace_id).or_default() += 1;
+        }
+        for (t, (n, must)) in &sent {
+            let k = got.get(t).copied().unwrap_or(0);
+            assert!(
+                k == 0 || k == *n,
+                "seed {seed}: trace {t} split: {k} of {n}"
+            );
+            if *must && !tight {
+                assert_eq!(k, *n, "seed {seed}: error/slow trace {t} lost");
+            }
+        }
+        let st = r.p.stats();
+        let total: usize = sent.values().map(|(n, _)| n).sum();
+        assert_eq!(
+            total as u64,
+            st.spans_kept + st.spans_dropped + st.late_spans_kept + st.late_spans_dropped,
+            "seed {seed}"
+        );
+        if tight {
+            assert!(
+                st.decided(Trigger::Cap) > 0 && st.decided(Trigger::Size) > 0,
+                "seed {seed}: {:?}",
+                st.decided_by
+            );
+            assert!(st.decided(Trigger::AfterRoot) > 0 && st.decided(Trigger::Whole) > 0);
+        } else {
+            let early = st.decided(Trigger::Cap) + st.decided(Trigger::Size);
+            assert_eq!(early, 0, "seed {seed}");
+        }
+    }
+}
