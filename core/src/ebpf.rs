@@ -147,6 +147,8 @@ pub struct EbpfSpan {
     pub agent: Arc<str>,
     pub l7_protocol: u8,
     pub is_tls: bool,
+    /// `df.network.protocol`: 6 TCP, 17 UDP, 0 unknown (compared by the join's tcp_seq rule).
+    pub l4_protocol: u8,
     pub request_id: Option<u64>,
     pub endpoint: Option<Arc<str>>,
     pub req_tcp_seq: u32,

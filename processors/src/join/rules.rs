@@ -184,11 +184,8 @@ pub fn field_conflict(sa: &Span, a: &EbpfSpan, sb: &Span, b: &EbpfSpan) -> bool 
     if same_proto && both(&a.endpoint, &b.endpoint) {
         return true;
     }
-    let key = "df.network.protocol";
-    if let (Some(x), Some(y)) = (sa.resource().attr(key), sb.resource().attr(key)) {
-        if x != y {
-            return true;
-        }
+    if a.l4_protocol != 0 && b.l4_protocol != 0 && a.l4_protocol != b.l4_protocol {
+        return true;
     }
     let (xa, xb) = (compared_attrs(sa), compared_attrs(sb));
     (0..SLOTS).any(|i| {

@@ -333,6 +333,11 @@ pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malfo
     let (l7, tls) =
         str_of(ra.attr("df.application.l7_protocol")).map_or((0, false), l7_protocol_id);
     m.l7_protocol = l7;
+    m.l4_protocol = match str_of(ra.attr("df.network.protocol")) {
+        Some(p) if p.eq_ignore_ascii_case("tcp") => 6,
+        Some(p) if p.eq_ignore_ascii_case("udp") => 17,
+        _ => 0,
+    };
     m.is_tls = tls;
     m.request_id = match int_of(sa.attr("df.global.request_id")) {
         Ok(None) => None,
@@ -473,6 +478,7 @@ const RES_KEYS: &[&str] = &[
     "df.universal_tag.pod_ns_1",
     "df.network.ip_0",
     "df.network.ip_1",
+    "df.network.protocol",
 ];
 
 /// The span keys the normalizer reads.
