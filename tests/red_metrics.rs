@@ -239,6 +239,7 @@ exporters:
     endpoint: http://{prom}/api/v1/write
     push_interval: 500ms
     external_labels: {{cluster: e2e}}
+    send_exemplars: true
 extensions:
   health_check:
     endpoint: 127.0.0.1:{{HEALTH}}
@@ -408,6 +409,22 @@ fn red_counts_in_a_real_prometheus_equal_the_ground_truth_and_exemplars_point_at
         assert!(
             kept.contains(id),
             "stored exemplar {id} is not a kept trace"
+        );
+    }
+    let pushed = wait_for(
+        "exemplars pushed by remote write",
+        Duration::from_secs(60),
+        || {
+            let ids = prom.exemplar_trace_ids(
+                "traces_span_metrics_duration_milliseconds_bucket{cluster=\"e2e\"}",
+            );
+            (!ids.is_empty()).then_some(ids)
+        },
+    );
+    for id in &pushed {
+        assert!(
+            kept.contains(id),
+            "pushed exemplar {id} is not a kept trace"
         );
     }
 
