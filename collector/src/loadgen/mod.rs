@@ -43,7 +43,9 @@ use scenario::{Generator, ScenarioConfig, ScenarioKind};
 use send::{Protocol, SendConfig};
 use tailweave_core::ConfigIssue;
 
-/// Command-line options of `tailweave loadgen`.
+/// Command-line options of `tailweave loadgen`: what to generate. How to send is in
+/// [`SendArgs`], flattened into the same flags (and boxed, which keeps the binary's command
+/// enum small).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadgenArgs {
     /// Workload: `game` (SDK spans and DeepFlow rows of a game backend) or `sdk` (SDK-only
@@ -53,31 +55,6 @@ pub struct LoadgenArgs {
     /// Spans per trace in the `sdk` scenario.
     #[arg(long, default_value_t = 10)]
     pub spans: usize,
-    /// OTLP transport.
-    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
-    pub protocol: Protocol,
-    /// Where SDK spans go. Default http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318
-    /// (http; `/v1/traces` is added when the URL has no path).
-    #[arg(long)]
-    pub endpoint: Option<String>,
-    /// Where DeepFlow rows go. Default: `--endpoint`.
-    #[arg(long)]
-    pub ebpf_endpoint: Option<String>,
-    /// Connections per endpoint (SDK and eBPF each get this many).
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
-    /// ResourceSpans per export request (DeepFlow's default batch is 32).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Traces per second; 0 = as fast as the endpoint takes them.
-    #[arg(long, default_value_t = 100.0)]
-    pub rate: f64,
-    /// Stop after this long (e.g. `30s`, `5m`).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub duration: Option<Duration>,
-    /// Stop after this many traces. Without `--duration` and `--count`: 1000 traces.
-    #[arg(long)]
-    pub count: Option<u64>,
     /// Fraction of traces with an error (a declined payment, or a MySQL error only eBPF sees).
     #[arg(long, default_value_t = 0.01)]
     pub error_rate: f64,
@@ -109,6 +86,38 @@ pub struct LoadgenArgs {
     /// Traces longer than this are `slow` in the ground truth.
     #[arg(long, default_value_t = 500)]
     pub slow_threshold_ms: u64,
+    #[command(flatten)]
+    pub send: Box<SendArgs>,
+}
+
+/// Command-line options of `tailweave loadgen`: where and how to send, what to write.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SendArgs {
+    /// OTLP transport.
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    pub protocol: Protocol,
+    /// Where SDK spans go. Default http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318
+    /// (http; `/v1/traces` is added when the URL has no path).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Where DeepFlow rows go. Default: `--endpoint`.
+    #[arg(long)]
+    pub ebpf_endpoint: Option<String>,
+    /// Connections per endpoint (SDK and eBPF each get this many).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// ResourceSpans per export request (DeepFlow's default batch is 32).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Traces per second; 0 = as fast as the endpoint takes them.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Stop after this long (e.g. `30s`, `5m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many traces. Without `--duration` and `--count`: 1000 traces.
+    #[arg(long)]
+    pub count: Option<u64>,
     /// Write the ground truth here, one JSON object per trace and line.
     #[arg(long)]
     pub truth: Option<PathBuf>,
@@ -137,8 +146,8 @@ pub const DEFAULT_COUNT: u64 = 1000;
 impl LoadgenArgs {
     /// The generator's config; traces start at `start_unix_nano`, spaced by the rate.
     pub fn scenario_config(&self, start_unix_nano: u64) -> ScenarioConfig {
-        let interval_us = if self.rate > 0.0 && self.rate.is_finite() {
-            ((1e6 / self.rate) as u64).max(1)
+        let interval_us = if self.send.rate > 0.0 && self.send.rate.is_finite() {
+            ((1e6 / self.send.rate) as u64).max(1)
         } else {
             50
         };
@@ -162,29 +171,30 @@ impl LoadgenArgs {
     }
 
     pub fn send_config(&self) -> SendConfig {
-        let default_endpoint = match self.protocol {
+        let default_endpoint = match self.send.protocol {
             Protocol::Grpc => "http://127.0.0.1:4317",
             Protocol::Http => "http://127.0.0.1:4318",
         };
-        let count = match (self.count, self.duration) {
+        let count = match (self.send.count, self.send.duration) {
             (None, None) => Some(DEFAULT_COUNT),
             (c, _) => c,
         };
         SendConfig {
-            protocol: self.protocol,
+            protocol: self.send.protocol,
             endpoint: self
+                .send
                 .endpoint
                 .clone()
                 .unwrap_or_else(|| default_endpoint.to_string()),
-            ebpf_endpoint: self.ebpf_endpoint.clone(),
-            connections: self.connections,
-            batch_size: self.batch_size,
-            rate: self.rate,
-            duration: self.duration,
+            ebpf_endpoint: self.send.ebpf_endpoint.clone(),
+            connections: self.send.connections,
+            batch_size: self.send.batch_size,
+            rate: self.send.rate,
+            duration: self.send.duration,
             count,
-            max_retries: self.max_retries,
-            request_timeout: self.request_timeout,
-            max_delayed_rows: self.max_delayed_rows,
+            max_retries: self.send.max_retries,
+            request_timeout: self.send.request_timeout,
+            max_delayed_rows: self.send.max_delayed_rows,
             shuffle: self.shuffle,
             seed: self.seed,
             ..SendConfig::default()
@@ -205,19 +215,19 @@ impl LoadgenArgs {
                 ConfigIssue::new(format!("--{}", flag.replace('_', "-")), i.message)
             })
             .collect();
-        if self.connections == 0 {
+        if self.send.connections == 0 {
             out.push(ConfigIssue::new("--connections", "must be at least 1"));
         }
-        if self.batch_size == 0 {
+        if self.send.batch_size == 0 {
             out.push(ConfigIssue::new("--batch-size", "must be at least 1"));
         }
-        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+        if !(self.send.rate >= 0.0 && self.send.rate.is_finite()) {
             out.push(ConfigIssue::new("--rate", "must be a finite number >= 0"));
         }
-        if self.max_delayed_rows == 0 {
+        if self.send.max_delayed_rows == 0 {
             out.push(ConfigIssue::new("--max-delayed-rows", "must be at least 1"));
         }
-        if self.replay_pool > 0 && self.scenario != ScenarioKind::Sdk {
+        if self.send.replay_pool > 0 && self.scenario != ScenarioKind::Sdk {
             out.push(ConfigIssue::new(
                 "--replay-pool",
                 "replays the sdk scenario only (use --scenario sdk)",
@@ -240,7 +250,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .context("system clock before 1970")?;
     let scenario = args.scenario_config(now.as_nanos() as u64);
     let send_cfg = args.send_config();
-    let mut truth = match &args.truth {
+    let mut truth = match &args.send.truth {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
@@ -271,9 +281,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let summary = if args.replay_pool > 0 {
-        let replayer = replay::Replayer::new(scenario, args.seed, args.replay_pool)?;
-        let want_truth = args.truth.is_some();
+    let summary = if args.send.replay_pool > 0 {
+        let replayer = replay::Replayer::new(scenario, args.seed, args.send.replay_pool)?;
+        let want_truth = args.send.truth.is_some();
         send::send(
             &send_cfg,
             replayer,
@@ -301,7 +311,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
     let json = serde_json::to_string_pretty(&summary)?;
     println!("{json}");
-    if let Some(p) = &args.summary {
+    if let Some(p) = &args.send.summary {
         std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
