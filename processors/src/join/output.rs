@@ -109,7 +109,11 @@ pub fn apply(
         let received_parent = span.parent_span_id;
         let received_trace = span.trace_id;
         let clears_parent = new_parent == Some(SpanId::ZERO) && !received_parent.is_zero();
-        let fast = absorbed.is_empty() && !timed_out && !clears_parent && !has_join_attrs(&span);
+        // DeepFlow rows never carry `tailweave.join.*`; SDK spans may (an upstream tailweave).
+        let fast = absorbed.is_empty()
+            && !timed_out
+            && !clears_parent
+            && (is_ebpf || !has_join_attrs(&span));
         if fast {
             let mut f = Appender::new(&span);
             if is_ebpf {
