@@ -206,6 +206,12 @@ type TimerEntry = Reverse<(Instant, u64, TraceId)>;
 
 /// A slot of the trace table: the entry and its control byte.
 const SLOT_SIZE: usize = std::mem::size_of::<(TraceId, Trace)>() + 1;
+/// What one held trace costs beyond its spans, at the tables' fullest load: what the memory cap
+/// charges per trace.
+const PER_TRACE: usize = SLOT_SIZE
+    + SLOT_SIZE / 7
+    + std::mem::size_of::<TimerEntry>()
+    + std::mem::size_of::<(u64, TraceId)>();
 const SPAN_SIZE: usize = std::mem::size_of::<Span>();
 
 /// Most decision-latency samples kept between two ticks (the rest are not recorded).
@@ -464,8 +470,15 @@ impl TailSampling {
         self.cache.len()
     }
 
+    /// What the memory cap counts: the spans and the bookkeeping of the traces held. The
+    /// tables' spare capacity is left out (it is bounded by `num_traces`, and counting it would
+    /// let an empty but once-large table stop intake or force early decisions).
+    fn charged_bytes(&self) -> usize {
+        self.span_bytes + self.traces.len() * PER_TRACE
+    }
+
     fn is_full(&self) -> bool {
-        self.traces.len() >= self.num_traces || self.bytes_held() >= self.max_bytes
+        self.traces.len() >= self.num_traces || self.charged_bytes() >= self.max_bytes
     }
 
     fn ingest(&mut self, now: Instant, span: Span) {
@@ -520,7 +533,7 @@ impl TailSampling {
             }
         }
         if self.on_full == OnFull::DecideEarly {
-            while self.bytes_held() > self.max_bytes {
+            while self.charged_bytes() > self.max_bytes {
                 if !self.decide_oldest(now, Trigger::Memory) {
                     break;
                 }
@@ -824,9 +837,11 @@ fn add_span(
     }
     let cap = t.spans.capacity();
     if t.spans.len() == cap {
-        // Grow by half (at least 4) rather than doubling: a 10-span trace then wastes 2 slots
-        // instead of 6, about 20 bytes per buffered span, for the same 3 allocations.
-        t.spans.reserve_exact((cap / 2).max(4));
+        // 1, 4, 7, 10, 15, 22, ... instead of doubling: a one-span trace wastes nothing and a
+        // 10-span trace no slot (doubling wastes 6, about 60 bytes per buffered span), for one
+        // more reallocation per trace.
+        t.spans
+            .reserve_exact(if cap == 0 { 1 } else { (cap / 2).max(3) });
     }
     t.bytes += span.held_bytes() - SPAN_SIZE;
     t.spans.push(span);

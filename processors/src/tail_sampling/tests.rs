@@ -848,6 +848,23 @@ fn backpressure_refuses_intake_until_room_frees_and_drops_nothing() {
 }
 
 #[test]
+fn spare_table_capacity_neither_blocks_intake_nor_forces_early_decisions() {
+    // The pre-sized trace table alone occupies more than the 1 MiB budget.
+    for mode in ["backpressure", "decide_early"] {
+        let mut r = Run::new(&format!(
+            "max_memory_mib: 1\nexpected_new_traces_per_sec: 100000\non_full: {mode}\ndecision_wait: 1s\npolicies: [{{name: all, type: always_sample}}]"
+        ));
+        assert!(r.p.bytes_held() > 1 << 20);
+        for n in 0..100 {
+            assert!(r.p.accepting(), "{mode}");
+            assert!(r.send(0, vec![child(tid(n), 2)]).is_empty(), "{mode}");
+        }
+        assert_eq!(r.p.traces_held(), 100);
+        assert_eq!(r.tick(1_000).len(), 100);
+    }
+}
+
+#[test]
 fn block_on_overflow_is_backpressure() {
     let c = config("block_on_overflow: true\npolicies: [{name: all, type: always_sample}]");
     assert_eq!(c.effective_on_full(), OnFull::Backpressure);
