@@ -138,6 +138,28 @@ pub struct SendArgs {
     /// 0 = generate every trace.
     #[arg(long, default_value_t = 0)]
     pub replay_pool: usize,
+    /// `KEY=VALUE` sent with every request as gRPC metadata / HTTP header (e.g.
+    /// `authorization=Bearer TOKEN`); repeatable.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// `KEY=VALUE` sent with DeepFlow rows only (after `x-tailweave-source: deepflow`);
+    /// repeatable.
+    #[arg(long = "ebpf-header", value_parser = parse_header)]
+    pub ebpf_headers: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` (or `KEY: VALUE`; the first `=` or `:` splits, so values may hold either); the
+/// key is lower-cased, as gRPC metadata requires.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let at = s
+        .find(['=', ':'])
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let (k, v) = (&s[..at], &s[at + 1..]);
+    let k = k.trim().to_ascii_lowercase();
+    if k.is_empty() {
+        return Err(format!("empty header name in {s:?}"));
+    }
+    Ok((k, v.trim().to_string()))
 }
 
 /// Traces sent when neither `--count` nor `--duration` is given.
@@ -197,6 +219,8 @@ impl LoadgenArgs {
             max_delayed_rows: self.send.max_delayed_rows,
             shuffle: self.shuffle,
             seed: self.seed,
+            headers: self.send.headers.clone(),
+            ebpf_headers: self.send.ebpf_headers.clone(),
             ..SendConfig::default()
         }
     }
@@ -353,10 +377,22 @@ mod tests {
             "false",
             "--rate",
             "1000",
+            "--header",
+            "Authorization=Bearer abc",
+            "--header",
+            "x-tenant: t1",
+            "--ebpf-header",
+            "x-a=b:c=",
         ])
         .args;
         let s = a.send_config();
         assert_eq!(s.endpoint, "http://127.0.0.1:4318");
+        let h = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            s.headers,
+            vec![h("authorization", "Bearer abc"), h("x-tenant", "t1")]
+        );
+        assert_eq!(s.ebpf_headers, vec![h("x-a", "b:c=")]);
         assert_eq!((s.count, s.duration), (None, Some(Duration::from_secs(3))));
         let c = a.scenario_config(5_000_000_000_000);
         assert_eq!(c.scenario, ScenarioKind::Sdk);

@@ -89,6 +89,10 @@ pub struct SendConfig {
     pub shuffle: bool,
     /// Seeds the shuffle and the retry jitter.
     pub seed: u64,
+    /// Sent with every request (gRPC metadata / HTTP headers), e.g. `authorization`.
+    pub headers: Vec<(String, String)>,
+    /// Sent with DeepFlow rows only, after `headers` and [`EBPF_SOURCE_HEADER`].
+    pub ebpf_headers: Vec<(String, String)>,
 }
 
 impl Default for SendConfig {
@@ -111,6 +115,8 @@ impl Default for SendConfig {
             max_delayed_rows: 200_000,
             shuffle: true,
             seed: 1,
+            headers: Vec::new(),
+            ebpf_headers: Vec::new(),
         }
     }
 }
@@ -142,6 +148,8 @@ pub struct Summary {
 pub enum SendError {
     #[error("invalid endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("invalid header {header:?}: {reason}")]
+    Header { header: String, reason: String },
     #[error("writing the ground truth: {0}")]
     Truth(#[from] std::io::Error),
 }
@@ -189,14 +197,24 @@ where
         None => sdk_ep.clone(),
     };
     let mut workers = Vec::new();
-    let mut lanes = |target: &Target, ebpf: bool, seed: &mut Rng| -> Result<Lanes, SendError> {
+    let sdk_headers = cfg.headers.clone();
+    let mut ebpf_headers = cfg.headers.clone();
+    ebpf_headers.push((
+        EBPF_SOURCE_HEADER.0.to_string(),
+        EBPF_SOURCE_HEADER.1.to_string(),
+    ));
+    ebpf_headers.extend(cfg.ebpf_headers.iter().cloned());
+    let mut lanes = |target: &Target,
+                     headers: &[(String, String)],
+                     seed: &mut Rng|
+     -> Result<Lanes, SendError> {
         let mut txs = Vec::new();
         for _ in 0..n {
             // Two batches in flight per connection: enough to keep it busy, small enough that
             // backpressure reaches the generator quickly.
             let (tx, rx) = mpsc::channel(2);
             txs.push(tx);
-            let client = Client::new(target, ebpf, cfg.request_timeout)?;
+            let client = Client::new(target, headers, cfg.request_timeout)?;
             let w = Worker {
                 client,
                 counters: counters.clone(),
@@ -209,8 +227,8 @@ where
         }
         Ok(Lanes::new(txs, cfg.batch_size.max(1)))
     };
-    let mut sdk = lanes(&sdk_ep, false, &mut seed)?;
-    let mut ebpf = lanes(&ebpf_ep, true, &mut seed)?;
+    let mut sdk = lanes(&sdk_ep, &sdk_headers, &mut seed)?;
+    let mut ebpf = lanes(&ebpf_ep, &ebpf_headers, &mut seed)?;
     let mut delayed: BinaryHeap<Delayed> = BinaryHeap::new();
     let mut delayed_seq = 0u64;
     let mut shuffle_rng = Rng::new(seed.next_u64());
@@ -512,7 +530,7 @@ impl Target {
 enum Client {
     Grpc {
         client: tonic::client::Grpc<tonic::transport::Channel>,
-        ebpf: bool,
+        metadata: tonic::metadata::MetadataMap,
     },
     Http {
         client: hyper_util::client::legacy::Client<
@@ -521,7 +539,7 @@ enum Client {
         >,
         uri: http::Uri,
         timeout: Duration,
-        ebpf: bool,
+        headers: http::HeaderMap,
     },
 }
 
@@ -540,7 +558,15 @@ enum Outcome {
 }
 
 impl Client {
-    fn new(target: &Target, ebpf: bool, timeout: Duration) -> Result<Client, SendError> {
+    fn new(
+        target: &Target,
+        headers: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<Client, SendError> {
+        let bad = |(k, v): &(String, String), reason: String| SendError::Header {
+            header: format!("{k}={v}"),
+            reason,
+        };
         match target {
             Target::Grpc(ep) => {
                 let endpoint = tonic::transport::Endpoint::from_shared(ep.clone())
@@ -553,11 +579,19 @@ impl Client {
                 // Lazy: a collector that starts after the loadgen is retried, not fatal. Each
                 // client gets its own channel, hence its own HTTP/2 connection.
                 let channel = endpoint.connect_lazy();
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for h in headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(h.0.as_bytes())
+                        .map_err(|e| bad(h, e.to_string()))?;
+                    let value = tonic::metadata::MetadataValue::try_from(h.1.as_str())
+                        .map_err(|e| bad(h, e.to_string()))?;
+                    metadata.append(key, value);
+                }
                 Ok(Client::Grpc {
                     client: tonic::client::Grpc::new(channel)
                         .max_decoding_message_size(16 << 20)
                         .max_encoding_message_size(usize::MAX),
-                    ebpf,
+                    metadata,
                 })
             }
             Target::Http(uri) => {
@@ -566,11 +600,19 @@ impl Client {
                 )
                 .pool_max_idle_per_host(1)
                 .build_http();
+                let mut map = http::HeaderMap::new();
+                for h in headers {
+                    let key = http::HeaderName::from_bytes(h.0.as_bytes())
+                        .map_err(|e| bad(h, e.to_string()))?;
+                    let value =
+                        http::HeaderValue::from_str(&h.1).map_err(|e| bad(h, e.to_string()))?;
+                    map.append(key, value);
+                }
                 Ok(Client::Http {
                     client,
                     uri: uri.clone(),
                     timeout,
-                    ebpf,
+                    headers: map,
                 })
             }
         }
@@ -578,7 +620,7 @@ impl Client {
 
     async fn export(&mut self, body: &Bytes) -> Outcome {
         match self {
-            Client::Grpc { client, ebpf } => {
+            Client::Grpc { client, metadata } => {
                 if let Err(e) = client.ready().await {
                     return Outcome::Retry {
                         after: None,
@@ -586,12 +628,7 @@ impl Client {
                     };
                 }
                 let mut r = tonic::Request::new(body.clone());
-                if *ebpf {
-                    r.metadata_mut().insert(
-                        EBPF_SOURCE_HEADER.0,
-                        tonic::metadata::MetadataValue::from_static(EBPF_SOURCE_HEADER.1),
-                    );
-                }
+                *r.metadata_mut() = metadata.clone();
                 let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
                 match client.unary(r, path, RawCodec).await {
                     Ok(resp) => Outcome::Done {
@@ -604,14 +641,14 @@ impl Client {
                 client,
                 uri,
                 timeout,
-                ebpf,
+                headers,
             } => {
                 let mut b = http::Request::builder()
                     .method(http::Method::POST)
                     .uri(uri.clone())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf");
-                if *ebpf {
-                    b = b.header(EBPF_SOURCE_HEADER.0, EBPF_SOURCE_HEADER.1);
+                if let Some(h) = b.headers_mut() {
+                    h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
                 let request = match b.body(Full::new(body.clone())) {
                     Ok(r) => r,

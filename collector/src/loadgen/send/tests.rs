@@ -20,6 +20,7 @@ struct Seen {
     requests_of_trace: HashMap<Vec<u8>, HashSet<u64>>,
     peers: HashSet<SocketAddr>,
     ebpf_headers: u64,
+    auth_headers: u64,
 }
 
 /// Answers the first `refuse_first` requests with `refuse_code`, then accepts, rejecting
@@ -44,6 +45,11 @@ impl TraceService for Sink {
         }
         let peer = request.remote_addr();
         let ebpf = request.metadata().get(EBPF_SOURCE_HEADER.0).is_some();
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some("Bearer t0k");
         let req = request.into_inner();
         let mut seen = self.seen.lock().unwrap();
         seen.requests += 1;
@@ -53,6 +59,9 @@ impl TraceService for Sink {
         }
         if ebpf {
             seen.ebpf_headers += 1;
+        }
+        if auth {
+            seen.auth_headers += 1;
         }
         for rs in &req.resource_spans {
             for ss in &rs.scope_spans {
@@ -136,8 +145,12 @@ async fn every_span_arrives_over_several_connections_and_requests() {
         .map(|t| tailweave_core::span::unhex(&t.truth.trace_id).unwrap())
         .collect();
     let mut truth_lines = 0;
+    let c = SendConfig {
+        headers: vec![("authorization".to_string(), "Bearer t0k".to_string())],
+        ..cfg(&ep)
+    };
     let s = send(
-        &cfg(&ep),
+        &c,
         ts,
         |_| {
             truth_lines += 1;
@@ -163,6 +176,7 @@ async fn every_span_arrives_over_several_connections_and_requests() {
         seen.peers
     );
     assert!(seen.ebpf_headers > 0 && seen.ebpf_headers < seen.requests);
+    assert_eq!(seen.auth_headers, seen.requests);
     // Every trace's spans came in more than one request.
     for id in &ids {
         assert!(seen.requests_of_trace[id].len() > 1);
@@ -392,7 +406,7 @@ async fn backoff_doubles_within_bounds_and_honours_retry_after() {
     let mut w = Worker {
         client: Client::new(
             &Target::Grpc("http://127.0.0.1:1".to_string()),
-            false,
+            &[],
             Duration::from_secs(1),
         )
         .unwrap_or_else(|_| unreachable!()),
@@ -415,4 +429,17 @@ async fn backoff_doubles_within_bounds_and_honours_retry_after() {
         w.backoff(0, Some(Duration::from_secs(60))),
         Duration::from_secs(2)
     );
+}
+
+#[tokio::test]
+async fn a_malformed_header_is_an_error_before_anything_is_sent() {
+    for protocol in [Protocol::Grpc, Protocol::Http] {
+        let c = SendConfig {
+            protocol,
+            headers: vec![("bad header".to_string(), "x".to_string())],
+            ..cfg("127.0.0.1:1")
+        };
+        let r = send(&c, traces(1), |_| Ok(()), CancellationToken::new()).await;
+        assert!(matches!(r, Err(SendError::Header { .. })), "{protocol:?}");
+    }
 }
