@@ -34,8 +34,14 @@ pub fn tailweave_bin() -> PathBuf {
         }
         let release = std::env::var("TAILWEAVE_TEST_RELEASE").is_ok();
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root())
-            .args(["build", "-q", "-p", "tailweave-collector", "--bin", "tailweave"]);
+        cmd.current_dir(root()).args([
+            "build",
+            "-q",
+            "-p",
+            "tailweave-collector",
+            "--bin",
+            "tailweave",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -139,7 +145,10 @@ impl Collector {
         let mut child = Command::new(tailweave_bin())
             .arg("--config")
             .arg(&cfg)
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -168,10 +177,7 @@ impl Collector {
         let health = format!("127.0.0.1:{}", ports.health);
         wait_for("tailweave health endpoint", Duration::from_secs(60), || {
             if let Ok(Some(st)) = c.child.try_wait() {
-                panic!(
-                    "tailweave exited early with {st}; log:\n{}",
-                    c.log_text()
-                );
+                panic!("tailweave exited early with {st}; log:\n{}", c.log_text());
             }
             match http_request(&health, "GET", "/", &[], &[]) {
                 Ok((200, _, _)) => Some(()),
@@ -220,7 +226,10 @@ impl Collector {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "tailweave did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "tailweave did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -270,14 +279,17 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// A blocking HTTP/1.1 request over a fresh connection: `(status, headers, body)`.
+/// An HTTP answer: status, lower-cased header names with values, body.
+pub type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A blocking HTTP/1.1 request over a fresh connection.
 pub fn http_request(
     addr: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -325,7 +337,11 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
             return out;
         };
         let size = usize::from_str_radix(
-            String::from_utf8_lossy(&b[..nl]).split(';').next().unwrap_or("0").trim(),
+            String::from_utf8_lossy(&b[..nl])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);
@@ -438,7 +454,11 @@ impl Sink {
     }
 
     pub fn mode(&self) -> SinkMode {
-        self.state.lock().expect("sink").mode.unwrap_or(SinkMode::Accept)
+        self.state
+            .lock()
+            .expect("sink")
+            .mode
+            .unwrap_or(SinkMode::Accept)
     }
 
     pub fn set_mode(&self, m: SinkMode) {
@@ -518,7 +538,8 @@ pub fn python() -> PathBuf {
         }
         let dir = root().join("target").join("pyenv");
         std::fs::create_dir_all(root().join("target")).expect("target dir");
-        let lock = std::fs::File::create(root().join("target").join("pyenv.lock")).expect("lock file");
+        let lock =
+            std::fs::File::create(root().join("target").join("pyenv.lock")).expect("lock file");
         lock.lock().expect("lock pyenv");
         let py = dir.join("bin").join("python");
         let marker = dir.join(".ready");
