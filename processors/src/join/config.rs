@@ -216,6 +216,33 @@ impl JoinConfig {
                 "must be greater than 0",
             ));
         }
+        // Bounds keep deadline arithmetic far from overflow.
+        let day = Duration::from_secs(86_400);
+        for (path, d) in [
+            ("wait.min", w.min),
+            ("wait.idle", w.idle),
+            ("wait.max", w.max),
+            ("wait.orphan_ttl", w.orphan_ttl()),
+            ("wait.late_ttl", w.late_ttl),
+            ("syscall.ttl", self.syscall.ttl),
+        ] {
+            if d > day {
+                out.push(ConfigIssue::new(path, format!("{d:?} is longer than 24h")));
+            }
+        }
+        let hour = Duration::from_secs(3600);
+        for (path, d) in [
+            ("tolerance.network_delay", self.tolerance.network_delay),
+            (
+                "tolerance.host_clock_offset",
+                self.tolerance.host_clock_offset,
+            ),
+            ("tolerance.app_slack", self.tolerance.app_slack),
+        ] {
+            if d > hour {
+                out.push(ConfigIssue::new(path, format!("{d:?} is longer than 1h")));
+            }
+        }
         if self.syscall.ttl.is_zero() {
             out.push(ConfigIssue::new("syscall.ttl", "must be greater than 0"));
         }
@@ -297,6 +324,15 @@ emit_clock_offset: false
             parse::<JoinConfig>(serde_yaml::from_str("wait: {minimum: 1s}").unwrap()).unwrap_err();
         assert_eq!(e.path, "wait.minimum");
         assert!(e.message.contains("minimum"), "{}", e.message);
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let mut c = JoinConfig::default();
+        c.wait.late_ttl = Duration::from_secs(90_000);
+        c.tolerance.network_delay = Duration::from_secs(7200);
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(paths, ["wait.late_ttl", "tolerance.network_delay"]);
     }
 
     #[test]

@@ -212,7 +212,15 @@ impl Outcome {
 }
 
 impl Join {
-    pub fn new(cfg: JoinConfig) -> Join {
+    pub fn new(mut cfg: JoinConfig) -> Join {
+        // `validate` refuses longer waits; clamping here keeps `Instant` arithmetic from
+        // overflowing even for a config that skipped validation.
+        let day = Duration::from_secs(86_400);
+        let w = &mut cfg.wait;
+        for d in [&mut w.min, &mut w.idle, &mut w.max, &mut w.late_ttl] {
+            *d = (*d).min(day);
+        }
+        w.orphan_ttl = w.orphan_ttl.map(|d| d.min(day));
         let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
         let tol = Tol {
             network_delay: ns(cfg.tolerance.network_delay),

@@ -1721,3 +1721,42 @@ fn game_workload_shuffled_and_late_loses_nothing_and_keeps_every_link() {
         assert!(b.spans.iter().all(|s| s.trace_id == trace));
     }
 }
+
+#[test]
+fn hostile_timestamps_and_ids_never_panic() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let web = sdk_scope("web", "web-pod", "default");
+    let mut spans = vec![sdk_span(
+        &web,
+        T1,
+        W2,
+        W2,
+        SpanKind::Client,
+        "self parent",
+        0,
+        u64::MAX / 1000,
+        vec![],
+    )];
+    let extremes = [0u64, 1, u64::MAX / 1000, u64::MAX / 2000];
+    for (k, (&s, &e)) in extremes.iter().zip(extremes.iter().rev()).enumerate() {
+        for tap in ["c-p", "c", "s", "s-p", "local"] {
+            let mut r = DfRow::new(0x7000 + k as u64 * 16 + tap.len() as u64, tap, "n")
+                .trace(T1, W2)
+                .seqs(1, 1)
+                .sys(u64::MAX, u64::MAX - 1)
+                .pids(1, 1)
+                .time_us(s, e);
+            r.flow_id = 5;
+            r.span_type = ["request", "response", "session"][k % 3].into();
+            r.cap_seq = [u32::MAX, 0];
+            spans.push(r.to_span());
+        }
+    }
+    feed(&mut j, t0, spans);
+    let mut out = tick(&mut j, t0 + Duration::from_secs(61));
+    j.shutdown(t0 + Duration::from_secs(62), &mut out);
+    let n: usize = out.iter().map(|b| b.len()).sum();
+    assert!(n >= 1, "the SDK span at least comes out");
+    assert_eq!(j.pending_spans(), 0);
+}

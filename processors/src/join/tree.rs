@@ -225,7 +225,8 @@ impl Ctx<'_> {
     /// SDK span `s` covers eBPF span `e` within `app_slack` (same host clocks).
     fn sdk_covers(&self, s: usize, e: usize) -> bool {
         let slack = self.tol.app_slack;
-        self.start(s) <= self.start(e) + slack && self.end(e) <= self.end(s) + slack
+        self.start(s) <= self.start(e).saturating_add(slack)
+            && self.end(e) <= self.end(s).saturating_add(slack)
     }
     /// The time deviation of §4.2: 0 if covered, else the smaller of |Δstart|, |Δend|.
     fn deviation(&self, a: usize, b: usize) -> u64 {
@@ -940,7 +941,8 @@ fn chain_hop(c: &mut Ctx<'_>, members: &[usize], hops: &mut Vec<Hop>) {
         }
         if ep.agent != em.agent {
             let dev = c.tol.dev(ep, em);
-            let overlap = ep.start_ns <= em.end_ns + dev && em.start_ns <= ep.end_ns + dev;
+            let overlap = ep.start_ns <= em.end_ns.saturating_add(dev)
+                && em.start_ns <= ep.end_ns.saturating_add(dev);
             if !overlap {
                 let h = header(c, &chain);
                 hops.push(Hop {
@@ -1040,8 +1042,12 @@ fn clock_offsets(c: &Ctx<'_>, hops: &[Hop]) -> HashMap<std::sync::Arc<str>, i64>
             if ep.agent == ec.agent {
                 continue;
             }
-            let a = (ep.start_ns as i64 - ec.start_ns as i64) / 1000;
-            let b = (ep.end_ns as i64 - ec.end_ns as i64) / 1000;
+            // i128: timestamps come from the network and may be anything.
+            let us = |x: u64, y: u64| {
+                ((x as i128 - y as i128) / 1000).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+            };
+            let a = us(ep.start_ns, ec.start_ns);
+            let b = us(ep.end_ns, ec.end_ns);
             cons.push((ep.agent.clone(), ec.agent.clone(), a.min(b), a.max(b)));
         }
     }
@@ -1077,7 +1083,7 @@ fn clock_offsets(c: &Ctx<'_>, hops: &[Hop]) -> HashMap<std::sync::Arc<str>, i64>
             } else {
                 hi
             };
-            off.insert(ch.clone(), po + o);
+            off.insert(ch.clone(), po.saturating_add(o));
             changed = true;
         }
         if !changed {
