@@ -9,6 +9,8 @@
 //! - [`error`]: export and component errors (retryable or permanent).
 //! - [`limiter`]: the process memory budget.
 //! - [`names`]: metric names.
+//! - [`red`]: the bounded store of RED series that `span_metrics` writes and the Prometheus
+//!   exporters read.
 
 pub mod component;
 pub mod config;
