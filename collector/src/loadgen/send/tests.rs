@@ -443,3 +443,102 @@ async fn a_malformed_header_is_an_error_before_anything_is_sent() {
         assert!(matches!(r, Err(SendError::Header { .. })), "{protocol:?}");
     }
 }
+
+#[tokio::test]
+async fn the_command_writes_truth_and_summary_files() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::loadgen::LoadgenArgs,
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (ep, server) = serve(sink(&seen)).await;
+    let dir = std::env::temp_dir().join(format!("tailweave-loadgen-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (truth, summary) = (dir.join("truth.jsonl"), dir.join("summary.json"));
+    let args = Cli::parse_from([
+        "loadgen",
+        "--endpoint",
+        &ep,
+        "--count",
+        "12",
+        "--rate",
+        "0",
+        "--ebpf-delay",
+        "10ms",
+        "--truth",
+        truth.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+    ])
+    .args;
+    crate::loadgen::run(args).await.unwrap();
+    let t = crate::loadgen::truth::read_truth(&truth).unwrap();
+    assert_eq!(t.len(), 12);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["traces"], 12);
+    assert_eq!(s["accepted"], seen.lock().unwrap().spans);
+    assert_eq!(s["refused"], 0);
+    // Every truth trace id arrived.
+    for tr in &t {
+        let id = tailweave_core::span::unhex(&tr.trace_id).unwrap();
+        assert!(seen.lock().unwrap().requests_of_trace.contains_key(&id));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_command_replays_with_distinct_trace_ids() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::loadgen::LoadgenArgs,
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (ep, server) = serve(sink(&seen)).await;
+    let dir = std::env::temp_dir().join(format!("tailweave-loadgen-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (truth, summary) = (dir.join("truth.jsonl"), dir.join("summary.json"));
+    let args = Cli::parse_from([
+        "loadgen",
+        "--endpoint",
+        &ep,
+        "--scenario",
+        "sdk",
+        "--replay-pool",
+        "4",
+        "--count",
+        "12",
+        "--rate",
+        "0",
+        "--ebpf-delay",
+        "10ms",
+        "--truth",
+        truth.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+    ])
+    .args;
+    crate::loadgen::run(args).await.unwrap();
+    let t = crate::loadgen::truth::read_truth(&truth).unwrap();
+    assert_eq!(t.len(), 12);
+    let ids: HashSet<&str> = t.iter().map(|x| x.trace_id.as_str()).collect();
+    assert_eq!(ids.len(), 12);
+    assert_eq!(seen.lock().unwrap().spans, 120);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["traces"], 12);
+    assert_eq!(s["accepted"], seen.lock().unwrap().spans);
+    assert_eq!(s["refused"], 0);
+    // Every truth trace id arrived.
+    for tr in &t {
+        let id = tailweave_core::span::unhex(&tr.trace_id).unwrap();
+        assert!(seen.lock().unwrap().requests_of_trace.contains_key(&id));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.abort();
+}
