@@ -321,6 +321,12 @@ pub fn sdk_span(
 /// spans (login -> shop -> payment) and 12 DeepFlow rows (process spans of each call, MySQL and
 /// Redis seen only by eBPF, the payment server row split into request and response).
 pub fn game_trace(i: u64) -> (Vec<Span>, Vec<Span>) {
+    game_trace_skewed(i, [0; 4])
+}
+
+/// [`game_trace`] with each host's clock off by `skew_us` (login, shop, payment, database host):
+/// SDK spans and eBPF rows of one host share its clock.
+pub fn game_trace_skewed(i: u64, skew_us: [i64; 4]) -> (Vec<Span>, Vec<Span>) {
     let mut trace = [0u8; 16];
     trace[..8].copy_from_slice(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes());
     trace[8..].copy_from_slice(&(i ^ 0xdead_beef_cafe_f00d).to_be_bytes());
@@ -555,5 +561,32 @@ pub fn game_trace(i: u64) -> (Vec<Span>, Vec<Span>) {
     ebpf.push(q);
     ebpf.push(resp);
 
-    (sdk, ebpf.iter().map(|d| d.to_span()).collect())
+    let shift = |t: u64, host: usize| t.saturating_add_signed(skew_us[host]);
+    let mut sdk = sdk;
+    for sp in sdk.iter_mut() {
+        let host = match sp.service_name() {
+            "login" => 0,
+            "shop" => 1,
+            _ => 2,
+        };
+        let _ = sp.edit(|p| {
+            p.start_time_unix_nano = shift(p.start_time_unix_nano / 1000, host) * 1000;
+            p.end_time_unix_nano = shift(p.end_time_unix_nano / 1000, host) * 1000;
+        });
+    }
+    let ebpf = ebpf
+        .into_iter()
+        .map(|mut d| {
+            let host = match d.agent.as_str() {
+                "node-1" => 0,
+                "node-2" => 1,
+                "node-3" => 2,
+                _ => 3,
+            };
+            d.start_us = shift(d.start_us, host);
+            d.end_us = shift(d.end_us, host);
+            d.to_span()
+        })
+        .collect();
+    (sdk, ebpf)
 }

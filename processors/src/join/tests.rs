@@ -1624,11 +1624,12 @@ fn emit_clock_offset_writes_the_estimated_agent_offset() {
     assert_eq!(i_attr(find(&unit, R1), super::output::CLOCK_OFFSET), None);
 }
 
-/// Shuffled arrival, eBPF rows up to 10 s late, several traces interleaved: every input span comes
+/// Shuffled arrival, eBPF rows up to 10 s late, host clocks up to 10 ms apart, several traces
+/// interleaved: every input span comes
 /// out exactly once (merged rows inside their request row), in its own trace, under the intended
 /// parent.
 #[test]
-fn game_workload_shuffled_and_late_loses_nothing_and_keeps_every_link() {
+fn game_workload_shuffled_late_and_skewed_loses_nothing_and_keeps_every_link() {
     let mut j = join(JoinConfig::default());
     let t0 = Instant::now();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -1643,7 +1644,14 @@ fn game_workload_shuffled_and_late_loses_nothing_and_keeps_every_link() {
     let traces = 150u64;
     let mut input_ids = std::collections::HashSet::new();
     for i in 0..traces {
-        let (sdk, ebpf) = super::testkit::game_trace(i);
+        // Hosts' clocks up to 10 ms apart, differently per trace.
+        let skew = [
+            0,
+            next(20_001) as i64 - 10_000,
+            next(20_001) as i64 - 10_000,
+            next(20_001) as i64 - 10_000,
+        ];
+        let (sdk, ebpf) = super::testkit::game_trace_skewed(i, skew);
         let at = i * 20;
         for s in norm(sdk) {
             input_ids.insert(s.span_id);
