@@ -136,8 +136,11 @@ pub struct Summary {
     pub failed: u64,
     pub retries: u64,
     pub requests: u64,
+    /// From the first trace to the last answer, including the wait for delayed rows.
     pub elapsed_s: f64,
-    /// Traces generated per second of `elapsed_s`.
+    /// From the first trace to the end of generation.
+    pub generating_s: f64,
+    /// Traces generated per second of `generating_s`: the rate achieved.
     pub traces_per_s: f64,
     /// Spans accepted per second of `elapsed_s`.
     pub spans_per_s: f64,
@@ -301,6 +304,7 @@ where
         }
     }
 
+    let generating = start.elapsed().as_secs_f64();
     // Deliver what is held: rows at their due time, or at once when stopped.
     sdk.flush_all().await;
     while let Some(top) = delayed.peek() {
@@ -340,8 +344,11 @@ where
     summary.retries = counters.retries.load(Ordering::Relaxed);
     summary.requests = counters.requests.load(Ordering::Relaxed);
     summary.elapsed_s = elapsed;
+    summary.generating_s = generating;
+    if generating > 0.0 {
+        summary.traces_per_s = summary.traces as f64 / generating;
+    }
     if elapsed > 0.0 {
-        summary.traces_per_s = summary.traces as f64 / elapsed;
         summary.spans_per_s = summary.accepted as f64 / elapsed;
     }
     Ok(summary)
