@@ -7,8 +7,8 @@
 //! use tailweave_collector::loadgen::{scenario, truth};
 //! let traces = scenario::generate(&scenario::ScenarioConfig::default(), 42);
 //! let expected: Vec<truth::TraceTruth> = traces.iter().map(|t| t.truth.clone()).collect();
-//! // ... send `traces[i].sdk` and `traces[i].ebpf`, collect what comes out ...
-//! let observed = Vec::new();
+//! // ... send `traces[i].sdk` and `traces[i].ebpf`, collect the spans that come out ...
+//! let observed: Vec<tailweave_core::proto::tonic::trace::v1::Span> = Vec::new();
 //! let c = truth::compare(&expected, &observed);
 //! assert!(c.is_perfect(), "{:?}", c.examples);
 //! ```
@@ -20,6 +20,7 @@
 //! - [`replay`]: fast replay of the `sdk` scenario by patching pre-encoded traces (benches).
 //! - [`send`]: delivery over OTLP/gRPC or OTLP/HTTP: rate, delays, shuffling, connections,
 //!   retries, the summary.
+//! - [`wire`]: an encoded ResourceSpans, the unit the sender batches without re-encoding.
 //! - `rng`: the fixed PRNG behind the determinism.
 
 pub mod replay;
