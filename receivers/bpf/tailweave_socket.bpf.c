@@ -41,6 +41,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFSOCK 0140000
 #define IPPROTO_TCP 6
 #define SOCK_STREAM 1
+#define RCV_SHUTDOWN 1
 
 enum dir { DIR_EGRESS = 0, DIR_INGRESS = 1 };
 enum kind { KIND_DATA = 0, KIND_CLOSE = 1 };
@@ -301,7 +302,19 @@ static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, lon
 		return 0;
 
 	struct tcp_sock *tp = (struct tcp_sock *)sk;
-	__u32 seq_after = dir == DIR_EGRESS ? BPF_CORE_READ(tp, write_seq) : BPF_CORE_READ(tp, copied_seq);
+	__u32 seq_after;
+	if (dir == DIR_EGRESS) {
+		seq_after = BPF_CORE_READ(tp, write_seq);
+	} else {
+		seq_after = BPF_CORE_READ(tp, copied_seq);
+		/*
+		 * A read that consumed the peer's FIN advanced copied_seq by one more than the bytes
+		 * it returned. FIN received (RCV_SHUTDOWN) and nothing left unread means it did.
+		 */
+		__u8 shut = BPF_CORE_READ(sk, sk_shutdown);
+		if ((shut & RCV_SHUTDOWN) && seq_after == BPF_CORE_READ(tp, rcv_nxt))
+			seq_after -= 1;
+	}
 
 	struct thread_state fresh = {}, *st = bpf_map_lookup_elem(&threads, &tid);
 	if (!st) {
@@ -341,9 +354,12 @@ static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, lon
 			e->cap_len = n;
 	}
 
+	/* An LRU update replaces the node: only write when the fd is new or names a new socket. */
 	__u64 fdkey = (pid_tgid & 0xffffffff00000000ULL) | fd;
 	__u64 skv = (__u64)sk;
-	bpf_map_update_elem(&live_fds, &fdkey, &skv, BPF_ANY);
+	__u64 *known = bpf_map_lookup_elem(&live_fds, &fdkey);
+	if (!known || *known != skv)
+		bpf_map_update_elem(&live_fds, &fdkey, &skv, BPF_ANY);
 
 	__u64 size = offsetof(struct event, data) + e->cap_len;
 	if (size > sizeof(struct event))

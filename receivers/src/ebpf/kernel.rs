@@ -481,8 +481,8 @@ mod tests {
         let (cp, sp) = (e(TapSide::CP), e(TapSide::SP));
         // Both ends saw the same bytes: the sequence numbers agree, as in tcpdump.
         assert_ne!(cp.req_tcp_seq, 0);
-        assert_eq!(cp.req_tcp_seq, sp.req_tcp_seq);
-        assert_eq!(cp.resp_tcp_seq, sp.resp_tcp_seq);
+        assert_eq!(cp.req_tcp_seq, sp.req_tcp_seq, "c-p {cp:?}\ns-p {sp:?}");
+        assert_eq!(cp.resp_tcp_seq, sp.resp_tcp_seq, "c-p {cp:?}\ns-p {sp:?}");
         assert_eq!(cp.port, sp.port);
         assert_eq!(sp.port[1], port);
         assert_eq!(sp.pid[1], server.id());
