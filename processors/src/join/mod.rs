@@ -61,6 +61,8 @@ pub const PENDING_SPANS: &str = "tailweave_join_pending_spans";
 pub const PENDING_BYTES: &str = "tailweave_join_pending_bytes";
 /// Spans dropped for other reasons than being unassociated, by `reason` (`unknown_tenant`).
 pub const DROPPED: &str = "tailweave_join_dropped_spans_total";
+/// Tombstones of emitted units kept for late spans (one per emitted eBPF span, plus one per unit).
+pub const TOMBSTONES: &str = "tailweave_join_tombstones";
 /// Unions refused because the groups carry different trace ids.
 pub const REFUSED_UNIONS: &str = "tailweave_join_refused_unions_total";
 
@@ -896,6 +898,7 @@ impl Join {
             }
         }
         self.tombs.expire(now);
+        metrics::gauge!(TOMBSTONES).set(self.tombs.len() as f64);
         if self.arrivals.len() > 2 * self.live + 1024 {
             let nodes = &self.nodes;
             self.arrivals.retain(|&(id, gen)| {

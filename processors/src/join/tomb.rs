@@ -24,7 +24,7 @@ enum Key {
     Frag(u32, Arc<str>, u64, u8),
 }
 
-/// The compact copy of an emitted span that the §4 rules need.
+/// The compact copy of an emitted span that the §4 rules need, with the keys it is filed under.
 #[derive(Clone, Debug)]
 struct Tomb {
     trace_id: [u8; 16],
@@ -38,19 +38,53 @@ struct Tomb {
     end: u64,
     dur_us: u64,
     expires: Instant,
+    tenant: u32,
+    /// Filed under `Key::Trace` (the unit's entry) rather than under span keys.
+    unit: bool,
+    req: u32,
+    resp: u32,
+    sys: [u64; 2],
+    /// Request fragment filed under `Key::Frag` with this flow id (0: not).
+    frag_flow: u64,
 }
 
+impl Tomb {
+    fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        let t = self.tenant;
+        let unit = self.unit.then(|| Key::Trace(t, self.trace_id));
+        let req = (!self.unit && self.req != 0).then(|| Key::Req(t, self.req));
+        let resp = (!self.unit && self.resp != 0).then(|| Key::Resp(t, self.resp));
+        let sys = self
+            .sys
+            .into_iter()
+            .filter(|id| *id != 0)
+            .map(move |id| Key::Sys(t, self.agent.clone(), id));
+        let frag = (self.frag_flow != 0)
+            .then(|| Key::Frag(t, self.agent.clone(), self.frag_flow, self.tap.rank()));
+        unit.into_iter()
+            .chain(req)
+            .chain(resp)
+            .chain(sys)
+            .chain(frag)
+    }
+}
+
+/// Tombstones in arrival order (which is expiry order: `late_ttl` is fixed), each stored once;
+/// the key map points into the ring by absolute position.
 pub(super) struct Tombs {
-    map: HashMap<Key, Tomb>,
-    queue: VecDeque<(Instant, Key)>,
+    slots: VecDeque<Tomb>,
+    /// Absolute position of `slots[0]`.
+    base: u64,
+    keys: HashMap<Key, u64>,
     pub(super) cap: usize,
 }
 
 impl Default for Tombs {
     fn default() -> Self {
         Tombs {
-            map: HashMap::new(),
-            queue: VecDeque::new(),
+            slots: VecDeque::new(),
+            base: 0,
+            keys: HashMap::new(),
             cap: 1_000_000,
         }
     }
@@ -67,18 +101,32 @@ fn via_of(s: &Span) -> Via {
 }
 
 impl Tombs {
-    fn put(&mut self, k: Key, t: Tomb) {
-        self.queue.push_back((t.expires, k.clone()));
-        self.map.insert(k, t);
-        while self.queue.len() > self.cap {
+    /// Tombstones held (a gauge for the operator; each is one span's compact copy).
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn put(&mut self, t: Tomb) {
+        let pos = self.base + self.slots.len() as u64;
+        for k in t.keys() {
+            self.keys.insert(k, pos);
+        }
+        self.slots.push_back(t);
+        while self.slots.len() > self.cap {
             self.pop_front();
         }
     }
 
     fn pop_front(&mut self) {
-        if let Some((t, k)) = self.queue.pop_front() {
-            if self.map.get(&k).is_some_and(|x| x.expires == t) {
-                self.map.remove(&k);
+        let Some(t) = self.slots.pop_front() else {
+            return;
+        };
+        let pos = self.base;
+        self.base += 1;
+        for k in t.keys() {
+            // A newer tombstone may have taken the key over.
+            if self.keys.get(&k) == Some(&pos) {
+                self.keys.remove(&k);
             }
         }
     }
@@ -99,7 +147,7 @@ impl Tombs {
             .find(|s| s.parent_span_id.is_zero())
             .or(spans.first())
             .map_or(SpanId::ZERO, |s| s.span_id);
-        let base = Tomb {
+        self.put(Tomb {
             trace_id,
             span_id: root,
             parent: SpanId::ZERO,
@@ -111,15 +159,25 @@ impl Tombs {
             end: 0,
             dur_us: 0,
             expires,
-        };
-        self.put(Key::Trace(tenant, trace_id), base);
+            tenant,
+            unit: true,
+            req: 0,
+            resp: 0,
+            sys: [0; 2],
+            frag_flow: 0,
+        });
         for s in spans {
             let Some(e) = s.ebpf.as_deref() else { continue };
             if e.has(flags::NO_KEYS) {
                 continue;
             }
             let request_only = e.is_request_only();
-            let t = Tomb {
+            let sys = if e.is_system() && e.syscall_req != e.syscall_resp {
+                [e.syscall_req, e.syscall_resp]
+            } else {
+                [0; 2]
+            };
+            self.put(Tomb {
                 trace_id,
                 span_id: s.span_id,
                 parent: s.parent_span_id,
@@ -131,37 +189,26 @@ impl Tombs {
                 end: e.end_ns,
                 dur_us: e.duration_us,
                 expires,
-            };
-            if e.req_tcp_seq != 0 {
-                self.put(Key::Req(tenant, e.req_tcp_seq), t.clone());
-            }
-            if e.resp_tcp_seq != 0 {
-                self.put(Key::Resp(tenant, e.resp_tcp_seq), t.clone());
-            }
-            if e.is_system() {
-                for id in [e.syscall_req, e.syscall_resp] {
-                    if id != 0 && e.syscall_req != e.syscall_resp {
-                        self.put(Key::Sys(tenant, e.agent.clone(), id), t.clone());
-                    }
-                }
-            }
-            if request_only && e.flow_id != 0 {
-                self.put(
-                    Key::Frag(tenant, e.agent.clone(), e.flow_id, e.tap_side.rank()),
-                    t,
-                );
-            }
+                tenant,
+                unit: false,
+                req: e.req_tcp_seq,
+                resp: e.resp_tcp_seq,
+                sys,
+                frag_flow: if request_only { e.flow_id } else { 0 },
+            });
         }
     }
 
     pub(super) fn expire(&mut self, now: Instant) {
-        while self.queue.front().is_some_and(|(t, _)| *t <= now) {
+        while self.slots.front().is_some_and(|t| t.expires <= now) {
             self.pop_front();
         }
     }
 
     fn live(&self, k: &Key, now: Instant) -> Option<&Tomb> {
-        self.map.get(k).filter(|t| t.expires > now)
+        let pos = *self.keys.get(k)?;
+        let t = self.slots.get(pos.checked_sub(self.base)? as usize)?;
+        (t.expires > now).then_some(t)
     }
 
     /// Where a late span goes, if it matches an emitted unit.
@@ -173,7 +220,7 @@ impl Tombs {
         tol: &Tol,
         now: Instant,
     ) -> Option<LateTarget> {
-        if self.map.is_empty() {
+        if self.keys.is_empty() {
             return None;
         }
         if let Some(k) = key {
