@@ -51,9 +51,9 @@ struct Tomb {
 impl Tomb {
     fn keys(&self) -> impl Iterator<Item = Key> + '_ {
         let t = self.tenant;
-        let unit = self.unit.then(|| Key::Trace(t, self.trace_id));
-        let req = (!self.unit && self.req != 0).then(|| Key::Req(t, self.req));
-        let resp = (!self.unit && self.resp != 0).then(|| Key::Resp(t, self.resp));
+        let unit = self.unit.then_some(Key::Trace(t, self.trace_id));
+        let req = (!self.unit && self.req != 0).then_some(Key::Req(t, self.req));
+        let resp = (!self.unit && self.resp != 0).then_some(Key::Resp(t, self.resp));
         let sys = self
             .sys
             .into_iter()
