@@ -178,6 +178,8 @@ impl SpanBuilder {
             tap_side: tap.clone(),
             agent: self.agent.clone(),
             l7_protocol: c.l7.id(),
+            // The kernel side captures TCP sockets only.
+            l4_protocol: 6,
             endpoint: endpoint.clone(),
             req_tcp_seq: req_seq,
             resp_tcp_seq: resp_seq,
