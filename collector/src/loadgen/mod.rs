@@ -41,7 +41,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use scenario::{Generator, ScenarioConfig, ScenarioKind};
-use send::{Protocol, SendConfig};
+use send::{Compression, Protocol, SendConfig};
 use tailweave_core::ConfigIssue;
 
 /// Command-line options of `tailweave loadgen`: what to generate. How to send is in
@@ -147,6 +147,9 @@ pub struct SendArgs {
     /// repeatable.
     #[arg(long = "ebpf-header", value_parser = parse_header)]
     pub ebpf_headers: Vec<(String, String)>,
+    /// Request compression: `none` or `gzip`.
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    pub compression: Compression,
 }
 
 /// `KEY=VALUE` (or `KEY: VALUE`; the first `=` or `:` splits, so values may hold either); the
@@ -222,6 +225,7 @@ impl LoadgenArgs {
             seed: self.seed,
             headers: self.send.headers.clone(),
             ebpf_headers: self.send.ebpf_headers.clone(),
+            compression: self.send.compression,
             ..SendConfig::default()
         }
     }

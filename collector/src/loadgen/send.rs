@@ -54,6 +54,15 @@ pub enum Protocol {
     Http,
 }
 
+/// Request body compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    /// gRPC message compression / HTTP `Content-Encoding: gzip`.
+    Gzip,
+}
+
 /// How to send.
 #[derive(Clone, Debug)]
 pub struct SendConfig {
@@ -93,6 +102,7 @@ pub struct SendConfig {
     pub headers: Vec<(String, String)>,
     /// Sent with DeepFlow rows only, after `headers` and [`EBPF_SOURCE_HEADER`].
     pub ebpf_headers: Vec<(String, String)>,
+    pub compression: Compression,
 }
 
 impl Default for SendConfig {
@@ -117,6 +127,7 @@ impl Default for SendConfig {
             seed: 1,
             headers: Vec::new(),
             ebpf_headers: Vec::new(),
+            compression: Compression::None,
         }
     }
 }
@@ -217,7 +228,7 @@ where
             // backpressure reaches the generator quickly.
             let (tx, rx) = mpsc::channel(2);
             txs.push(tx);
-            let client = Client::new(target, headers, cfg.request_timeout)?;
+            let client = Client::new(target, headers, cfg.request_timeout, cfg.compression)?;
             let w = Worker {
                 client,
                 counters: counters.clone(),
@@ -547,6 +558,7 @@ enum Client {
         uri: http::Uri,
         timeout: Duration,
         headers: http::HeaderMap,
+        gzip: bool,
     },
 }
 
@@ -569,7 +581,9 @@ impl Client {
         target: &Target,
         headers: &[(String, String)],
         timeout: Duration,
+        compression: Compression,
     ) -> Result<Client, SendError> {
+        let gzip = compression == Compression::Gzip;
         let bad = |(k, v): &(String, String), reason: String| SendError::Header {
             header: format!("{k}={v}"),
             reason,
@@ -594,12 +608,13 @@ impl Client {
                         .map_err(|e| bad(h, e.to_string()))?;
                     metadata.append(key, value);
                 }
-                Ok(Client::Grpc {
-                    client: tonic::client::Grpc::new(channel)
-                        .max_decoding_message_size(16 << 20)
-                        .max_encoding_message_size(usize::MAX),
-                    metadata,
-                })
+                let mut client = tonic::client::Grpc::new(channel)
+                    .max_decoding_message_size(16 << 20)
+                    .max_encoding_message_size(usize::MAX);
+                if gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                Ok(Client::Grpc { client, metadata })
             }
             Target::Http(uri) => {
                 let client = hyper_util::client::legacy::Client::builder(
@@ -615,13 +630,38 @@ impl Client {
                         http::HeaderValue::from_str(&h.1).map_err(|e| bad(h, e.to_string()))?;
                     map.append(key, value);
                 }
+                if gzip {
+                    map.insert(
+                        http::header::CONTENT_ENCODING,
+                        http::HeaderValue::from_static("gzip"),
+                    );
+                }
                 Ok(Client::Http {
                     client,
                     uri: uri.clone(),
                     timeout,
                     headers: map,
+                    gzip,
                 })
             }
+        }
+    }
+
+    /// The body as this client sends it: gzip for HTTP is applied once per batch, not per
+    /// attempt (gRPC compresses inside tonic).
+    fn prepare(&self, body: Bytes) -> Bytes {
+        match self {
+            Client::Http { gzip: true, .. } => {
+                use std::io::Write as _;
+                let mut e = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(body.len() / 4),
+                    flate2::Compression::fast(),
+                );
+                // Writing into a Vec cannot fail.
+                let _ = e.write_all(&body);
+                e.finish().map(Bytes::from).unwrap_or(body)
+            }
+            _ => body,
         }
     }
 
@@ -649,6 +689,7 @@ impl Client {
                 uri,
                 timeout,
                 headers,
+                ..
             } => {
                 let mut b = http::Request::builder()
                     .method(http::Method::POST)
@@ -791,13 +832,14 @@ impl Worker {
         let mut failures_logged = 0u32;
         while let Some(batch) = rx.recv().await {
             let n = batch.spans;
+            let body = self.client.prepare(batch.body);
             let c = self.counters.clone();
             c.add(&c.sent, n, None);
             let mut attempt = 0u32;
             loop {
                 c.add(&c.requests, 1, None);
                 metrics::counter!(LOADGEN_REQUESTS).increment(1);
-                match self.client.export(&batch.body).await {
+                match self.client.export(&body).await {
                     Outcome::Done { rejected } => {
                         let rejected = rejected.min(n);
                         c.add(&c.accepted, n - rejected, Some("accepted"));

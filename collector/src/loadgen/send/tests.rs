@@ -21,6 +21,7 @@ struct Seen {
     peers: HashSet<SocketAddr>,
     ebpf_headers: u64,
     auth_headers: u64,
+    gzip_requests: u64,
 }
 
 /// Answers the first `refuse_first` requests with `refuse_code`, then accepts, rejecting
@@ -45,6 +46,11 @@ impl TraceService for Sink {
         }
         let peer = request.remote_addr();
         let ebpf = request.metadata().get(EBPF_SOURCE_HEADER.0).is_some();
+        let gzip = request
+            .metadata()
+            .get("grpc-encoding")
+            .and_then(|v| v.to_str().ok())
+            == Some("gzip");
         let auth = request
             .metadata()
             .get("authorization")
@@ -62,6 +68,9 @@ impl TraceService for Sink {
         }
         if auth {
             seen.auth_headers += 1;
+        }
+        if gzip {
+            seen.gzip_requests += 1;
         }
         for rs in &req.resource_spans {
             for ss in &rs.scope_spans {
@@ -89,7 +98,10 @@ async fn serve(sink: Sink) -> (String, tokio::task::JoinHandle<()>) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let h = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(sink))
+            .add_service(
+                TraceServiceServer::new(sink)
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            )
             .serve_with_incoming(incoming)
             .await
             .unwrap();
@@ -177,6 +189,7 @@ async fn every_span_arrives_over_several_connections_and_requests() {
     );
     assert!(seen.ebpf_headers > 0 && seen.ebpf_headers < seen.requests);
     assert_eq!(seen.auth_headers, seen.requests);
+    assert_eq!(seen.gzip_requests, 0);
     // Every trace's spans came in more than one request.
     for id in &ids {
         assert!(seen.requests_of_trace[id].len() > 1);
@@ -314,29 +327,46 @@ async fn a_stopped_run_still_delivers_what_it_holds() {
     server.abort();
 }
 
-#[tokio::test]
-async fn http_protocol_posts_protobuf_and_retries_503() {
+/// An OTLP/HTTP endpoint that answers its first request 503 and counts the spans of the rest
+/// (gunzipping bodies marked gzip) and the gzipped requests.
+async fn http_sink() -> (
+    String,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
     use hyper::service::service_fn;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let spans = Arc::new(AtomicU64::new(0));
+    let gzipped = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
-    let (sp, ca) = (spans.clone(), calls.clone());
+    let (sp, gz) = (spans.clone(), gzipped.clone());
     let server = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (sp, ca) = (sp.clone(), ca.clone());
+            let (sp, gz, ca) = (sp.clone(), gz.clone(), calls.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (sp, ca) = (sp.clone(), ca.clone());
+                    let (sp, gz, ca) = (sp.clone(), gz.clone(), ca.clone());
                     async move {
                         let n = ca.fetch_add(1, Ordering::SeqCst);
                         let ok_path = req.uri().path() == "/v1/traces"
                             && req.headers().get("content-type").map(|v| v.as_bytes())
                                 == Some(b"application/x-protobuf".as_slice());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let gzip = req.headers().get("content-encoding").map(|v| v.as_bytes())
+                            == Some(b"gzip".as_slice());
+                        let mut body = req.into_body().collect().await.unwrap().to_bytes();
+                        if gzip {
+                            use std::io::Read;
+                            let mut out = Vec::new();
+                            flate2::read::GzDecoder::new(&body[..])
+                                .read_to_end(&mut out)
+                                .unwrap();
+                            body = Bytes::from(out);
+                        }
                         let status = if !ok_path {
                             400
                         } else if n == 0 {
@@ -344,6 +374,7 @@ async fn http_protocol_posts_protobuf_and_retries_503() {
                         } else {
                             let r = ExportTraceServiceRequest::decode(body).unwrap();
                             sp.fetch_add(span_count(&r.resource_spans) as u64, Ordering::SeqCst);
+                            gz.fetch_add(gzip as u64, Ordering::SeqCst);
                             200
                         };
                         Ok::<_, std::convert::Infallible>(
@@ -363,24 +394,63 @@ async fn http_protocol_posts_protobuf_and_retries_503() {
             });
         }
     });
-    let ts = traces(8);
+    (format!("{addr}"), spans, gzipped, server)
+}
+
+#[tokio::test]
+async fn http_protocol_posts_protobuf_and_retries_503() {
+    for compression in [Compression::None, Compression::Gzip] {
+        let (addr, spans, gzipped, server) = http_sink().await;
+        let ts = traces(8);
+        let total: u64 = ts
+            .iter()
+            .map(|t| (t.sdk_span_count() + t.ebpf_span_count()) as u64)
+            .sum();
+        let c = SendConfig {
+            protocol: Protocol::Http,
+            endpoint: addr,
+            compression,
+            ..cfg("")
+        };
+        let s = send(&c, ts, |_| Ok(()), CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (s.accepted, s.refused, s.failed, s.retries),
+            (total, 0, 0, 1)
+        );
+        assert_eq!(spans.load(Ordering::SeqCst), total);
+        // Every accepted request (all but the refused first one) was gzipped, or none was.
+        let want = if compression == Compression::Gzip {
+            s.requests - 1
+        } else {
+            0
+        };
+        assert_eq!(gzipped.load(Ordering::SeqCst), want);
+        server.abort();
+    }
+}
+
+#[tokio::test]
+async fn grpc_gzip_reaches_a_collector_that_accepts_it() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (ep, server) = serve(sink(&seen)).await;
+    let ts = traces(6);
     let total: u64 = ts
         .iter()
         .map(|t| (t.sdk_span_count() + t.ebpf_span_count()) as u64)
         .sum();
     let c = SendConfig {
-        protocol: Protocol::Http,
-        endpoint: format!("{addr}"),
-        ..cfg("")
+        compression: Compression::Gzip,
+        ..cfg(&ep)
     };
     let s = send(&c, ts, |_| Ok(()), CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(
-        (s.accepted, s.refused, s.failed, s.retries),
-        (total, 0, 0, 1)
-    );
-    assert_eq!(spans.load(Ordering::SeqCst), total);
+    assert_eq!((s.accepted, s.failed), (total, 0));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.spans, total);
+    assert_eq!(seen.gzip_requests, seen.requests);
     server.abort();
 }
 
@@ -408,6 +478,7 @@ async fn backoff_doubles_within_bounds_and_honours_retry_after() {
             &Target::Grpc("http://127.0.0.1:1".to_string()),
             &[],
             Duration::from_secs(1),
+            Compression::None,
         )
         .unwrap_or_else(|_| unreachable!()),
         counters: Arc::default(),
