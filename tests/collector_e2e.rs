@@ -63,16 +63,23 @@ fn any_to_json(v: &Option<AnyValue>) -> Json {
         Some(any_value::Value::BoolValue(b)) => Json::from(*b),
         Some(any_value::Value::IntValue(i)) => Json::from(*i),
         Some(any_value::Value::DoubleValue(d)) => Json::from(*d),
-        Some(any_value::Value::ArrayValue(a)) => {
-            Json::Array(a.values.iter().map(|x| any_to_json(&Some(x.clone()))).collect())
-        }
+        Some(any_value::Value::ArrayValue(a)) => Json::Array(
+            a.values
+                .iter()
+                .map(|x| any_to_json(&Some(x.clone())))
+                .collect(),
+        ),
         Some(other) => Json::from(format!("{other:?}")),
         None => Json::Null,
     }
 }
 
 fn attrs_to_json(a: &[KeyValue]) -> Json {
-    Json::Object(a.iter().map(|kv| (kv.key.clone(), any_to_json(&kv.value))).collect())
+    Json::Object(
+        a.iter()
+            .map(|kv| (kv.key.clone(), any_to_json(&kv.value)))
+            .collect(),
+    )
 }
 
 /// Compares every span the Python SDK reported sending with what the sink received.
@@ -88,16 +95,34 @@ fn assert_sdk_spans_delivered(sent: &Json, sink: &Sink) {
             .unwrap_or_else(|| panic!("span {sid} ({}) not delivered", s["name"]));
         let p = &r.span;
         assert_eq!(hex(&p.trace_id), s["trace_id"].as_str().unwrap());
-        assert_eq!(hex(&p.parent_span_id), s["parent_span_id"].as_str().unwrap());
+        assert_eq!(
+            hex(&p.parent_span_id),
+            s["parent_span_id"].as_str().unwrap()
+        );
         assert_eq!(p.name, s["name"].as_str().unwrap());
         // Python's SpanKind starts at INTERNAL = 0; OTLP's at UNSPECIFIED = 0.
-        assert_eq!(p.kind as i64, s["kind"].as_i64().unwrap() + 1, "kind of {}", p.name);
+        assert_eq!(
+            p.kind as i64,
+            s["kind"].as_i64().unwrap() + 1,
+            "kind of {}",
+            p.name
+        );
         assert_eq!(p.start_time_unix_nano, s["start"].as_u64().unwrap());
         assert_eq!(p.end_time_unix_nano, s["end"].as_u64().unwrap());
         let st = p.status.clone().unwrap_or_default();
-        assert_eq!(st.code as i64, s["status_code"].as_i64().unwrap(), "status of {}", p.name);
+        assert_eq!(
+            st.code as i64,
+            s["status_code"].as_i64().unwrap(),
+            "status of {}",
+            p.name
+        );
         assert_eq!(st.message, s["status_message"].as_str().unwrap());
-        assert_eq!(attrs_to_json(&p.attributes), s["attributes"], "attributes of {}", p.name);
+        assert_eq!(
+            attrs_to_json(&p.attributes),
+            s["attributes"],
+            "attributes of {}",
+            p.name
+        );
         let events: Vec<Json> = p
             .events
             .iter()
@@ -110,7 +135,12 @@ fn assert_sdk_spans_delivered(sent: &Json, sink: &Sink) {
             .map(|l| serde_json::json!({"trace_id": hex(&l.trace_id), "span_id": hex(&l.span_id), "attributes": attrs_to_json(&l.attributes)}))
             .collect();
         assert_eq!(Json::Array(links), s["links"], "links of {}", p.name);
-        assert_eq!(attrs_to_json(&r.resource.attributes), s["resource"], "resource of {}", p.name);
+        assert_eq!(
+            attrs_to_json(&r.resource.attributes),
+            s["resource"],
+            "resource of {}",
+            p.name
+        );
         assert_eq!(r.scope.name, s["scope"].as_str().unwrap());
     }
 }
@@ -118,7 +148,10 @@ fn assert_sdk_spans_delivered(sent: &Json, sink: &Sink) {
 #[test]
 fn python_sdk_trace_arrives_unchanged_over_grpc_and_http() {
     let sink = Sink::start_blocking();
-    let c = Collector::start(&relay_config(&sink, "", "    timeout: 50ms", ""), Ports::new());
+    let c = Collector::start(
+        &relay_config(&sink, "", "    timeout: 50ms", ""),
+        Ports::new(),
+    );
     for (proto, endpoint, service) in [
         ("grpc", c.grpc_endpoint(), "checkout-grpc"),
         (
@@ -208,11 +241,17 @@ fn post(c: &Collector, ctype: &str, body: &[u8]) -> (u16, Vec<(String, String)>,
 #[test]
 fn otlp_json_body_is_accepted_and_answered_in_json() {
     let sink = Sink::start_blocking();
-    let c = Collector::start(&relay_config(&sink, "", "    timeout: 10ms", ""), Ports::new());
+    let c = Collector::start(
+        &relay_config(&sink, "", "    timeout: 10ms", ""),
+        Ports::new(),
+    );
     let req = request(vec![span(0xab, 0x1122334455667788, "json span")]);
     let body = serde_json::to_vec(&req).unwrap();
     let text = String::from_utf8_lossy(&body).to_string();
-    assert!(text.contains("abababab"), "ids are hex in OTLP/JSON: {text}");
+    assert!(
+        text.contains("abababab"),
+        "ids are hex in OTLP/JSON: {text}"
+    );
     let (st, hdrs, resp) = post(&c, "application/json", &body);
     assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
     assert!(hdrs
@@ -231,11 +270,10 @@ fn otlp_json_body_is_accepted_and_answered_in_json() {
 async fn bad_input_is_answered_and_good_spans_are_kept() {
     let sink = Sink::start().await;
     let extra = "";
-    let yaml = relay_config(&sink, extra, "    timeout: 10ms", "")
-        .replace(
-            "        endpoint: 127.0.0.1:{HTTP}\n",
-            "        endpoint: 127.0.0.1:{HTTP}\n        max_request_body_size: 4096\n",
-        );
+    let yaml = relay_config(&sink, extra, "    timeout: 10ms", "").replace(
+        "        endpoint: 127.0.0.1:{HTTP}\n",
+        "        endpoint: 127.0.0.1:{HTTP}\n        max_request_body_size: 4096\n",
+    );
     let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, Ports::new()))
         .await
         .unwrap();
@@ -243,7 +281,11 @@ async fn bad_input_is_answered_and_good_spans_are_kept() {
     let good = request(vec![span(1, 1, "good")]).encode_to_vec();
 
     // Not protobuf at all, and truncated protobuf: 400 with a readable message.
-    let (st, _, body) = post(cc, "application/x-protobuf", b"\xff\xff\xff this is not protobuf");
+    let (st, _, body) = post(
+        cc,
+        "application/x-protobuf",
+        b"\xff\xff\xff this is not protobuf",
+    );
     assert_eq!(st, 400, "{}", String::from_utf8_lossy(&body));
     let (st, _, body) = post(cc, "application/x-protobuf", &good[..good.len() - 4]);
     assert_eq!(st, 400, "{}", String::from_utf8_lossy(&body));
@@ -276,15 +318,26 @@ async fn bad_input_is_answered_and_good_spans_are_kept() {
     assert!(!ps.error_message.is_empty());
 
     // The same over gRPC.
-    let mut client = TraceServiceClient::connect(c.grpc_endpoint()).await.unwrap();
+    let mut client = TraceServiceClient::connect(c.grpc_endpoint())
+        .await
+        .unwrap();
     let mixed = request(vec![span(4, 0x41, "grpc good"), zero_trace, short_span]);
-    let resp = client.export(mixed).await.expect("grpc export").into_inner();
+    let resp = client
+        .export(mixed)
+        .await
+        .expect("grpc export")
+        .into_inner();
     assert_eq!(resp.partial_success.expect("partial").rejected_spans, 2);
 
     // Still serving: a good request after all of that.
     let (st, _, _) = post(cc, "application/x-protobuf", &good);
     assert_eq!(st, 200);
-    let want = ["0000000000000031", "0000000000000032", "0000000000000041", "0000000000000001"];
+    let want = [
+        "0000000000000031",
+        "0000000000000032",
+        "0000000000000041",
+        "0000000000000001",
+    ];
     wait_for_async("the good spans downstream", Duration::from_secs(20), || {
         let got = sink.spans();
         async move {
@@ -321,7 +374,9 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
     let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, Ports::new()))
         .await
         .unwrap();
-    let mut client = TraceServiceClient::connect(c.grpc_endpoint()).await.unwrap();
+    let mut client = TraceServiceClient::connect(c.grpc_endpoint())
+        .await
+        .unwrap();
     let mut accepted = 0usize;
     let mut refused_grpc = false;
     for i in 0..2000u64 {
@@ -335,12 +390,22 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
             }
         }
     }
-    assert!(refused_grpc, "the receiver never refused while downstream was stalled");
+    assert!(
+        refused_grpc,
+        "the receiver never refused while downstream was stalled"
+    );
     // HTTP refuses too, with Retry-After.
     let body = request(vec![span(9, 999_999, "http bp")]).encode_to_vec();
     let addr = c.http_addr();
     let (st, hdrs, _) = tokio::task::spawn_blocking(move || {
-        http_request(&addr, "POST", "/v1/traces", &[("content-type", "application/x-protobuf")], &body).unwrap()
+        http_request(
+            &addr,
+            "POST",
+            "/v1/traces",
+            &[("content-type", "application/x-protobuf")],
+            &body,
+        )
+        .unwrap()
     })
     .await
     .unwrap();
@@ -351,17 +416,24 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
             "tailweave_receiver_refused_spans_total",
             &[("reason", "pipeline_full")],
         );
-        assert!(refused >= 6.0, "refusals are counted on /metrics ({refused})");
+        assert!(
+            refused >= 6.0,
+            "refusals are counted on /metrics ({refused})"
+        );
         c
     })
     .await
     .unwrap();
     // Downstream back: every accepted span arrives, exactly once.
     sink.set_mode(SinkMode::Accept);
-    wait_for_async("all accepted spans downstream", Duration::from_secs(60), || {
-        let n = sink.span_count();
-        async move { (n >= accepted).then_some(()) }
-    })
+    wait_for_async(
+        "all accepted spans downstream",
+        Duration::from_secs(60),
+        || {
+            let n = sink.span_count();
+            async move { (n >= accepted).then_some(()) }
+        },
+    )
     .await;
     let got = sink.spans();
     let mut ids: Vec<Vec<u8>> = got
@@ -390,7 +462,9 @@ async fn sigterm_delivers_spans_held_in_batch_and_queue_then_exits_zero() {
     let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, Ports::new()))
         .await
         .unwrap();
-    let mut client = TraceServiceClient::connect(c.grpc_endpoint()).await.unwrap();
+    let mut client = TraceServiceClient::connect(c.grpc_endpoint())
+        .await
+        .unwrap();
     let mut sent = 0usize;
     for i in 0..25u64 {
         let req = request((0..10).map(|j| span(5, i * 100 + j + 1, "held")).collect());
@@ -399,10 +473,17 @@ async fn sigterm_delivers_spans_held_in_batch_and_queue_then_exits_zero() {
     }
     // 250 spans: two full batches went to the (stalled) exporter, 50 wait in the batch processor.
     let mut c = tokio::task::spawn_blocking(move || {
-        wait_for("the exporter to be stuck on the stalled sink", Duration::from_secs(20), || {
-            (c.metric("tailweave_processor_outgoing_spans_total", &[("processor", "batch")]) >= 200.0)
-                .then_some(())
-        });
+        wait_for(
+            "the exporter to be stuck on the stalled sink",
+            Duration::from_secs(20),
+            || {
+                (c.metric(
+                    "tailweave_processor_outgoing_spans_total",
+                    &[("processor", "batch")],
+                ) >= 200.0)
+                    .then_some(())
+            },
+        );
         c
     })
     .await
@@ -417,8 +498,17 @@ async fn sigterm_delivers_spans_held_in_batch_and_queue_then_exits_zero() {
     })
     .await
     .unwrap();
-    assert!(status.0.success(), "exit status {:?}\n{}", status.0, status.1.log_text());
-    assert_eq!(sink.span_count(), sent, "every span held at SIGTERM was delivered");
+    assert!(
+        status.0.success(),
+        "exit status {:?}\n{}",
+        status.0,
+        status.1.log_text()
+    );
+    assert_eq!(
+        sink.span_count(),
+        sent,
+        "every span held at SIGTERM was delivered"
+    );
 }
 
 #[test]
@@ -438,10 +528,15 @@ fn validate_reports_three_mistakes_with_paths_and_lines() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "validate must fail:\n{err}");
     assert!(err.contains("3 problem(s)"), "{err}");
-    assert!(err.contains("receivers.otlp.protocols.grpc") && err.contains("line 6"), "{err}");
+    assert!(
+        err.contains("receivers.otlp.protocols.grpc") && err.contains("line 6"),
+        "{err}"
+    );
     assert!(err.contains("processors.batch.timeout (line 9)"), "{err}");
     assert!(
-        err.contains("service.pipelines.traces.exporters[1] (line 17): references exporter `missing`"),
+        err.contains(
+            "service.pipelines.traces.exporters[1] (line 17): references exporter `missing`"
+        ),
         "{err}"
     );
 }
@@ -456,7 +551,10 @@ fn every_example_and_the_default_pipeline_validate() {
             files.push(p);
         }
     }
-    assert!(files.len() >= 3, "examples/ holds at least a sidecar and a gateway config");
+    assert!(
+        files.len() >= 3,
+        "examples/ holds at least a sidecar and a gateway config"
+    );
     let mut failures = HashMap::new();
     for f in &files {
         let out = Command::new(tailweave_suite::tailweave_bin())
@@ -465,7 +563,10 @@ fn every_example_and_the_default_pipeline_validate() {
             .output()
             .unwrap();
         if !out.status.success() {
-            failures.insert(f.display().to_string(), String::from_utf8_lossy(&out.stderr).into_owned());
+            failures.insert(
+                f.display().to_string(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
