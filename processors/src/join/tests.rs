@@ -1768,3 +1768,59 @@ fn hostile_timestamps_and_ids_never_panic() {
     assert!(n >= 1, "the SDK span at least comes out");
     assert_eq!(j.pending_spans(), 0);
 }
+
+#[test]
+fn late_response_fragment_is_emitted_next_to_its_request() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let web = sdk_scope("web", "web-pod", "default");
+    let mut req = DfRow::new(E1, "c-p", "n")
+        .trace(T1, W2)
+        .kind("request")
+        .seqs(100, 0)
+        .pids(5, 0)
+        .pods("web-pod", "")
+        .time_us(us(1.0), us(1.0));
+    req.status = 0;
+    req.flow_id = 42;
+    req.cap_seq = [7, 0];
+    feed(
+        &mut j,
+        t0,
+        vec![
+            sdk_span(
+                &web,
+                T1,
+                W2,
+                0,
+                SpanKind::Client,
+                "GET",
+                us(0.0),
+                us(200_000.0),
+                vec![],
+            ),
+            req.to_span(),
+        ],
+    );
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(find(&unit, E1).parent_span_id, SpanId::from_u64(W2));
+    // The response row of a 150 s call: fake trace id, parent == self.
+    let mut resp = DfRow::new(E2, "c-p", "n")
+        .kind("response")
+        .seqs(0, 900)
+        .pids(5, 0)
+        .pods("web-pod", "")
+        .time_us(us(150_000.0), us(150_000.0));
+    resp.flow_id = 42;
+    resp.cap_seq = [0, 8];
+    let out = feed(&mut j, t0 + Duration::from_secs(151), vec![resp.to_span()]);
+    let late = &only_unit(out)[0];
+    assert!(late.marks.late);
+    assert_eq!(late.trace_id.0, T1, "adopts the unit's trace id");
+    assert_eq!(
+        late.parent_span_id,
+        SpanId::from_u64(W2),
+        "next to its request row"
+    );
+    assert!(s_attr(late, ORIGINAL_TRACE_ID).is_some());
+}
