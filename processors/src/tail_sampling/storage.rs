@@ -61,6 +61,8 @@ pub(crate) struct Storage {
     next_scope: u32,
     len: u64,
     compacted_len: u64,
+    /// No compaction below this size (`COMPACT_MIN_BYTES`; smaller in tests).
+    compact_min: u64,
     dirty: bool,
 }
 
@@ -131,6 +133,7 @@ impl Storage {
             next_scope: 0,
             len: good,
             compacted_len: good,
+            compact_min: COMPACT_MIN_BYTES,
             dirty: false,
         };
         st.seek_end()?;
@@ -224,12 +227,17 @@ impl Storage {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub fn set_compact_min(&mut self, bytes: u64) {
+        self.compact_min = bytes;
+    }
+
     pub fn len(&self) -> u64 {
         self.len + self.buf.len() as u64
     }
 
     pub fn wants_compaction(&self) -> bool {
-        self.len() > COMPACT_MIN_BYTES.max(2 * self.compacted_len)
+        self.len() > self.compact_min.max(2 * self.compacted_len)
     }
 
     /// Replaces the log with `spans` and `decisions` (written to a new file, synced, renamed).

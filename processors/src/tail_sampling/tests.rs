@@ -1523,3 +1523,34 @@ fn random_arrivals_never_split_a_trace_or_lose_an_error() {
         }
     }
 }
+
+#[test]
+fn a_grown_log_is_compacted_on_tick_and_still_replays() {
+    let dir = TempDir::new("tick-compact");
+    let y = stored(&dir, MISSION);
+    let t0 = Instant::now();
+    let mut a = open(&y, t0);
+    if let Some(st) = &mut a.storage {
+        st.set_compact_min(50_000);
+    }
+    let mut out = Vec::new();
+    let blob = "x".repeat(1_000);
+    // 200 traces decided (whole), then 3 left waiting.
+    for n in 0..200 {
+        let spans = vec![root(tid(n), 1).attr("b", s(&blob)).build()];
+        a.process(t0, SpanBatch::whole(spans), &mut out);
+    }
+    for n in 200..203 {
+        a.process(t0, SpanBatch::new(vec![child(tid(n), 2).build()]), &mut out);
+    }
+    let grown = std::fs::metadata(dir.log()).expect("log").len();
+    assert!(grown > 200_000, "{grown}");
+    a.tick(t0 + Duration::from_millis(100), &mut out);
+    let compacted = std::fs::metadata(dir.log()).expect("log").len();
+    assert!(compacted < 20_000, "log {compacted} bytes after compaction");
+    let kept_before = a.cached_decisions();
+    drop(a);
+    let b = open(&y, t0);
+    assert_eq!(b.traces_held(), 3);
+    assert_eq!(b.cached_decisions(), kept_before);
+}
