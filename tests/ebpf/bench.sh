@@ -48,6 +48,7 @@ service:
 EOF
 rps() { wrk -t1 -c16 -d${secs}s http://127.0.0.1:$port/ | awk '/Requests\/sec/ {print $2}'; }
 metric() { curl -s 127.0.0.1:$metrics/metrics | awk -v n="$1" '$1 ~ "^"n {s+=$2} END {printf "%d", s}'; }
+cpu() { awk '{printf "%.2f", ($14+$15)/100}' /proc/$tw/stat; }
 prog_stats() { bpftool prog show name tw_sys_exit 2>/dev/null | grep -o 'run_time_ns [0-9]* run_cnt [0-9]*' || echo "run_time_ns 0 run_cnt 0"; }
 
 for r in $(seq $rounds); do
@@ -57,10 +58,13 @@ for r in $(seq $rounds); do
   sysctl -qw kernel.bpf_stats_enabled=1
   sleep 2
   idle=$(prog_stats)
+  cpu0=$(cpu)
   with=$(rps)
   busy=$(prog_stats)
+  cpu1=$(cpu)
   sleep 1
   echo "round $r: with receiver:    $with req/s"
+  echo "  tailweave CPU during the run: $(echo "$cpu1 - $cpu0" | bc) s"
   echo "  idle 2s:  $idle"
   echo "  wrk run:  $busy (cumulative)"
   echo "  events: $(metric tailweave_ebpf_receiver_events_total) dropped: $(metric tailweave_ebpf_receiver_dropped_events_total) spans: $(metric tailweave_receiver_accepted_spans_total) refused: $(metric tailweave_receiver_refused_spans_total)"

@@ -38,6 +38,9 @@ const C_EVENTS: u32 = 0;
 const C_RINGBUF_FULL: u32 = 1;
 const C_READ_FAULT: u32 = 2;
 const C_UNPARSED_SYSCALL: u32 = 3;
+/// How long a batch waits for room in a full pipeline before it is dropped (counted). Meanwhile
+/// the ring buffer absorbs the kernel's events; past its size the kernel drops (counted too).
+const SEND_PATIENCE: Duration = Duration::from_secs(1);
 /// Events handled per drain before the loop yields (the rest wait for the next turn).
 const MAX_EVENTS_PER_DRAIN: usize = 65536;
 
@@ -361,7 +364,7 @@ impl Receiver for EbpfReceiver {
                 report(&id, &ebpf, &tracker, &mut reported);
             }
             spans.extend(calls.drain(..).map(|c| builder.build(&c)));
-            send_spans(&id, max_batch, poll_interval, &out, &mut spans).await;
+            send_spans(&id, max_batch, SEND_PATIENCE, &out, &mut spans).await;
         }
         // Detach first so the ring buffer stops filling, then hand on what is left.
         drop(ebpf);
@@ -369,7 +372,7 @@ impl Receiver for EbpfReceiver {
         drain(&mut ring, &mut tracker, &id, &mut calls);
         tracker.flush(&mut calls);
         spans.extend(calls.drain(..).map(|c| builder.build(&c)));
-        send_spans(&id, max_batch, poll_interval * 20, &out, &mut spans).await;
+        send_spans(&id, max_batch, SEND_PATIENCE * 2, &out, &mut spans).await;
         Ok(())
     }
 }
