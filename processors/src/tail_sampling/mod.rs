@@ -695,12 +695,18 @@ impl TailSampling {
         }
     }
 
-    fn emit(&mut self, out: &mut Vec<SpanBatch>) {
-        if !self.out_kept.is_empty() {
-            out.push(SpanBatch::new(std::mem::take(&mut self.out_kept)));
-        }
-        if !self.out_late.is_empty() {
-            out.push(SpanBatch::new(std::mem::take(&mut self.out_late)));
+    /// Hands kept spans on, stamped with the decision time so exporters can measure
+    /// decision-to-export latency.
+    fn emit(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        for spans in [
+            std::mem::take(&mut self.out_kept),
+            std::mem::take(&mut self.out_late),
+        ] {
+            if !spans.is_empty() {
+                let mut b = SpanBatch::new(spans);
+                b.decided_at = Some(now);
+                out.push(b);
+            }
         }
     }
 
@@ -936,13 +942,13 @@ impl Processor for TailSampling {
             }
         }
         self.persist(false);
-        self.emit(out);
+        self.emit(now, out);
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         self.expire(now);
         self.persist(true);
-        self.emit(out);
+        self.emit(now, out);
         self.flush_metrics();
     }
 
@@ -964,7 +970,7 @@ impl Processor for TailSampling {
                 tracing::warn!(processor = %self.id, error = %e, "tail_sampling log compaction failed");
             }
         }
-        self.emit(out);
+        self.emit(now, out);
         self.flush_metrics();
     }
 }
