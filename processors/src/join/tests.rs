@@ -1824,3 +1824,37 @@ fn late_response_fragment_is_emitted_next_to_its_request() {
     );
     assert!(s_attr(late, ORIGINAL_TRACE_ID).is_some());
 }
+
+#[test]
+fn parentless_roots_of_extra_components_are_placed_by_trace_id() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (mut sdk, ebpf) = example_i();
+    let batch = sdk_scope("batch", "batch-pod", "default");
+    const X: u64 = 0x7777_0000_0000_0001;
+    sdk.push(sdk_span(
+        &batch,
+        T1,
+        X,
+        0,
+        SpanKind::Internal,
+        "async",
+        us(60.0),
+        us(70.0),
+        vec![],
+    ));
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(
+        s_attr(find(&unit, W1), VIA),
+        None,
+        "the main root has no via"
+    );
+    assert_eq!(s_attr(find(&unit, X), VIA).as_deref(), Some("trace_id"));
+    assert_eq!(
+        i_attr(find(&unit, X), ORDER),
+        Some(7),
+        "other roots follow the main tree"
+    );
+}

@@ -706,6 +706,9 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
                 if !c.ms[i].span.parent_span_id.is_zero() {
                     c.parent[i] = Parent::Own;
                     c.via[i] = Some(Via::SpanId);
+                } else {
+                    // A parentless root of an extra component: only the trace id put it here.
+                    c.via[i] = Some(Via::TraceId);
                 }
             }
             Some(e) if e.trace_key == Some(unit_trace) => match e.header_span_id {
