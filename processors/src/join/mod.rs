@@ -16,6 +16,16 @@
 //! Timeouts: a request row that no response row merged into keeps `marks.timed_out` and is given
 //! ERROR status in the output (with a status message saying so), so both a `status_code` policy
 //! and a policy reading `Span::is_error` keep the trace.
+//!
+//! # Where this differs from join.md
+//! - A bridging span whose keys reach two traces stays in the group it joined first (arrival
+//!   order), not the one with the stronger edge; the other trace id is still recorded.
+//! - A trace reaching `max_spans_per_trace` is emitted at once (outcome `limit`); its later spans
+//!   follow as `late` units.
+//! - Not yet: the gRPC/HTTP2 zero-duration frame merge (§3), C3 for two eBPF spans with one
+//!   header (step D places them under the header span instead), X-Request-ID tombstones (§5.5).
+//! - Units are written by appending fields to the encoded spans (see `output`); `Span::edit` is
+//!   used where a field must be cleared or merged.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
