@@ -8,7 +8,8 @@
 //! buffered span. Each configuration runs `E2E_RUNS` times (default 3); the table shows the median.
 //!
 //! Environment: `E2E_TRACES` (traces per run, default 100000), `E2E_RUNS`, `E2E_CONNECTIONS` (4),
-//! `E2E_HOLD_TRACES` (traces held for the memory phase, default 50000).
+//! `E2E_HOLD_TRACES` (traces held for the memory phase, default 50000; 0 skips it), `E2E_ONLY`
+//! (comma-separated `pipeline-scenario` rows to run, e.g. `relay-sdk,full-sdk`; default all).
 
 use std::path::Path;
 use std::process::Command;
@@ -249,7 +250,12 @@ fn main() {
         "| pipeline | scenario | input spans/s | CPU-s | spans per CPU-s | peak RSS MiB | p99 decision->export ms | delivered |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let only = std::env::var("E2E_ONLY").unwrap_or_default();
     for (name, file, scenario) in configs {
+        let row = format!("{name}-{}", scenario[1]);
+        if !only.is_empty() && !only.split(',').any(|o| o.trim() == row) {
+            continue;
+        }
         let results: Vec<RunResult> = (0..runs)
             .map(|_| {
                 run_once(
@@ -277,6 +283,9 @@ fn main() {
         );
     }
     let hold = env_or("E2E_HOLD_TRACES", 50_000);
+    if hold == 0 {
+        return;
+    }
     let (per_encoded, per_span, spans) = hold_phase(hold);
     println!(
         "memory: {spans} spans held in tail_sampling: {per_span:.0} bytes of RSS per buffered span, {per_encoded:.2} bytes per encoded byte"

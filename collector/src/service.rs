@@ -116,6 +116,63 @@ impl Next {
     }
 }
 
+/// Input batches a stage takes from its queue, when they are already waiting, before it sends
+/// what they produced: a burst then costs one send (and one wake-up downstream) instead of one
+/// per batch, and nothing waits for input that has not arrived.
+const MAX_BATCHES_PER_TURN: usize = 64;
+
+/// A stage's output is sent in batches of at most this many spans (unless one batch is larger on
+/// its own): the join emits one batch per trace, and merging them is what keeps a channel send
+/// and an exporter request from being paid per trace.
+const MAX_MERGED_SPANS: usize = 4096;
+
+/// Merges consecutive output batches of the same kind (`whole` or not), keeping the earliest
+/// `decided_at`, and sends them. Spans keep their order.
+async fn send_merged(
+    out: &mut Vec<SpanBatch>,
+    next: &Next,
+    outgoing: &metrics::Counter,
+    id: &str,
+    pipeline: &str,
+) {
+    let mut pending: Option<SpanBatch> = None;
+    for b in out.drain(..) {
+        if b.is_empty() {
+            continue;
+        }
+        match &mut pending {
+            Some(p) if p.whole == b.whole && p.len() + b.len() <= MAX_MERGED_SPANS => {
+                p.decided_at = match (p.decided_at, b.decided_at) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+                p.spans.extend(b.spans);
+            }
+            _ => {
+                if let Some(p) = pending.replace(b) {
+                    send_one(p, next, outgoing, id, pipeline).await;
+                }
+            }
+        }
+    }
+    if let Some(p) = pending {
+        send_one(p, next, outgoing, id, pipeline).await;
+    }
+}
+
+async fn send_one(
+    b: SpanBatch,
+    next: &Next,
+    outgoing: &metrics::Counter,
+    id: &str,
+    pipeline: &str,
+) {
+    outgoing.increment(b.len() as u64);
+    if !next.send(b).await {
+        tracing::error!(processor = %id, pipeline = %pipeline, "downstream closed early");
+    }
+}
+
 /// Runs one stage: a processor (or a pass-through when `None`) between two channels.
 async fn drive(
     id: String,
@@ -135,18 +192,30 @@ async fn drive(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out: Vec<SpanBatch> = Vec::new();
+    let take = |p: &mut Option<Box<dyn Processor>>, b: SpanBatch, out: &mut Vec<SpanBatch>| {
+        incoming.increment(b.len() as u64);
+        match p.as_mut() {
+            Some(p) => p.process(Instant::now(), b, out),
+            None => out.push(b),
+        }
+    };
     loop {
         let accepting = p.as_ref().is_none_or(|p| p.accepting());
         tokio::select! {
             biased;
             b = rx.recv(), if accepting => match b {
                 Some(b) => {
-                    queue.set(rx.len() as f64);
-                    incoming.increment(b.len() as u64);
-                    match p.as_mut() {
-                        Some(p) => p.process(Instant::now(), b, &mut out),
-                        None => out.push(b),
+                    take(&mut p, b, &mut out);
+                    for _ in 1..MAX_BATCHES_PER_TURN {
+                        if !p.as_ref().is_none_or(|p| p.accepting()) {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(b) => take(&mut p, b, &mut out),
+                            Err(_) => break,
+                        }
                     }
+                    queue.set(rx.len() as f64);
                 }
                 None => break,
             },
@@ -156,26 +225,12 @@ async fn drive(
                 }
             }
         }
-        for b in out.drain(..) {
-            if b.is_empty() {
-                continue;
-            }
-            outgoing.increment(b.len() as u64);
-            if !next.send(b).await {
-                tracing::error!(processor = %id, pipeline = %pipeline, "downstream closed early");
-            }
-        }
+        send_merged(&mut out, &next, &outgoing, &id, &pipeline).await;
     }
     if let Some(p) = p.as_mut() {
         p.shutdown(Instant::now(), &mut out);
     }
-    for b in out.drain(..) {
-        if b.is_empty() {
-            continue;
-        }
-        outgoing.increment(b.len() as u64);
-        next.send(b).await;
-    }
+    send_merged(&mut out, &next, &outgoing, &id, &pipeline).await;
     tracing::debug!(processor = %id, pipeline = %pipeline, "stage drained");
 }
 

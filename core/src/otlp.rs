@@ -5,13 +5,14 @@
 //! invalid trace or span id are refused one by one (OTLP partial success) and the rest pass.
 //! `encode_request` writes spans back under their resource and scope without re-encoding them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
-use crate::span::{parse_span_header, Resource, Scope, Span};
+use crate::span::{Resource, Scope, Span, SpanHeader};
 use crate::wire::{self, len_field_size, put_len_field, put_len_header, Reader, Value, WireError};
 
 /// Limits applied while decoding one request.
@@ -185,10 +186,12 @@ fn decode_scope_spans(
         let (2, Value::Len(sb)) = (field, v) else {
             continue;
         };
-        let h = match parse_span_header(sb) {
-            Ok(h) => h,
+        let (h, checked) = match scan_span(sb, limits) {
+            Ok(r) => r,
             Err(e) => {
-                out.reject(RejectReason::Malformed, || format!("span is malformed: {e}"));
+                out.reject(RejectReason::Malformed, || {
+                    format!("span is malformed: {e}")
+                });
                 continue;
             }
         };
@@ -220,15 +223,15 @@ fn decode_scope_spans(
             });
             continue;
         }
-        match check_span(sb, limits) {
-            Ok(()) => {}
-            Err(r) => {
-                out.reject(r, || format!("span {}: {}", h.span_id, r.as_str()));
-                continue;
-            }
+        if let Err(r) = checked {
+            out.reject(r, || format!("span {}: {}", h.span_id, r.as_str()));
+            continue;
         }
-        out.spans
-            .push(Span::with_header(scope.clone(), wire::slice_ref(buf, sb), &h));
+        out.spans.push(Span::with_header(
+            scope.clone(),
+            wire::slice_ref(buf, sb),
+            &h,
+        ));
     }
     Ok(())
 }
@@ -242,32 +245,36 @@ fn sb_span_id(sb: &[u8]) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// Checks a span's nested messages are well formed, so what we forward decodes downstream.
-fn check_span(sb: &[u8], limits: &DecodeLimits) -> Result<(), RejectReason> {
+/// Reads a span's header and checks its nested messages are well formed (so what we forward
+/// decodes downstream), in one walk of its fields. A field that does not parse is the header's
+/// error (`Err`); otherwise the first problem of the nested check, in field order.
+fn scan_span(
+    sb: &[u8],
+    limits: &DecodeLimits,
+) -> Result<(SpanHeader, Result<(), RejectReason>), WireError> {
+    let mut h = SpanHeader::default();
+    let mut checked = Ok(());
     let mut attrs = 0usize;
     for f in Reader::new(sb) {
-        let (field, v, _) = f.map_err(|_| RejectReason::Malformed)?;
-        if let Value::Len(b) = v {
-            match field {
-                9 => {
-                    attrs += 1;
-                    if attrs > limits.max_attributes_per_span {
-                        return Err(RejectReason::TooManyAttributes);
-                    }
-                    check_key_value(b, 0, limits.max_value_depth)?;
+        let (field, v, _) = f?;
+        h.read_field(field, v)?;
+        let (Ok(()), Value::Len(b)) = (checked, v) else {
+            continue;
+        };
+        checked = match field {
+            9 => {
+                attrs += 1;
+                if attrs > limits.max_attributes_per_span {
+                    Err(RejectReason::TooManyAttributes)
+                } else {
+                    check_key_value(b, 0, limits.max_value_depth)
                 }
-                11 | 13 | 15 => check_message(b, 0, limits.max_value_depth).map_err(|e| {
-                    if matches!(e, WireError::TooDeep(_)) {
-                        RejectReason::TooDeep
-                    } else {
-                        RejectReason::Malformed
-                    }
-                })?,
-                _ => {}
             }
-        }
+            11 | 13 | 15 => check_key_value(b, 0, limits.max_value_depth),
+            _ => Ok(()),
+        };
     }
-    Ok(())
+    Ok((h, checked))
 }
 
 fn check_key_value(b: &[u8], depth: usize, max: usize) -> Result<(), RejectReason> {
@@ -287,97 +294,213 @@ fn check_message(b: &[u8], depth: usize, max: usize) -> Result<(), WireError> {
     for f in Reader::new(b) {
         let (_, v, _) = f?;
         if let Value::Len(inner) = v {
-            // Only recurse where the bytes look like a message; a string or bytes field that does
-            // not parse is legal and stays unchecked.
-            if !inner.is_empty() && Reader::new(inner).all(|r| r.is_ok()) {
-                if let Err(WireError::TooDeep(m)) = check_message(inner, depth + 1, max) {
-                    return Err(WireError::TooDeep(m));
-                }
+            if !inner.is_empty() && walk_nested(inner, depth + 1, max) == Nested::TooDeep {
+                return Err(WireError::TooDeep(max));
             }
         }
     }
     Ok(())
 }
 
+/// What a length-delimited field's bytes turned out to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nested {
+    /// They do not parse as a message: a string or bytes field, legal and left unchecked.
+    Opaque,
+    Message,
+    /// They parse as a message with a chain of nested messages deeper than the limit.
+    TooDeep,
+}
+
+/// One pass over bytes that may or may not be a message (the caller's `check_message` first
+/// checked the whole of a field parses, then walked it: that read every nested byte once per
+/// level). A depth overrun only counts once the bytes are known to be a message, as before.
+fn walk_nested(b: &[u8], depth: usize, max: usize) -> Nested {
+    if depth > max {
+        return if Reader::new(b).all(|r| r.is_ok()) {
+            Nested::TooDeep
+        } else {
+            Nested::Opaque
+        };
+    }
+    let mut too_deep = false;
+    for f in Reader::new(b) {
+        match f {
+            Err(_) => return Nested::Opaque,
+            Ok((_, Value::Len(inner), _)) if !too_deep && !inner.is_empty() => {
+                too_deep = walk_nested(inner, depth + 1, max) == Nested::TooDeep;
+            }
+            Ok(_) => {}
+        }
+    }
+    if too_deep {
+        Nested::TooDeep
+    } else {
+        Nested::Message
+    }
+}
+
 /// Encodes spans as an `ExportTraceServiceRequest`, grouped under their resource and scope
 /// (first-appearance order), copying each span's bytes once.
 pub fn encode_request(spans: &[Span]) -> Bytes {
-    // Group: resources in first-seen order, each with scopes in first-seen order.
+    // Groups are found by `Arc` identity. The spans of one scope usually come in a run, so the
+    // last group is tried first; otherwise a map finds it (a trace's spans interleave a few
+    // scopes, and a sampler's output holds thousands: a scan per span would be quadratic).
     struct ScopeGroup<'a> {
         scope: &'a Scope,
-        spans: Vec<&'a Span>,
+        res: u32,
+        spans: u32,
         body: usize,
     }
     struct ResGroup<'a> {
         res: &'a Resource,
-        scopes: Vec<ScopeGroup<'a>>,
+        scopes: u32,
         body: usize,
     }
-    let mut groups: Vec<ResGroup> = Vec::new();
+    let mut scopes: Vec<ScopeGroup> = Vec::new();
+    let mut resources: Vec<ResGroup> = Vec::new();
+    let mut scope_at: HashMap<usize, u32, PtrHash> = HashMap::default();
+    let mut res_at: HashMap<usize, u32, PtrHash> = HashMap::default();
+    let mut group_of: Vec<u32> = Vec::with_capacity(spans.len());
+    let mut last: Option<(usize, u32)> = None;
     for s in spans {
-        let rp = Arc::as_ptr(&s.scope.resource);
-        let gi = match groups.iter().rposition(|g| std::ptr::eq(g.res, rp)) {
-            Some(i) => i,
-            None => {
-                groups.push(ResGroup {
-                    res: &s.scope.resource,
-                    scopes: Vec::new(),
-                    body: 0,
+        let sp = Arc::as_ptr(&s.scope) as usize;
+        let gi = match last {
+            Some((p, gi)) if p == sp => gi,
+            _ => {
+                let gi = *scope_at.entry(sp).or_insert_with(|| {
+                    let rp = Arc::as_ptr(&s.scope.resource) as usize;
+                    let ri = *res_at.entry(rp).or_insert_with(|| {
+                        resources.push(ResGroup {
+                            res: &s.scope.resource,
+                            scopes: 0,
+                            body: 0,
+                        });
+                        (resources.len() - 1) as u32
+                    });
+                    resources[ri as usize].scopes += 1;
+                    scopes.push(ScopeGroup {
+                        scope: &s.scope,
+                        res: ri,
+                        spans: 0,
+                        body: 0,
+                    });
+                    (scopes.len() - 1) as u32
                 });
-                groups.len() - 1
+                last = Some((sp, gi));
+                gi
             }
         };
-        let g = &mut groups[gi];
-        let sp = Arc::as_ptr(&s.scope);
-        match g.scopes.iter().rposition(|x| std::ptr::eq(x.scope, sp)) {
-            Some(i) => g.scopes[i].spans.push(s),
-            None => g.scopes.push(ScopeGroup {
-                scope: &s.scope,
-                spans: vec![s],
-                body: 0,
-            }),
-        }
+        let g = &mut scopes[gi as usize];
+        g.spans += 1;
+        g.body += len_field_size(2, s.raw.len());
+        group_of.push(gi);
     }
-    let mut total = 0usize;
-    for g in &mut groups {
-        let mut body = len_field_size(1, g.res.raw.len());
+    for g in &mut resources {
+        g.body = len_field_size(1, g.res.raw.len());
         if !g.res.schema_url.is_empty() {
-            body += len_field_size(3, g.res.schema_url.len());
+            g.body += len_field_size(3, g.res.schema_url.len());
         }
-        for sg in &mut g.scopes {
-            let mut sbody = len_field_size(1, sg.scope.raw.len());
-            if !sg.scope.schema_url.is_empty() {
-                sbody += len_field_size(3, sg.scope.schema_url.len());
-            }
-            for s in &sg.spans {
-                sbody += len_field_size(2, s.raw.len());
-            }
-            sg.body = sbody;
-            body += len_field_size(2, sbody);
-        }
-        g.body = body;
-        total += len_field_size(1, body);
     }
+    for sg in &mut scopes {
+        sg.body += len_field_size(1, sg.scope.raw.len());
+        if !sg.scope.schema_url.is_empty() {
+            sg.body += len_field_size(3, sg.scope.schema_url.len());
+        }
+        resources[sg.res as usize].body += len_field_size(2, sg.body);
+    }
+    let total: usize = resources.iter().map(|g| len_field_size(1, g.body)).sum();
+    // Scope groups by resource, spans by scope group: stable counting sorts, so first-seen order
+    // holds at both levels.
+    let scope_order = counting_sort(
+        scopes.iter().map(|g| g.res),
+        resources.iter().map(|g| g.scopes),
+    );
+    let span_order = counting_sort(group_of.iter().copied(), scopes.iter().map(|g| g.spans));
+    // Where each scope group's spans start in `span_order` (scope groups in first-seen order,
+    // which is not the order they are written in once grouped by resource).
+    let span_start: Vec<usize> = scopes
+        .iter()
+        .scan(0usize, |acc, g| {
+            let at = *acc;
+            *acc += g.spans as usize;
+            Some(at)
+        })
+        .collect();
     let mut out = BytesMut::with_capacity(total);
-    for g in &groups {
+    let mut next_scope = 0usize;
+    for g in &resources {
         put_len_header(&mut out, 1, g.body);
         put_len_field(&mut out, 1, &g.res.raw);
-        for sg in &g.scopes {
+        for &si in &scope_order[next_scope..next_scope + g.scopes as usize] {
+            let sg = &scopes[si as usize];
             put_len_header(&mut out, 2, sg.body);
             put_len_field(&mut out, 1, &sg.scope.raw);
-            for s in &sg.spans {
-                put_len_field(&mut out, 2, &s.raw);
+            let at = span_start[si as usize];
+            for &i in &span_order[at..at + sg.spans as usize] {
+                put_len_field(&mut out, 2, &spans[i as usize].raw);
             }
             if !sg.scope.schema_url.is_empty() {
                 put_len_field(&mut out, 3, &sg.scope.schema_url);
             }
         }
+        next_scope += g.scopes as usize;
         if !g.res.schema_url.is_empty() {
             put_len_field(&mut out, 3, &g.res.schema_url);
         }
     }
     debug_assert_eq!(out.len(), total);
     out.freeze()
+}
+
+/// The positions of `keys` ordered by key, stable; `counts[k]` is how many times `k` occurs.
+fn counting_sort(
+    keys: impl ExactSizeIterator<Item = u32>,
+    counts: impl Iterator<Item = u32>,
+) -> Vec<u32> {
+    let mut next: Vec<u32> = counts
+        .scan(0u32, |acc, c| {
+            let at = *acc;
+            *acc += c;
+            Some(at)
+        })
+        .collect();
+    let mut order = vec![0u32; keys.len()];
+    for (i, k) in keys.enumerate() {
+        let slot = &mut next[k as usize];
+        order[*slot as usize] = i as u32;
+        *slot += 1;
+    }
+    order
+}
+
+/// Hashes `Arc` addresses: distinct live allocations, so a multiply spreads them well enough.
+#[derive(Default, Clone, Copy)]
+struct PtrHash;
+
+impl std::hash::BuildHasher for PtrHash {
+    type Hasher = PtrHasher;
+    fn build_hasher(&self) -> PtrHasher {
+        PtrHasher(0)
+    }
+}
+
+struct PtrHasher(u64);
+
+impl std::hash::Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.0 = (v as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(26);
+    }
 }
 
 /// Spans as a full proto request (for JSON output and tests).
@@ -467,7 +590,187 @@ mod tests {
         let b = req(vec![span(1, 1)]).encode_to_vec();
         let cut = Bytes::copy_from_slice(&b[..b.len() - 3]);
         assert!(decode_request(cut, &DecodeLimits::default()).is_err());
-        assert!(decode_request(Bytes::from_static(b"not protobuf at all"), &DecodeLimits::default()).is_err());
+        assert!(decode_request(
+            Bytes::from_static(b"not protobuf at all"),
+            &DecodeLimits::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn encode_groups_interleaved_spans_by_resource_then_scope_in_first_seen_order() {
+        let r1 = Resource::new(Bytes::from_static(b"\x0a\x00"), Bytes::from_static(b"r1"));
+        let r2 = Resource::new(Bytes::new(), Bytes::new());
+        let s1 = Scope::new(r1.clone(), Bytes::from_static(b"\x0a\x01a"), Bytes::new());
+        let s2 = Scope::new(r2.clone(), Bytes::new(), Bytes::from_static(b"s2"));
+        let s3 = Scope::new(r1.clone(), Bytes::from_static(b"\x0a\x01c"), Bytes::new());
+        let mk = |sc: &Arc<Scope>, sid: u8| Span::from_proto(sc.clone(), &span(1, sid));
+        let spans = vec![
+            mk(&s1, 1),
+            mk(&s2, 2),
+            mk(&s3, 3),
+            mk(&s1, 4),
+            mk(&s2, 5),
+            mk(&s3, 6),
+        ];
+        let got = to_proto_request(&spans);
+        let ids = |rs: usize, ss: usize| -> Vec<u8> {
+            got.resource_spans[rs].scope_spans[ss]
+                .spans
+                .iter()
+                .map(|s| s.span_id[0])
+                .collect()
+        };
+        assert_eq!(got.resource_spans.len(), 2);
+        assert_eq!(got.resource_spans[0].schema_url, "r1");
+        assert_eq!(got.resource_spans[0].scope_spans.len(), 2);
+        assert_eq!(
+            got.resource_spans[0].scope_spans[0]
+                .scope
+                .as_ref()
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert_eq!(
+            got.resource_spans[0].scope_spans[1]
+                .scope
+                .as_ref()
+                .unwrap()
+                .name,
+            "c"
+        );
+        assert_eq!(ids(0, 0), vec![1, 4]);
+        assert_eq!(ids(0, 1), vec![3, 6]);
+        assert_eq!(got.resource_spans[1].scope_spans[0].schema_url, "s2");
+        assert_eq!(ids(1, 0), vec![2, 5]);
+        assert!(encode_request(&[]).is_empty());
+    }
+
+    #[test]
+    fn nesting_limit_counts_message_levels_only() {
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
+        // An attribute whose value is `levels` arrays deep.
+        let nested = |levels: usize| {
+            let mut v = AnyValue {
+                value: Some(any_value::Value::StringValue("leaf".into())),
+            };
+            for _ in 0..levels {
+                v = AnyValue {
+                    value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![v] })),
+                };
+            }
+            let mut s = span(1, 1);
+            s.attributes.push(KeyValue {
+                key: "k".into(),
+                value: Some(v),
+                ..Default::default()
+            });
+            req(vec![s])
+        };
+        let limits = DecodeLimits {
+            max_value_depth: 8,
+            ..DecodeLimits::default()
+        };
+        let fits = (0..20)
+            .take_while(|&n| {
+                from_proto_request(&nested(n), &limits)
+                    .unwrap()
+                    .rejected
+                    .is_empty()
+            })
+            .count();
+        assert!((2..20).contains(&fits), "{fits}");
+        let d = from_proto_request(&nested(fits), &limits).unwrap();
+        assert_eq!(d.rejected, vec![(RejectReason::TooDeep, 1)]);
+        // A string value that is not a message is never walked.
+        let mut s = span(1, 2);
+        s.name = "\u{7}\u{7}".into();
+        assert_eq!(
+            from_proto_request(&req(vec![s]), &limits)
+                .unwrap()
+                .spans
+                .len(),
+            1
+        );
+    }
+
+    /// The two-pass walk `check_message` replaced: the one-pass walk must agree with it.
+    fn check_message_two_pass(b: &[u8], depth: usize, max: usize) -> Result<(), WireError> {
+        if depth > max {
+            return Err(WireError::TooDeep(max));
+        }
+        for f in Reader::new(b) {
+            let (_, v, _) = f?;
+            if let Value::Len(inner) = v {
+                if !inner.is_empty() && Reader::new(inner).all(|r| r.is_ok()) {
+                    if let Err(WireError::TooDeep(m)) =
+                        check_message_two_pass(inner, depth + 1, max)
+                    {
+                        return Err(WireError::TooDeep(m));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn one_pass_check_agrees_with_two_pass_on_mutated_requests() {
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
+        let mut v = AnyValue {
+            value: Some(any_value::Value::StringValue("leaf".into())),
+        };
+        let mut s = span(3, 4);
+        for i in 0..12 {
+            v = AnyValue {
+                value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![v] })),
+            };
+            s.attributes.push(KeyValue {
+                key: format!("k{i}"),
+                value: Some(v.clone()),
+                ..Default::default()
+            });
+        }
+        let base = req(vec![s, span(3, 5)]).encode_to_vec();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut disagreements = Vec::new();
+        let mut too_deep = 0;
+        for round in 0..3000 {
+            let mut b = base.clone();
+            for _ in 0..(round % 4) {
+                let i = (rnd() as usize) % b.len();
+                b[i] = rnd() as u8;
+            }
+            if round % 7 == 0 {
+                b.truncate((rnd() as usize) % b.len());
+            }
+            for max in [0, 1, 3, 5, 8, 32] {
+                let (a, want) = (
+                    check_message(&b, 0, max),
+                    check_message_two_pass(&b, 0, max),
+                );
+                too_deep += usize::from(matches!(want, Err(WireError::TooDeep(_))));
+                if a != want {
+                    disagreements.push((round, max, a, want));
+                }
+            }
+        }
+        assert!(
+            disagreements.is_empty(),
+            "{:?}",
+            &disagreements[..disagreements.len().min(3)]
+        );
+        assert!(
+            too_deep > 100,
+            "the inputs must exercise the limit ({too_deep})"
+        );
     }
 
     #[test]

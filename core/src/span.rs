@@ -314,39 +314,49 @@ pub fn parse_span_header(raw: &[u8]) -> Result<SpanHeader, WireError> {
     let mut h = SpanHeader::default();
     for f in Reader::new(raw) {
         let (field, v, _) = f?;
+        h.read_field(field, v)?;
+    }
+    Ok(h)
+}
+
+impl SpanHeader {
+    /// Takes one top-level field of an encoded span into the header (the last occurrence wins,
+    /// as in protobuf). Only the status message is looked into; its errors are the span's.
+    #[inline]
+    pub(crate) fn read_field(&mut self, field: u32, v: Value<'_>) -> Result<(), WireError> {
         match (field, v) {
             (1, Value::Len(b)) => {
-                h.trace_id_len = b.len();
+                self.trace_id_len = b.len();
                 if let Some(t) = TraceId::from_slice(b) {
-                    h.trace_id = t;
+                    self.trace_id = t;
                 }
             }
             (2, Value::Len(b)) => {
-                h.span_id_len = b.len();
+                self.span_id_len = b.len();
                 if let Some(s) = SpanId::from_slice(b) {
-                    h.span_id = s;
+                    self.span_id = s;
                 }
             }
             (4, Value::Len(b)) => {
-                h.parent_len = b.len();
+                self.parent_len = b.len();
                 if let Some(s) = SpanId::from_slice(b) {
-                    h.parent_span_id = s;
+                    self.parent_span_id = s;
                 }
             }
-            (6, Value::Varint(k)) => h.kind = SpanKind::from_i32(k as i64),
-            (7, Value::Fixed64(t)) => h.start_ns = t,
-            (8, Value::Fixed64(t)) => h.end_ns = t,
+            (6, Value::Varint(k)) => self.kind = SpanKind::from_i32(k as i64),
+            (7, Value::Fixed64(t)) => self.start_ns = t,
+            (8, Value::Fixed64(t)) => self.end_ns = t,
             (15, Value::Len(b)) => {
                 for sf in Reader::new(b) {
                     if let (3, Value::Varint(c), _) = sf? {
-                        h.status = StatusCode::from_i32(c as i64);
+                        self.status = StatusCode::from_i32(c as i64);
                     }
                 }
             }
             _ => {}
         }
+        Ok(())
     }
-    Ok(h)
 }
 
 impl Span {
@@ -591,7 +601,34 @@ impl<'a> Iterator for AttrIter<'a> {
 }
 
 fn find_attr<'a>(msg: &'a [u8], field: u32, key: &str) -> Option<AttrValue<'a>> {
-    AttrIter::new(msg, field).find(|(k, _)| *k == key).map(|(_, v)| v)
+    if key.is_empty() {
+        // A key that is not UTF-8 reads as "": only the general walk gets that right.
+        return AttrIter::new(msg, field)
+            .find(|(k, _)| k.is_empty())
+            .map(|(_, v)| v);
+    }
+    // The same walk as `AttrIter`, but keys are compared as bytes and only the matching value
+    // is parsed: most lookups miss, and validating every key and value was most of their cost.
+    let mut r = Reader::new(msg);
+    loop {
+        let (f, v, _) = r.next_field()?.ok()?;
+        let (true, Value::Len(kv)) = (f == field, v) else {
+            continue;
+        };
+        let mut k: &[u8] = &[];
+        let mut val: Option<&[u8]> = None;
+        for e in Reader::new(kv) {
+            match e {
+                Ok((1, Value::Len(b), _)) => k = b,
+                Ok((2, Value::Len(a), _)) => val = Some(a),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if k == key.as_bytes() {
+            return Some(val.map_or(AttrValue::Empty, AttrValue::parse));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -643,6 +680,36 @@ mod tests {
         assert_eq!(s.attr("b"), Some(AttrValue::Bool(true)));
         assert_eq!(s.attr("nope"), None);
         assert_eq!(s.decode().unwrap(), p);
+    }
+
+    #[test]
+    fn attr_lookup_matches_the_iterator() {
+        let p = ProtoSpan {
+            attributes: vec![
+                kv("a", any_value::Value::StringValue("1".into())),
+                kv("dup", any_value::Value::IntValue(1)),
+                kv("dup", any_value::Value::IntValue(2)),
+                KeyValue {
+                    key: "novalue".into(),
+                    value: None,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let s = Span::from_proto(Arc::new(Scope::default()), &p);
+        for key in ["a", "dup", "novalue", "missing", ""] {
+            let want = s.attrs().find(|(k, _)| *k == key).map(|(_, v)| v);
+            assert_eq!(s.attr(key), want, "{key}");
+        }
+        assert_eq!(s.attr("dup"), Some(AttrValue::Int(1)));
+        assert_eq!(s.attr("novalue"), Some(AttrValue::Empty));
+        // A key that is not UTF-8 reads as "" in both.
+        let mut raw = Vec::new();
+        crate::wire::put_len_field(&mut raw, 9, &[0x0a, 0x01, 0xff]);
+        let odd = Span::from_raw(Arc::new(Scope::default()), Bytes::from(raw)).unwrap();
+        assert_eq!(odd.attr(""), Some(AttrValue::Empty));
+        assert_eq!(odd.attr("x"), None);
     }
 
     #[test]

@@ -19,7 +19,11 @@ pub enum WireError {
         remaining: usize,
     },
     #[error("invalid wire type {wire_type} for field {field} at byte {at}")]
-    BadWireType { field: u32, wire_type: u8, at: usize },
+    BadWireType {
+        field: u32,
+        wire_type: u8,
+        at: usize,
+    },
     #[error("field number 0 at byte {0}")]
     ZeroField(usize),
     #[error("message nested deeper than {0} levels")]
@@ -68,7 +72,20 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, WireError> {
+        // Tags, lengths of short fields and small enums are one byte: the common case.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(b as u64);
+            }
+        }
+        self.varint_slow()
+    }
+
+    #[inline(never)]
+    fn varint_slow(&mut self) -> Result<u64, WireError> {
         let start = self.pos;
         let mut out: u64 = 0;
         for shift in 0..10 {
@@ -85,6 +102,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field, `None` at the end, `Some(Err)` once on malformed input (then `None`).
+    #[inline]
     pub fn next_field(&mut self) -> Option<Result<(u32, Value<'a>, usize), WireError>> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
@@ -96,6 +114,7 @@ impl<'a> Reader<'a> {
         Some(r)
     }
 
+    #[inline]
     fn read_field(&mut self) -> Result<(u32, Value<'a>, usize), WireError> {
         let at = self.pos;
         let key = self.varint()?;
@@ -141,6 +160,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn take(&mut self, field: u32, len: u64) -> Result<&'a [u8], WireError> {
         let remaining = self.buf.len() - self.pos;
         if len > remaining as u64 {
@@ -159,6 +179,7 @@ impl<'a> Reader<'a> {
 
 impl<'a> Iterator for Reader<'a> {
     type Item = Result<(u32, Value<'a>, usize), WireError>;
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.next_field()
     }
