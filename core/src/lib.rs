@@ -24,10 +24,12 @@ pub mod span;
 pub mod tls;
 pub mod wire;
 
-pub use config::{BuildContext, ConfigIssue, SelfInfo};
 pub use component::{Consumer, Exporter, Processor, Receiver, Refused, SpanBatch};
+pub use config::{BuildContext, ConfigIssue, SelfInfo};
 pub use error::{ComponentError, ExportError};
-pub use span::{AttrValue, Resource, Scope, Span, SpanId, SpanKind, SpanSource, StatusCode, TraceId};
+pub use span::{
+    AttrValue, Resource, Scope, Span, SpanId, SpanKind, SpanSource, StatusCode, TraceId,
+};
 
 /// Re-exported so every crate uses one version of the generated OTLP types.
 pub use opentelemetry_proto as proto;
