@@ -4,11 +4,9 @@
 //! generator's ground truth.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
 use tailweave_collector::loadgen::truth::{compare, read_truth, TraceTruth};
-use tailweave_suite::{wait_for, Collector, Ports, Sink};
+use tailweave_suite::{Collector, Ports, Sink};
 
 fn config(sink: &Sink, wait: &str, after_join: &str) -> String {
     format!(
@@ -58,48 +56,18 @@ service:
     )
 }
 
-/// Runs `tailweave loadgen` against the collector; returns the truth and the summary.
+/// Runs `tailweave loadgen`: SDK spans to the otlp receiver, DeepFlow rows to the deepflow one.
 fn loadgen(c: &Collector, dir: &Path, args: &[&str]) -> (Vec<TraceTruth>, serde_json::Value) {
-    let truth = dir.join("truth.jsonl");
-    let summary = dir.join("summary.json");
-    let st = Command::new(tailweave_suite::tailweave_bin())
-        .arg("loadgen")
-        .args(["--endpoint", &c.grpc_endpoint()])
-        .args([
-            "--ebpf-endpoint",
-            &format!("http://127.0.0.1:{}", c.ports.extra[0]),
-        ])
-        .args(["--connections", "4"])
-        .args(args)
-        .arg("--truth")
-        .arg(&truth)
-        .arg("--summary")
-        .arg(&summary)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run loadgen");
-    assert!(st.success(), "loadgen failed");
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
-    assert_eq!(s["refused"], 0, "loadgen saw refusals: {s}");
-    assert_eq!(s["failed"], 0, "loadgen saw failures: {s}");
-    (read_truth(&truth).expect("truth"), s)
+    let ebpf = format!("http://127.0.0.1:{}", c.ports.extra[0]);
+    let mut all = vec!["--ebpf-endpoint", ebpf.as_str()];
+    all.extend_from_slice(args);
+    let (truth, summary) = c.loadgen(dir, &all);
+    (read_truth(&truth).expect("truth"), summary)
 }
 
 /// Waits until the join holds nothing and the sink has stopped growing.
 fn drained(c: &Collector, sink: &Sink) {
-    let mut last = usize::MAX;
-    wait_for(
-        "the join to emit everything",
-        Duration::from_secs(120),
-        || {
-            let held = c.metric("tailweave_join_pending_spans", &[]);
-            let n = sink.span_count();
-            let stable = n == last && held == 0.0;
-            last = n;
-            std::thread::sleep(Duration::from_millis(300));
-            stable.then_some(())
-        },
-    );
+    c.wait_drained(sink, "tailweave_join_pending_spans");
 }
 
 fn observed(sink: &Sink) -> Vec<tailweave_core::proto::tonic::trace::v1::Span> {

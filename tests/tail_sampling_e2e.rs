@@ -2,11 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
 use tailweave_collector::loadgen::truth::{read_truth, TraceTruth};
-use tailweave_suite::{hex, wait_for, Collector, Ports, Sink};
+use tailweave_suite::{hex, Collector, Ports, Sink};
 
 const POLICIES: &str = r#"
       - name: errors
@@ -61,40 +59,11 @@ service:
 }
 
 fn loadgen(c: &Collector, dir: &Path, args: &[&str]) -> Vec<TraceTruth> {
-    let truth = dir.join("truth.jsonl");
-    let summary = dir.join("summary.json");
-    let st = Command::new(tailweave_suite::tailweave_bin())
-        .arg("loadgen")
-        .args(["--endpoint", &c.grpc_endpoint(), "--connections", "4"])
-        .args(args)
-        .arg("--truth")
-        .arg(&truth)
-        .arg("--summary")
-        .arg(&summary)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run loadgen");
-    assert!(st.success(), "loadgen failed");
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
-    assert_eq!(s["refused"], 0, "{s}");
-    assert_eq!(s["failed"], 0, "{s}");
-    read_truth(&truth).expect("truth")
+    read_truth(&c.loadgen(dir, args).0).expect("truth")
 }
 
 fn drained(c: &Collector, sink: &Sink) {
-    let mut last = usize::MAX;
-    wait_for(
-        "the sampler to decide everything",
-        Duration::from_secs(120),
-        || {
-            let held = c.metric("tailweave_tail_sampling_traces_in_memory", &[]);
-            let n = sink.span_count();
-            let stable = n == last && held == 0.0;
-            last = n;
-            std::thread::sleep(Duration::from_millis(300));
-            stable.then_some(())
-        },
-    );
+    c.wait_drained(sink, "tailweave_tail_sampling_traces_in_memory");
 }
 
 /// Spans received per trace id.

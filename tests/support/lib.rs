@@ -217,6 +217,50 @@ impl Collector {
         metric_sum(&self.metrics(), name, labels)
     }
 
+    /// Runs `tailweave loadgen` at this collector's gRPC endpoint with `args` after the defaults
+    /// (4 connections), writing the ground truth to `dir/truth.jsonl`. Asserts the sender saw no
+    /// refusal and no failure; returns the truth file and the summary.
+    pub fn loadgen(&self, dir: &Path, args: &[&str]) -> (PathBuf, serde_json::Value) {
+        let truth = dir.join("truth.jsonl");
+        let summary = dir.join("summary.json");
+        let st = Command::new(tailweave_bin())
+            .arg("loadgen")
+            .args(["--endpoint", &self.grpc_endpoint(), "--connections", "4"])
+            .args(args)
+            .arg("--truth")
+            .arg(&truth)
+            .arg("--summary")
+            .arg(&summary)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run loadgen");
+        assert!(st.success(), "loadgen failed");
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&summary).expect("summary"))
+                .expect("summary JSON");
+        assert_eq!(s["refused"], 0, "loadgen saw refusals: {s}");
+        assert_eq!(s["failed"], 0, "loadgen saw failures: {s}");
+        (truth, s)
+    }
+
+    /// Waits until the gauge `held` (what a stateful stage still holds) is 0 and the sink has
+    /// stopped growing between two looks.
+    pub fn wait_drained(&self, sink: &Sink, held: &str) {
+        let mut last = usize::MAX;
+        wait_for(
+            &format!("{held} to reach 0"),
+            Duration::from_secs(120),
+            || {
+                let h = self.metric(held, &[]);
+                let n = sink.span_count();
+                let stable = n == last && h == 0.0;
+                last = n;
+                std::thread::sleep(Duration::from_millis(300));
+                stable.then_some(())
+            },
+        );
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
