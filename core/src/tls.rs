@@ -246,14 +246,19 @@ fn default_handshake_timeout() -> Duration {
     DEFAULT_HANDSHAKE_TIMEOUT
 }
 
-/// `tls` of a receiver protocol: serve TLS with this certificate.
+/// `tls` of a receiver protocol: serve TLS with this certificate (the Collector's
+/// `configtls.ServerConfig` keys).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsSettings {
-    /// PEM certificate chain of this server. Required.
-    pub cert_file: PathBuf,
+    /// PEM certificate chain of this server. Required. (An `Option` only so that a missing key
+    /// is reported by `validate` with its path, next to every other problem, instead of
+    /// stopping the parse.)
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`. Required.
-    pub key_file: PathBuf,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// PEM bundle of the CAs that sign client certificates: when set, every client must present
     /// one (mTLS). Default none (no client certificates).
     #[serde(default)]
@@ -270,8 +275,8 @@ pub struct ServerTlsSettings {
 impl ServerTlsSettings {
     pub fn new(cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
         ServerTlsSettings {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
+            cert_file: Some(cert_file.into()),
+            key_file: Some(key_file.into()),
             client_ca_file: None,
             reload_interval: DEFAULT_RELOAD_INTERVAL,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -282,11 +287,20 @@ impl ServerTlsSettings {
     pub fn validate(&self, prefix: &str) -> Vec<ConfigIssue> {
         let mut out = Vec::new();
         let key = |k: &str| format!("{prefix}.{k}");
-        if self.cert_file.as_os_str().is_empty() {
-            out.push(ConfigIssue::new(key("cert_file"), "required"));
-        }
-        if self.key_file.as_os_str().is_empty() {
-            out.push(ConfigIssue::new(key("key_file"), "required"));
+        for (k, v, other) in [
+            ("cert_file", &self.cert_file, "key_file"),
+            ("key_file", &self.key_file, "cert_file"),
+        ] {
+            match v {
+                None => out.push(ConfigIssue::new(
+                    key(k),
+                    format!("required: a TLS server needs both {k} and {other}"),
+                )),
+                Some(p) if p.as_os_str().is_empty() => {
+                    out.push(ConfigIssue::new(key(k), "must not be empty"))
+                }
+                Some(_) => {}
+            }
         }
         file_issue(&mut out, &key("client_ca_file"), &self.client_ca_file);
         if self.handshake_timeout.is_zero() {
@@ -298,23 +312,70 @@ impl ServerTlsSettings {
         out
     }
 
-    fn files(&self) -> Vec<&Path> {
-        let mut v = vec![self.cert_file.as_path(), self.key_file.as_path()];
+    /// Problems with the files themselves (missing, unreadable, a directory), with key paths
+    /// under `prefix`. Unlike [`Self::validate`] this looks at the file system: it is meant for
+    /// `tailweave validate`, so that a wrong path is found before a deploy rather than at
+    /// start-up. It reads no contents (a file may still hold no certificate; start-up says so).
+    pub fn check_files(&self, prefix: &str) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        for (k, p) in [
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+            ("client_ca_file", &self.client_ca_file),
+        ] {
+            let Some(p) = p.as_deref().filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            let problem = match fs::metadata(p) {
+                Ok(m) if m.is_file() => match fs::File::open(p) {
+                    Ok(_) => None,
+                    Err(e) => Some(e.to_string()),
+                },
+                Ok(_) => Some("is not a regular file".to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(m) = problem {
+                out.push(ConfigIssue::new(
+                    format!("{prefix}.{k}"),
+                    format!("{}: {m}", p.display()),
+                ));
+            }
+        }
+        out
+    }
+
+    fn cert_path(&self) -> Result<&Path, TlsError> {
+        required(&self.cert_file, "tls.cert_file")
+    }
+
+    fn key_path(&self) -> Result<&Path, TlsError> {
+        required(&self.key_file, "tls.key_file")
+    }
+
+    fn files(&self) -> Result<Vec<&Path>, TlsError> {
+        let mut v = vec![self.cert_path()?, self.key_path()?];
         if let Some(ca) = &self.client_ca_file {
             v.push(ca.as_path());
         }
-        v
+        Ok(v)
     }
 
     /// Reads the files once (their bytes, to compare at the next reload).
     fn read_all(&self) -> Result<Vec<Vec<u8>>, TlsError> {
-        self.files().into_iter().map(read).collect()
+        self.files()?.into_iter().map(read).collect()
     }
 
     /// Builds the rustls server config from file contents (as [`Self::read_all`] returns them).
     fn build(&self, contents: &[Vec<u8>], alpn: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
-        let certs = parse_certs(&contents[0], &self.cert_file)?;
-        let key = parse_key(&contents[1], &self.key_file)?;
+        let (cert_path, key_path) = (self.cert_path()?, self.key_path()?);
+        let (Some(cert_pem), Some(key_pem)) = (contents.first(), contents.get(1)) else {
+            return Err(TlsError::Invalid {
+                what: "tls".into(),
+                message: "certificate or key contents missing".into(),
+            });
+        };
+        let certs = parse_certs(cert_pem, cert_path)?;
+        let key = parse_key(key_pem, key_path)?;
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(invalid("tls"))?;
@@ -334,10 +395,17 @@ impl ServerTlsSettings {
         };
         let mut cfg = builder
             .with_single_cert(certs, key)
-            .map_err(invalid(&self.cert_file.display().to_string()))?;
+            .map_err(invalid(&cert_path.display().to_string()))?;
         cfg.alpn_protocols = alpn.to_vec();
         Ok(cfg)
     }
+}
+
+fn required<'a>(p: &'a Option<PathBuf>, what: &str) -> Result<&'a Path, TlsError> {
+    p.as_deref().ok_or_else(|| TlsError::Invalid {
+        what: what.to_string(),
+        message: "required".into(),
+    })
 }
 
 struct Loaded {
@@ -351,6 +419,14 @@ pub struct ServerTls {
     settings: ServerTlsSettings,
     alpn: Vec<Vec<u8>>,
     state: Mutex<Loaded>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerTls {
@@ -389,7 +465,12 @@ impl ServerTls {
             return st.config.clone();
         }
         st.checked = now;
-        let path = self.settings.cert_file.display().to_string();
+        let path = self
+            .settings
+            .cert_file
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let contents = match self.settings.read_all() {
             Ok(c) => c,
             Err(e) => {
@@ -699,5 +780,34 @@ mod tests {
             serde_yaml::from_str("{cert_file: c, key_file: k, ca: x}").unwrap()
         )
         .is_err());
+        // A key without a certificate is a validation problem at the missing key's path.
+        let key_only: ServerTlsSettings =
+            crate::config::parse(serde_yaml::from_str("{key_file: k}").unwrap()).unwrap();
+        let p: Vec<String> = key_only
+            .validate("protocols.http.tls")
+            .into_iter()
+            .map(|i| i.path)
+            .collect();
+        assert_eq!(p, ["protocols.http.tls.cert_file"]);
+        assert!(ServerTls::new(key_only, &[]).is_err());
+    }
+
+    #[test]
+    fn missing_files_are_reported_with_their_key() {
+        let pki = Pki::new("ca");
+        let (c, _) = pki.leaf("server", &["localhost"]);
+        let mut s = ServerTlsSettings::new(&c, pki.path("nope.key"));
+        s.client_ca_file = Some(pki.dir.path().to_path_buf());
+        let issues = s.check_files("protocols.grpc.tls");
+        let p: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            p,
+            [
+                "protocols.grpc.tls.key_file",
+                "protocols.grpc.tls.client_ca_file"
+            ]
+        );
+        assert!(issues[0].message.contains("nope.key"), "{}", issues[0]);
+        assert!(ServerTlsSettings::new(&c, &c).check_files("tls").is_empty());
     }
 }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Deserializer};
 use tailweave_core::config::ConfigIssue;
 use tailweave_core::otlp::DecodeLimits;
+use tailweave_core::tls::ServerTlsSettings;
 
 /// The default OTLP/HTTP path for traces.
 pub const DEFAULT_TRACES_URL_PATH: &str = "/v1/traces";
@@ -49,6 +50,11 @@ pub struct GrpcConfig {
     /// (the HTTP/2 stack's).
     #[serde(default)]
     pub max_concurrent_streams: Option<u32>,
+    /// Serve TLS (ALPN `h2`): `cert_file`, `key_file`, optional `client_ca_file` (mTLS: every
+    /// client must present a certificate signed by it), `reload_interval` (default `10s`),
+    /// `handshake_timeout` (default `10s`). Default none: plaintext.
+    #[serde(default)]
+    pub tls: Option<ServerTlsSettings>,
 }
 
 impl Default for GrpcConfig {
@@ -57,6 +63,7 @@ impl Default for GrpcConfig {
             endpoint: None,
             max_recv_msg_size_mib: DEFAULT_MAX_RECV_MSG_SIZE_MIB,
             max_concurrent_streams: None,
+            tls: None,
         }
     }
 }
@@ -76,6 +83,10 @@ pub struct HttpConfig {
     /// Default 20971520 (20 MiB).
     #[serde(default = "default_max_request_body_size")]
     pub max_request_body_size: u64,
+    /// Serve TLS (ALPN `h2` and `http/1.1`); the keys of `protocols.grpc.tls`. Default none:
+    /// plaintext.
+    #[serde(default)]
+    pub tls: Option<ServerTlsSettings>,
 }
 
 impl Default for HttpConfig {
@@ -84,6 +95,7 @@ impl Default for HttpConfig {
             endpoint: None,
             traces_url_path: default_traces_url_path(),
             max_request_body_size: DEFAULT_MAX_REQUEST_BODY_SIZE,
+            tls: None,
         }
     }
 }
@@ -318,6 +330,9 @@ impl Protocols {
                     "must be at least 1",
                 ));
             }
+            if let Some(t) = &g.tls {
+                validate_tls(t, "protocols.grpc.tls", issues);
+            }
         }
         if let Some(h) = &self.http {
             if let Some(e) = &h.endpoint {
@@ -340,6 +355,9 @@ impl Protocols {
                     ),
                 ));
             }
+            if let Some(t) = &h.tls {
+                validate_tls(t, "protocols.http.tls", issues);
+            }
         }
         if let (Some(g), Some(h)) = (self.grpc_endpoint(ports), self.http_endpoint(ports)) {
             if g == h && !g.ends_with(":0") {
@@ -350,6 +368,16 @@ impl Protocols {
             }
         }
     }
+}
+
+/// The settings, then (only when they are complete) whether the files are there: a missing
+/// certificate is the most likely mistake and `tailweave validate` should catch it.
+fn validate_tls(t: &ServerTlsSettings, prefix: &str, issues: &mut Vec<ConfigIssue>) {
+    let found = t.validate(prefix);
+    if found.is_empty() {
+        issues.extend(t.check_files(prefix));
+    }
+    issues.extend(found);
 }
 
 /// `host:port`, with a non-empty host (a name, an IPv4 address or a bracketed IPv6 address).

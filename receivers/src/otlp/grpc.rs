@@ -16,6 +16,7 @@ use prost::Message;
 use tailweave_core::proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
+use tailweave_core::tls::ServerTls;
 use tailweave_core::Refused;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use tonic::{Code, Status};
 
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
 use super::rpc::retryable_status;
+use super::tls::{accept_loop, TlsConn};
 
 /// The gRPC service name of OTLP traces.
 pub const SERVICE_NAME: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
@@ -38,6 +40,8 @@ pub struct GrpcSettings {
     pub max_concurrent_streams: Option<u32>,
     /// Request metadata naming the sender (lower case).
     pub source_header: String,
+    /// Serve TLS with this (loaded at build); `None`: plaintext.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// A codec whose decoder yields the message bytes as they are.
@@ -231,18 +235,64 @@ pub(crate) async fn serve(
     if let Some(n) = settings.max_concurrent_streams {
         builder = builder.max_concurrent_streams(n);
     }
+    let tls = settings.tls.clone();
+    let receiver = ingest.id.clone();
     let svc = TraceService {
         ingest,
         settings: Arc::new(settings),
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = builder.add_service(svc);
+    match tls {
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            run(router, incoming, shutdown, drain).await
+        }
+        Some(tls) => {
+            // Connections reach tonic once their handshake is done; the channel only bounds
+            // how many finished handshakes wait for tonic to pick them up.
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+            let deliver = move |c: TlsConn| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Ok(c)).await;
+                }
+            };
+            tokio::spawn(accept_loop(
+                listener,
+                tls,
+                receiver,
+                Transport::Grpc,
+                shutdown.clone(),
+                deliver,
+            ));
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+            run(router, incoming, shutdown, drain).await
+        }
+    }
+}
+
+async fn run<I, IO, IE>(
+    router: tonic::transport::server::Router,
+    incoming: I,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<(), String>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let signal = {
         let shutdown = shutdown.clone();
         async move { shutdown.cancelled().await }
     };
-    let server = builder
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, signal);
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => return r.map_err(|e| e.to_string()),

@@ -23,12 +23,14 @@ use prost::Message;
 use tailweave_core::proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
+use tailweave_core::tls::ServerTls;
 use tailweave_core::Refused;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
 use super::rpc::RpcStatus;
+use super::tls::{accept_loop, TlsConn};
 use crate::deepflow::normalize::Role;
 
 /// A client that sends its headers slower than this is disconnected (slowloris guard).
@@ -45,6 +47,8 @@ pub struct HttpSettings {
     pub max_request_body_size: usize,
     /// Request header naming the sender (lower case).
     pub source_header: String,
+    /// Serve TLS with this (loaded at build); `None`: plaintext.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// The body encodings of OTLP/HTTP.
@@ -370,6 +374,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<(), String> {
+    let tls = settings.tls.clone();
     let state = Arc::new(State { ingest, settings });
     let graceful = GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -377,6 +382,44 @@ pub(crate) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    if let Some(tls) = tls {
+        // Handshakes run in their own tasks; the finished connections come back here to be
+        // served under `graceful` (which only this loop holds).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<TlsConn>(64);
+        let deliver = move |c: TlsConn| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(c).await;
+            }
+        };
+        tokio::spawn(accept_loop(
+            listener,
+            tls,
+            state.ingest.id.clone(),
+            Transport::Http,
+            shutdown.clone(),
+            deliver,
+        ));
+        loop {
+            let c = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            let state = state.clone();
+            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let conn = builder.serve_connection(TokioIo::new(c), svc).into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("HTTPS connection ended with an error: {e}");
+                }
+            });
+        }
+        return drain_connections(graceful, drain).await;
+    }
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -405,6 +448,10 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
+    drain_connections(graceful, drain).await
+}
+
+async fn drain_connections(graceful: GracefulShutdown, drain: Duration) -> Result<(), String> {
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()

@@ -7,6 +7,7 @@
 //! - [`grpc`]: `TraceService/Export` on tonic with a raw-bytes codec.
 //! - [`http`]: `POST /v1/traces` on hyper.
 //! - [`rpc`]: the `google.rpc` status and retry messages both write.
+//! - [`tls`]: the TLS accept loop both use when `tls` is set.
 //!
 //! # Configuration
 //!
@@ -41,14 +42,17 @@ pub mod grpc;
 pub mod http;
 pub mod ingest;
 pub mod rpc;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::otlp::DecodeLimits;
+use tailweave_core::tls::{ServerTls, ServerTlsSettings, ALPN_H2, ALPN_HTTP1};
 use tailweave_core::{ComponentError, Consumer, Receiver};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -169,6 +173,22 @@ async fn bind_one(id: &str, addr: &str) -> Result<TcpListener, ComponentError> {
     Ok(l)
 }
 
+/// Loads a protocol's certificates; the error names the key of the `tls` block.
+fn server_tls(
+    id: &str,
+    settings: Option<&ServerTlsSettings>,
+    key: &str,
+    alpn: &[&[u8]],
+) -> Result<Option<Arc<ServerTls>>, ComponentError> {
+    settings
+        .map(|s| {
+            ServerTls::new(s.clone(), alpn)
+                .map(Arc::new)
+                .map_err(|e| ComponentError::build(id, format!("{key}: {e}")))
+        })
+        .transpose()
+}
+
 impl OtlpReceiver {
     pub(crate) async fn bind(
         ctx: &BuildContext,
@@ -190,6 +210,19 @@ impl OtlpReceiver {
             )),
             None => None,
         };
+        // Certificates too: a bad file fails start-up before any port is bound.
+        let grpc_tls = server_tls(
+            &id,
+            protocols.grpc.as_ref().and_then(|g| g.tls.as_ref()),
+            "protocols.grpc.tls",
+            &[ALPN_H2],
+        )?;
+        let http_tls = server_tls(
+            &id,
+            protocols.http.as_ref().and_then(|h| h.tls.as_ref()),
+            "protocols.http.tls",
+            &[ALPN_H2, ALPN_HTTP1],
+        )?;
         let source_header = source_header.to_ascii_lowercase();
         let grpc = match (&protocols.grpc, protocols.grpc_endpoint(ports)) {
             (Some(g), Some(addr)) => {
@@ -201,6 +234,7 @@ impl OtlpReceiver {
                     .unwrap_or(usize::MAX),
                     max_concurrent_streams: g.max_concurrent_streams,
                     source_header: source_header.clone(),
+                    tls: grpc_tls,
                 };
                 Some((l, settings))
             }
@@ -214,6 +248,7 @@ impl OtlpReceiver {
                     max_request_body_size: usize::try_from(h.max_request_body_size)
                         .unwrap_or(usize::MAX),
                     source_header,
+                    tls: http_tls,
                 };
                 Some((l, settings))
             }
@@ -234,7 +269,9 @@ impl OtlpReceiver {
         tracing::info!(
             receiver = %r.id,
             grpc = ?r.grpc_addr(),
+            grpc_tls = r.grpc.as_ref().is_some_and(|(_, s)| s.tls.is_some()),
             http = ?r.http_addr(),
+            http_tls = r.http.as_ref().is_some_and(|(_, s)| s.tls.is_some()),
             "receiver bound"
         );
         Ok(r)
@@ -400,6 +437,64 @@ mod tests {
         );
         let c = cfg("protocols: {grpc: }\nauth: {}").unwrap();
         assert_eq!(c.validate()[0].path, "auth");
+    }
+
+    #[test]
+    fn tls_problems_are_reported_with_their_paths() {
+        let c = cfg("protocols: {grpc: {tls: {key_file: k.pem}}, http: {tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem, client_ca_file: /nonexistent/ca.pem}}}").unwrap();
+        let issues = c.validate();
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "protocols.grpc.tls.cert_file",
+                "protocols.http.tls.cert_file",
+                "protocols.http.tls.key_file",
+                "protocols.http.tls.client_ca_file",
+            ]
+        );
+        assert!(
+            issues[1].message.contains("/nonexistent/c.pem"),
+            "{}",
+            issues[1]
+        );
+        assert!(cfg("protocols: {grpc: {tls: {cert_file: c, key_file: k, ca_file: x}}}").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_certificate_that_does_not_load_fails_the_build_before_binding() {
+        let dir = std::env::temp_dir().join(format!("tailweave-tls-build-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("c.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = cfg(&format!(
+            "protocols: {{http: {{endpoint: '127.0.0.1:{port}', tls: {{cert_file: {p}, key_file: {p}}}}}}}",
+            p = not_pem.display()
+        ))
+        .unwrap();
+        assert!(c.validate().is_empty(), "the files exist");
+        let ctx = BuildContext {
+            id: "otlp/tls".into(),
+            ..Default::default()
+        };
+        let m = c
+            .build(&ctx)
+            .await
+            .err()
+            .expect("no certificate")
+            .to_string();
+        assert!(
+            m.contains("otlp/tls") && m.contains("protocols.http.tls"),
+            "{m}"
+        );
+        // Nothing was left listening.
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
