@@ -35,6 +35,10 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define CAP_MAX 1024
+/* iovecs of one readv/writev/recvmsg/sendmsg the payload copy walks; the rest is counted as cut. */
+#define MAX_IOV 8
+/* Cgroup levels (depth below the cgroup v2 root) the cgroup filter can match at. */
+#define MAX_CGROUP_LEVEL 32
 #define AF_INET 2
 #define AF_INET6 10
 #define S_IFMT 00170000
@@ -68,6 +72,7 @@ enum counter {
 	C_RINGBUF_FULL,    /* records lost: ring buffer full */
 	C_READ_FAULT,      /* payload copy from user memory failed */
 	C_UNPARSED_SYSCALL,/* sendfile/splice on a watched socket: bytes not captured */
+	C_IOV_CUT,         /* capture stopped at MAX_IOV iovecs before capture_bytes */
 	C_MAX,
 };
 
@@ -76,7 +81,9 @@ struct config {
 	__u32 self_tgid;     /* never captured */
 	__u32 watch_all;     /* 1: every process except self */
 	__u32 capture_bytes; /* payload prefix per syscall, <= CAP_MAX */
-	__u32 wakeup_bytes;  /* wake the reader once this much data is unread */
+	__u32 wakeup_bytes;  /* wake the reader each time unread data passes a multiple of this */
+	__u32 cgroup_levels; /* bit n: some watched cgroup sits at level n (0: no cgroup filter) */
+	__u32 n_comms;       /* entries in watch_comms (0: the comm is read only for events) */
 };
 
 /* The record layout user space decodes (receivers/src/ebpf/event.rs); little endian, packed. */
@@ -131,6 +138,14 @@ struct {
 	__type(value, __u8);
 } watch_comms SEC(".maps");
 
+/* cgroup v2 ids (the directory's inode) whose processes, and their descendants', are watched. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u64);
+	__type(value, __u8);
+} watch_cgroups SEC(".maps");
+
 /* Sockets with one of these local or remote ports are never captured (tailweave's own). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -168,11 +183,21 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/*
+ * The event is built here, then copied into the ring buffer at its real size. The spill lets the
+ * verifier accept an iovec copy at any offset below CAP_MAX of up to CAP_MAX bytes; the logic
+ * never writes past data[CAP_MAX].
+ */
+struct scratch_buf {
+	struct event e;
+	__u8 spill[CAP_MAX];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct event);
+	__type(value, struct scratch_buf);
 } scratch SEC(".maps");
 
 /* Size set by user space at load time. */
@@ -194,23 +219,44 @@ static __always_inline struct config *get_config(void)
 	return bpf_map_lookup_elem(&config_map, &zero);
 }
 
-/* Is the current process watched? Fills comm with the thread group leader's name. */
-static __always_inline int watched(struct config *cfg, __u32 tgid, char *comm)
+static __always_inline void read_comm(char *comm)
 {
-	if (tgid == cfg->self_tgid)
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct task_struct *leader = BPF_CORE_READ(task, group_leader);
 	/* The key is all 16 bytes: clear what the string copy leaves behind. */
 	__builtin_memset(comm, 0, 16);
 	bpf_core_read_str(comm, 16, &leader->comm);
-	if (cfg->watch_all)
-		return 1;
-	if (bpf_map_lookup_elem(&watch_pids, &tgid))
-		return 1;
-	if (bpf_map_lookup_elem(&watch_comms, comm))
-		return 1;
+}
+
+/* Is the current task in (or below) one of the watched cgroups? */
+static __always_inline int in_watched_cgroup(__u32 levels)
+{
+	for (int lvl = 0; lvl < MAX_CGROUP_LEVEL; lvl++) {
+		if (!(levels >> lvl))
+			break;
+		if (!((levels >> lvl) & 1))
+			continue;
+		__u64 id = bpf_get_current_ancestor_cgroup_id(lvl);
+		if (id && bpf_map_lookup_elem(&watch_cgroups, &id))
+			return 1;
+	}
 	return 0;
+}
+
+/*
+ * Is the current process watched? The cheap checks come first; the leader's comm is read only
+ * when a comm filter needs it or the process is watched (the event carries it).
+ */
+static __always_inline int watched(struct config *cfg, __u32 tgid, char *comm)
+{
+	if (tgid == cfg->self_tgid)
+		return 0;
+	int hit = cfg->watch_all || bpf_map_lookup_elem(&watch_pids, &tgid) ||
+		  (cfg->cgroup_levels && in_watched_cgroup(cfg->cgroup_levels));
+	if (!hit && !cfg->n_comms)
+		return 0;
+	read_comm(comm);
+	return hit || bpf_map_lookup_elem(&watch_comms, comm);
 }
 
 /* The TCP socket behind fd in the current task, or NULL. */
@@ -278,8 +324,71 @@ static __always_inline __u64 next_trace_id(struct thread_state *st, __u64 sk, __
 	return st->trace_id;
 }
 
-/* The common exit path: fd and user buffer known, ret bytes moved. */
-static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, long ret, __u8 dir,
+/*
+ * Wake the reader each time the unread data crosses a multiple of wakeup_bytes, not on every
+ * record past it: a reader still busy with the last batch would otherwise be woken (an IPI on
+ * the writer's CPU) once per record. Two CPUs racing past the same multiple may both skip the
+ * wake-up; the reader's poll timer bounds that delay.
+ */
+static __always_inline __u64 wake_flags(struct config *cfg, __u64 size)
+{
+	__u64 w = cfg->wakeup_bytes;
+	if (!w)
+		return BPF_RB_FORCE_WAKEUP;
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	return avail / w != (avail + size) / w ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline void emit(struct config *cfg, struct event *e, __u64 size)
+{
+	if (bpf_ringbuf_output(&events, e, size, wake_flags(cfg, size)))
+		count(C_RINGBUF_FULL);
+	else
+		count(C_EVENTS);
+}
+
+/*
+ * Copies the first `want` bytes spread over a user iovec array into dst, walking at most
+ * MAX_IOV entries. Returns the bytes copied; sets *cut when entries beyond MAX_IOV held bytes
+ * that fit, and *fault when user memory could not be read.
+ */
+static __always_inline __u32 copy_iov(__u8 *dst, const struct iovec *iov, __u64 iovcnt,
+				      __u32 want, int *cut, int *fault)
+{
+	__u32 off = 0;
+	int i;
+	for (i = 0; i < MAX_IOV; i++) {
+		if (i >= iovcnt || off >= want)
+			return off;
+		struct iovec v = {};
+		if (bpf_probe_read_user(&v, sizeof(v), &iov[i])) {
+			*fault = 1;
+			return off;
+		}
+		__u64 len = v.iov_len;
+		if (len > want - off)
+			len = want - off;
+		/* No-ops for the logic (off < want <= CAP_MAX): bounds the verifier can see. */
+		off &= CAP_MAX - 1;
+		if (len > CAP_MAX)
+			len = CAP_MAX;
+		if (len && bpf_probe_read_user(dst + off, len, v.iov_base)) {
+			*fault = 1;
+			return off;
+		}
+		off += len;
+	}
+	if (off < want && iovcnt > MAX_IOV)
+		*cut = 1;
+	return off;
+}
+
+/*
+ * The common exit path, ret bytes moved: the payload is either one user buffer (buf, buf_len)
+ * or, when iov is set, an iovec array of iovcnt entries.
+ */
+static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len,
+				   const struct iovec *iov, __u64 iovcnt, long ret, __u8 dir,
 				   __u8 sys)
 {
 	if (ret <= 0)
@@ -290,9 +399,10 @@ static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, lon
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	__u32 zero = 0;
-	struct event *e = bpf_map_lookup_elem(&scratch, &zero);
-	if (!e)
+	struct scratch_buf *sb = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sb)
 		return 0;
+	struct event *e = &sb->e;
 	if (!watched(cfg, tgid, e->comm))
 		return 0;
 	struct sock *sk = tcp_sock_of_fd(fd);
@@ -337,21 +447,28 @@ static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, lon
 	e->pad = 0;
 
 	__u64 n = ret;
-	if (n > buf_len)
-		n = buf_len;
 	if (n > cfg->capture_bytes)
 		n = cfg->capture_bytes;
 	if (n > CAP_MAX)
 		n = CAP_MAX;
 	e->cap_len = 0;
-	if (n > 0 && buf) {
+	if (iov) {
+		int cut = 0, fault = 0;
+		e->cap_len = copy_iov(sb->e.data, iov, iovcnt, n, &cut, &fault);
+		if (cut)
+			count(C_IOV_CUT);
+		if (fault)
+			count(C_READ_FAULT);
+	} else if (buf) {
+		if (n > buf_len)
+			n = buf_len;
 		__u32 len = n;
 		if (len > CAP_MAX)
 			len = CAP_MAX;
-		if (bpf_probe_read_user(e->data, len, buf))
+		if (len && bpf_probe_read_user(e->data, len, buf))
 			count(C_READ_FAULT);
 		else
-			e->cap_len = n;
+			e->cap_len = len;
 	}
 
 	/* An LRU update replaces the node: only write when the fd is new or names a new socket. */
@@ -364,32 +481,20 @@ static __always_inline int on_data(__u32 fd, const void *buf, __u64 buf_len, lon
 	__u64 size = offsetof(struct event, data) + e->cap_len;
 	if (size > sizeof(struct event))
 		size = sizeof(struct event);
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	__u64 flags = avail + size >= cfg->wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, e, size, flags))
-		count(C_RINGBUF_FULL);
-	else
-		count(C_EVENTS);
+	emit(cfg, e, size);
 	return 0;
 }
 
-/* The first iovec of a user iovec array: capture starts there. */
-static __always_inline int first_iov(const struct iovec *iov, const void **base, __u64 *len)
-{
-	struct iovec v = {};
-	if (!iov || bpf_probe_read_user(&v, sizeof(v), iov))
-		return -1;
-	*base = v.iov_base;
-	*len = v.iov_len;
-	return 0;
-}
-
-static __always_inline int msg_iov(const struct user_msghdr *m, const void **base, __u64 *len)
+/* The iovec array and its length of a user msghdr. */
+static __always_inline int msg_iov(const struct user_msghdr *m, const struct iovec **iov,
+				   __u64 *iovcnt)
 {
 	struct user_msghdr h = {};
 	if (!m || bpf_probe_read_user(&h, sizeof(h), m))
 		return -1;
-	return first_iov(h.msg_iov, base, len);
+	*iov = h.msg_iov;
+	*iovcnt = h.msg_iovlen;
+	return 0;
 }
 
 /* A socket fd of a watched process was closed: user space drops the socket's state. */
@@ -404,11 +509,12 @@ static __always_inline int on_close(__u32 fd)
 	if (!skp)
 		return 0;
 	__u32 zero = 0;
-	struct event *e = bpf_map_lookup_elem(&scratch, &zero);
-	if (!e) {
+	struct scratch_buf *sb = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sb) {
 		bpf_map_delete_elem(&live_fds, &key);
 		return 0;
 	}
+	struct event *e = &sb->e;
 	__builtin_memset(e, 0, offsetof(struct event, data));
 	e->sk = *skp;
 	bpf_map_delete_elem(&live_fds, &key);
@@ -418,13 +524,7 @@ static __always_inline int on_close(__u32 fd)
 	e->fd = fd;
 	e->kind = KIND_CLOSE;
 	e->syscall = SYS_CLOSE;
-	__u64 size = offsetof(struct event, data);
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	__u64 flags = avail + size >= cfg->wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, e, size, flags))
-		count(C_RINGBUF_FULL);
-	else
-		count(C_EVENTS);
+	emit(cfg, e, offsetof(struct event, data));
 	return 0;
 }
 
@@ -437,34 +537,38 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(tw_sys_exit, struct pt_regs *regs, long ret)
 {
 	long nr = regs->orig_ax;
-	const void *base = NULL;
-	__u64 len = 0;
+	const struct iovec *iov = NULL;
+	__u64 iovcnt = 0;
 	__u32 fd = regs->di;
 	switch (nr) {
 	case NR_READ:
-		return on_data(fd, (const void *)regs->si, regs->dx, ret, DIR_INGRESS, SYS_READ);
+		return on_data(fd, (const void *)regs->si, regs->dx, NULL, 0, ret, DIR_INGRESS, SYS_READ);
 	case NR_WRITE:
-		return on_data(fd, (const void *)regs->si, regs->dx, ret, DIR_EGRESS, SYS_WRITE);
+		return on_data(fd, (const void *)regs->si, regs->dx, NULL, 0, ret, DIR_EGRESS, SYS_WRITE);
 	case NR_RECVFROM:
-		return on_data(fd, (const void *)regs->si, regs->dx, ret, DIR_INGRESS, SYS_RECVFROM);
+		return on_data(fd, (const void *)regs->si, regs->dx, NULL, 0, ret, DIR_INGRESS,
+			       SYS_RECVFROM);
 	case NR_SENDTO:
-		return on_data(fd, (const void *)regs->si, regs->dx, ret, DIR_EGRESS, SYS_SENDTO);
+		return on_data(fd, (const void *)regs->si, regs->dx, NULL, 0, ret, DIR_EGRESS,
+			       SYS_SENDTO);
 	case NR_READV:
-		if (ret <= 0 || first_iov((const struct iovec *)regs->si, &base, &len))
+		if (ret <= 0 || !regs->si)
 			return 0;
-		return on_data(fd, base, len, ret, DIR_INGRESS, SYS_READV);
+		return on_data(fd, NULL, 0, (const struct iovec *)regs->si, regs->dx, ret, DIR_INGRESS,
+			       SYS_READV);
 	case NR_WRITEV:
-		if (ret <= 0 || first_iov((const struct iovec *)regs->si, &base, &len))
+		if (ret <= 0 || !regs->si)
 			return 0;
-		return on_data(fd, base, len, ret, DIR_EGRESS, SYS_WRITEV);
+		return on_data(fd, NULL, 0, (const struct iovec *)regs->si, regs->dx, ret, DIR_EGRESS,
+			       SYS_WRITEV);
 	case NR_RECVMSG:
-		if (ret <= 0 || msg_iov((const struct user_msghdr *)regs->si, &base, &len))
+		if (ret <= 0 || msg_iov((const struct user_msghdr *)regs->si, &iov, &iovcnt) || !iov)
 			return 0;
-		return on_data(fd, base, len, ret, DIR_INGRESS, SYS_RECVMSG);
+		return on_data(fd, NULL, 0, iov, iovcnt, ret, DIR_INGRESS, SYS_RECVMSG);
 	case NR_SENDMSG:
-		if (ret <= 0 || msg_iov((const struct user_msghdr *)regs->si, &base, &len))
+		if (ret <= 0 || msg_iov((const struct user_msghdr *)regs->si, &iov, &iovcnt) || !iov)
 			return 0;
-		return on_data(fd, base, len, ret, DIR_EGRESS, SYS_SENDMSG);
+		return on_data(fd, NULL, 0, iov, iovcnt, ret, DIR_EGRESS, SYS_SENDMSG);
 	case NR_CLOSE:
 		if (ret == 0)
 			return on_close(fd);

@@ -21,13 +21,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup;
 use super::event::{Event, Kind};
 use super::proto::{ParseStats, L7};
 use super::session::{Call, Tracker, TrackerStats};
 use super::span::SpanBuilder;
 use super::{
-    EbpfReceiverConfig, ACCEPTED_SPANS, DROPPED_EVENTS, EVENTS, MESSAGES, PARSE_ERRORS,
-    REFUSED_SPANS, SOCKET_EVENTS, TRACKED_SOCKETS, UNPARSED_SYSCALLS,
+    EbpfReceiverConfig, ACCEPTED_SPANS, CUT_CAPTURES, DROPPED_EVENTS, EVENTS, MESSAGES,
+    PARSE_ERRORS, REFUSED_SPANS, SOCKET_EVENTS, TRACKED_SOCKETS, UNPARSED_SYSCALLS,
 };
 
 /// The compiled program (`make -C receivers/bpf` regenerates it).
@@ -38,6 +39,8 @@ const C_EVENTS: u32 = 0;
 const C_RINGBUF_FULL: u32 = 1;
 const C_READ_FAULT: u32 = 2;
 const C_UNPARSED_SYSCALL: u32 = 3;
+const C_IOV_CUT: u32 = 4;
+const N_COUNTERS: usize = 5;
 /// How long a batch waits for room in a full pipeline before it is dropped (counted). Meanwhile
 /// the ring buffer absorbs the kernel's events; past its size the kernel drops (counted too).
 const SEND_PATIENCE: Duration = Duration::from_secs(1);
@@ -59,7 +62,7 @@ pub struct EbpfReceiver {
 /// Counter values already added to the metrics (the sources are cumulative).
 #[derive(Default)]
 struct Reported {
-    kernel: [u64; 4],
+    kernel: [u64; N_COUNTERS],
     tracker: TrackerStats,
     parse: HashMap<L7, ParseStats>,
 }
@@ -105,8 +108,14 @@ impl EbpfReceiver {
             .map_err(|e| err(id, "loading the BPF object failed", e))?;
 
         let self_pid = std::process::id();
+        let mut cgroups = Vec::new();
+        for (i, r) in cgroup::resolve_all(&cfg.cgroups) {
+            cgroups.push(r.map_err(|e| err(id, &format!("cgroups[{i}]"), e))?);
+        }
+        let cgroup_levels = cgroups.iter().fold(0u32, |m, c| m | 1 << c.level);
         {
-            let mut conf: Array<_, [u32; 4]> = Array::try_from(
+            // `struct config` in the C source, field by field.
+            let mut conf: Array<_, [u32; 6]> = Array::try_from(
                 ebpf.map_mut("config_map")
                     .ok_or_else(|| err(id, "BPF object", "no config_map"))?,
             )
@@ -114,7 +123,14 @@ impl EbpfReceiver {
             let watch_all = u32::from(cfg.all);
             conf.set(
                 0,
-                [self_pid, watch_all, cfg.capture_bytes, cfg.wakeup_bytes],
+                [
+                    self_pid,
+                    watch_all,
+                    cfg.capture_bytes,
+                    cfg.wakeup_bytes,
+                    cgroup_levels,
+                    cfg.comm.len() as u32,
+                ],
                 0,
             )
             .map_err(|e| err(id, "config_map", e))?;
@@ -139,6 +155,17 @@ impl EbpfReceiver {
                 comms
                     .insert(comm_key(c), 1, 0)
                     .map_err(|e| err(id, "watch_comms", e))?;
+            }
+        }
+        {
+            let mut ids: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(
+                ebpf.map_mut("watch_cgroups")
+                    .ok_or_else(|| err(id, "BPF object", "no watch_cgroups"))?,
+            )
+            .map_err(|e| err(id, "watch_cgroups", e))?;
+            for c in &cgroups {
+                ids.insert(c.id, 1, 0)
+                    .map_err(|e| err(id, "watch_cgroups", e))?;
             }
         }
         {
@@ -177,8 +204,12 @@ impl EbpfReceiver {
             .map_err(|e| err(id, "attaching to the sys_exit tracepoint failed", e))?;
 
         let agent = cfg.agent.clone().unwrap_or_else(|| host_name(ctx));
-        tracing::info!(receiver = %id, comm = ?cfg.comm, pids = ?cfg.pids, all = cfg.all,
-            "ebpf receiver attached to sys_exit");
+        let cgroup_paths: Vec<_> = cgroups
+            .iter()
+            .map(|c| c.path.display().to_string())
+            .collect();
+        tracing::info!(receiver = %id, comm = ?cfg.comm, pids = ?cfg.pids, cgroups = ?cgroup_paths,
+            all = cfg.all, "ebpf receiver attached to sys_exit");
         Ok(EbpfReceiver {
             id: ctx.id.clone(),
             ebpf,
@@ -227,7 +258,7 @@ fn report(id: &str, ebpf: &Ebpf, tracker: &Tracker, reported: &mut Reported) {
     let id = id.to_string();
     if let Some(m) = ebpf.map("counters") {
         if let Ok(counters) = PerCpuArray::<_, u64>::try_from(m) {
-            let mut now = [0u64; 4];
+            let mut now = [0u64; N_COUNTERS];
             for (i, slot) in now.iter_mut().enumerate() {
                 if let Ok(v) = counters.get(&(i as u32), 0) {
                     *slot = v.iter().sum();
@@ -237,6 +268,7 @@ fn report(id: &str, ebpf: &Ebpf, tracker: &Tracker, reported: &mut Reported) {
             let full = delta(C_RINGBUF_FULL);
             let fault = delta(C_READ_FAULT);
             let unparsed = delta(C_UNPARSED_SYSCALL);
+            let cut = delta(C_IOV_CUT);
             let _ = delta(C_EVENTS);
             if full > 0 {
                 metrics::counter!(DROPPED_EVENTS, "receiver" => id.clone(), "reason" => "ring_buffer_full")
@@ -248,6 +280,10 @@ fn report(id: &str, ebpf: &Ebpf, tracker: &Tracker, reported: &mut Reported) {
             }
             if unparsed > 0 {
                 metrics::counter!(UNPARSED_SYSCALLS, "receiver" => id.clone()).increment(unparsed);
+            }
+            if cut > 0 {
+                metrics::counter!(CUT_CAPTURES, "receiver" => id.clone(), "reason" => "iovec_limit")
+                    .increment(cut);
             }
             reported.kernel = now;
         }

@@ -10,6 +10,7 @@
 //! - [`proto`]: HTTP/1.x, RESP and MySQL parsers (pure, per direction of a socket).
 //! - [`session`]: per-socket detection, parsing and request/response pairing into [`session::Call`]s.
 //! - [`span`]: calls into spans (`source = Ebpf`, `ebpf = Some(..)`).
+//! - [`cgroup`]: `cgroups` entries (paths, container ids) resolved to cgroup ids and levels.
 //! - [`caps`]: the capability check that makes start-up fail with a precise message.
 //! - `kernel` (feature `ebpf`): loading, attaching, batched ring-buffer reading, the [`Receiver`].
 //!
@@ -20,6 +21,7 @@
 //!   ebpf:
 //!     comm: [nginx, redis-server]   # process names (the kernel's 15-byte comm)
 //!     pids: [4242]                  # and/or process ids
+//!     cgroups: [system.slice/redis-server.service, 4f1c2d3e4f5a]  # and/or cgroup v2 paths, container ids
 //!     all: false                    # true: every process but tailweave
 //!     capture_bytes: 512            # payload prefix copied per syscall (max 1024)
 //!     ring_buffer_size: 8388608     # bytes, a power of two
@@ -38,6 +40,7 @@
 //! the `ebpf` cargo feature accepts the configuration and fails the same way, saying so.
 
 pub mod caps;
+pub mod cgroup;
 pub mod event;
 #[cfg(all(feature = "ebpf", target_os = "linux"))]
 mod kernel;
@@ -57,6 +60,11 @@ pub const EVENTS: &str = "tailweave_ebpf_receiver_events_total";
 pub const DROPPED_EVENTS: &str = "tailweave_ebpf_receiver_dropped_events_total";
 /// sendfile/splice calls on captured sockets: their bytes are not parsed.
 pub const UNPARSED_SYSCALLS: &str = "tailweave_ebpf_receiver_unparsed_syscalls_total";
+/// Syscalls whose payload capture stopped short of `capture_bytes`, by `reason` (`iovec_limit`:
+/// the bytes sat beyond the iovecs the kernel side walks).
+pub const CUT_CAPTURES: &str = "tailweave_ebpf_receiver_cut_captures_total";
+/// iovecs of one readv/writev/recvmsg/sendmsg whose bytes are captured (`MAX_IOV`).
+pub const MAX_IOV: usize = 8;
 /// Messages framed, by `protocol`.
 pub const MESSAGES: &str = "tailweave_ebpf_receiver_messages_total";
 /// Parser trouble, by `protocol` and `reason` (`truncated`, `garbage`, `lost`).
@@ -90,6 +98,12 @@ pub struct EbpfReceiverConfig {
     /// `nginx`, `redis-server`). Default none.
     #[serde(default)]
     pub comm: Vec<String>,
+    /// cgroup v2 groups to watch, with everything below them: a path (absolute, on a cgroup v2
+    /// mount, or relative to the first cgroup v2 mount, e.g. `system.slice/nginx.service`) or
+    /// a container id (12 to 64 hex digits, found by the cgroup named after it, e.g.
+    /// `docker-<id>.scope`). Resolved once at start-up; at most 64. Default none.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
     /// Watch every process except tailweave itself. Default `false`.
     #[serde(default)]
     pub all: bool,
@@ -157,6 +171,7 @@ impl Default for EbpfReceiverConfig {
         EbpfReceiverConfig {
             pids: Vec::new(),
             comm: Vec::new(),
+            cgroups: Vec::new(),
             all: false,
             capture_bytes: default_capture_bytes(),
             ring_buffer_size: default_ring_buffer_size(),
@@ -178,6 +193,13 @@ impl EbpfReceiverConfig {
     /// before anything else starts.
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut issues = self.validate_settings();
+        if issues.iter().all(|i| !i.path.starts_with("cgroups")) {
+            for (i, r) in cgroup::resolve_all(&self.cgroups) {
+                if let Err(e) = r {
+                    issues.push(ConfigIssue::new(format!("cgroups[{i}]"), e.to_string()));
+                }
+            }
+        }
         if !cfg!(all(feature = "ebpf", target_os = "linux")) {
             issues.push(ConfigIssue::new("", NO_FEATURE));
         } else {
@@ -193,11 +215,19 @@ impl EbpfReceiverConfig {
     /// The settings alone (pure).
     pub fn validate_settings(&self) -> Vec<ConfigIssue> {
         let mut v = Vec::new();
-        if !self.all && self.pids.is_empty() && self.comm.is_empty() {
+        if !self.all && self.pids.is_empty() && self.comm.is_empty() && self.cgroups.is_empty() {
             v.push(ConfigIssue::new(
                 "",
-                "nothing to watch: set `pids`, `comm` or `all: true`",
+                "nothing to watch: set `pids`, `comm`, `cgroups` or `all: true`",
             ));
+        }
+        for (i, c) in self.cgroups.iter().enumerate() {
+            if let Some(m) = cgroup::check_entry(c) {
+                v.push(ConfigIssue::new(format!("cgroups[{i}]"), m));
+            }
+        }
+        if self.cgroups.len() > 64 {
+            v.push(ConfigIssue::new("cgroups", "at most 64 cgroups"));
         }
         for (i, c) in self.comm.iter().enumerate() {
             if c.is_empty() || c.len() > MAX_COMM || c.contains('\0') {
