@@ -1,7 +1,9 @@
 //! Security of the real `tailweave` binary (issue 7): receiver bearer tokens over gRPC and HTTP,
-//! and the `otlp` exporter over TLS and mTLS to a destination that uses the receivers' TLS loader
-//! (`tailweave_core::tls::ServerTls`). Certificates are made at test time with the `openssl` CLI
-//! (the exporter and core tests use `rcgen`; this crate's dependencies are not ours to change).
+//! receiver TLS and mTLS (plaintext and certificate-less clients refused, certificate rotation),
+//! per-tenant tokens, and the `otlp` exporter over TLS and mTLS to a destination that uses the
+//! receivers' TLS loader (`tailweave_core::tls::ServerTls`). Certificates are made at test time
+//! with the `openssl` CLI (the exporter and core tests use `rcgen`; this crate's dependencies are
+//! not ours to change).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,8 +24,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
+use tailweave_core::tls::rustls::pki_types::ServerName;
 use tailweave_core::tls::tokio_rustls::server::TlsStream;
-use tailweave_core::tls::{ServerTls, ServerTlsSettings, ALPN_H2};
+use tailweave_core::tls::{ClientTlsSettings, ServerTls, ServerTlsSettings, ALPN_H2, ALPN_HTTP1};
 use tailweave_suite::{http_request, wait_for_async, Collector, Ports, Sink};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -409,4 +412,383 @@ async fn the_otlp_exporter_speaks_tls_and_mtls_and_plaintext_is_refused() {
         async move { (n == 3).then_some(()) }
     })
     .await;
+}
+
+// ---- Receiver TLS -------------------------------------------------------------------------
+
+/// A rustls client config trusting `ca`, with a client certificate when given.
+fn client_config(
+    ca: &Path,
+    cert: Option<(PathBuf, PathBuf)>,
+    alpn: &[u8],
+) -> Arc<tailweave_core::tls::rustls::ClientConfig> {
+    let (cert_file, key_file) = match cert {
+        Some((c, k)) => (Some(c), Some(k)),
+        None => (None, None),
+    };
+    let s = ClientTlsSettings {
+        ca_file: Some(ca.to_path_buf()),
+        cert_file,
+        key_file,
+        ..Default::default()
+    };
+    Arc::new(s.client_config(&[alpn]).expect("client TLS config"))
+}
+
+/// Connects over TLS to `localhost:port`, verifying the name `localhost`.
+async fn tls_connect(
+    port: u16,
+    cfg: Arc<tailweave_core::tls::rustls::ClientConfig>,
+) -> io::Result<tailweave_core::tls::tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = ServerName::try_from("localhost").expect("name");
+    tailweave_core::tls::tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+/// tonic's connector for a TLS channel (tonic itself is built without TLS here).
+#[derive(Clone)]
+struct TlsDial {
+    port: u16,
+    cfg: Arc<tailweave_core::tls::rustls::ClientConfig>,
+}
+
+type TlsIo =
+    hyper_util::rt::TokioIo<tailweave_core::tls::tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsDial {
+    type Response = TlsIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let (port, cfg) = (self.port, self.cfg.clone());
+        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(tls_connect(port, cfg).await?)) })
+    }
+}
+
+/// A gRPC export of `request(n)` over TLS: `Ok` when accepted, else what went wrong.
+async fn grpc_tls_export(
+    port: u16,
+    cfg: Arc<tailweave_core::tls::rustls::ClientConfig>,
+    n: u8,
+) -> Result<(), String> {
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector(TlsDial { port, cfg })
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    TraceServiceClient::new(ch)
+        .export(request(n))
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("export: {s:?}"))
+}
+
+/// A plaintext gRPC export: `Ok` when accepted.
+async fn grpc_plain_export(endpoint: &str) -> Result<(), String> {
+    let mut c = TraceServiceClient::connect(endpoint.to_string())
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    c.export(request(3))
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("export: {s:?}"))
+}
+
+/// An OTLP/HTTP protobuf POST over TLS (HTTP/1.1); the status code.
+async fn https_post(
+    port: u16,
+    cfg: Arc<tailweave_core::tls::rustls::ClientConfig>,
+    body: &[u8],
+    auth: Option<&str>,
+) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(port, cfg)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut head = format!(
+        "POST /v1/traces HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(a) = auth {
+        head.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    head.push_str("\r\n");
+    let io = async {
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(30), io)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| format!("io: {e}"))?;
+    let line = String::from_utf8_lossy(&buf);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {line:?}"))
+}
+
+/// A plaintext POST to a TLS port: the status when an HTTP answer came back at all.
+fn plain_post(addr: &str, body: &[u8]) -> Option<u16> {
+    tokio::task::block_in_place(|| {
+        http_request(
+            addr,
+            "POST",
+            "/v1/traces",
+            &[("content-type", "application/x-protobuf")],
+            body,
+        )
+        .ok()
+        .map(|r| r.0)
+    })
+}
+
+/// An `otlp` receiver on both protocols with `tls` (a YAML flow map), exporting to `sink`.
+fn tls_receiver(tls: &str, sink: &Sink) -> String {
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+        tls: {tls}
+      http:
+        endpoint: 127.0.0.1:{{HTTP}}
+        tls: {tls}
+exporters:
+  otlp:
+    endpoint: {}
+    tls: {{insecure: true}}
+{}"#,
+        sink.endpoint(),
+        service("otlp")
+    )
+}
+
+fn server_tls_yaml(pki: &Pki, extra: &str) -> String {
+    format!(
+        "{{cert_file: {}, key_file: {}{extra}}}",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display()
+    )
+}
+
+async fn wait_spans(sink: &Sink, n: usize) {
+    wait_for_async(
+        "spans delivered downstream",
+        Duration::from_secs(30),
+        || {
+            let got = sink.span_count();
+            async move { (got == n).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
+    let pki = Pki::new();
+    let sink = Sink::start().await;
+    let c = start(&tls_receiver(&server_tls_yaml(&pki, ""), &sink));
+    let ca = pki.path("ca.pem");
+    let body = request(2).encode_to_vec();
+
+    // Plaintext clients get no service, on either protocol.
+    let e = grpc_plain_export(&c.grpc_endpoint()).await.unwrap_err();
+    assert!(!e.is_empty());
+    assert_eq!(plain_post(&c.http_addr(), &body), None);
+
+    // A client that trusts another CA refuses the receiver (it did not prove who it is).
+    let other = Pki::new();
+    let e = grpc_tls_export(
+        c.ports.grpc,
+        client_config(&other.path("ca.pem"), None, ALPN_H2),
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("certificate") || e.contains("Certificate"),
+        "{e}"
+    );
+
+    // TLS clients with the right CA: accepted (HTTP/1.1 and, for gRPC, h2) and delivered.
+    grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 3)
+        .await
+        .expect("gRPC over TLS");
+    let st = https_post(
+        c.ports.http,
+        client_config(&ca, None, ALPN_HTTP1),
+        &body,
+        None,
+    )
+    .await;
+    assert_eq!(st, Ok(200));
+    wait_spans(&sink, 5).await;
+
+    // Every failed handshake was counted, and the listeners kept serving through them.
+    let failed = c.metric("tailweave_receiver_tls_handshake_failures_total", &[]);
+    assert!(failed >= 3.0, "{failed}\n{}", c.metrics());
+    let grpc_failed = c.metric(
+        "tailweave_receiver_tls_handshake_failures_total",
+        &[("transport", "grpc")],
+    );
+    assert!(grpc_failed >= 2.0, "{}", c.metrics());
+    grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 1)
+        .await
+        .expect("still serving");
+    wait_spans(&sink, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_receivers_refuse_clients_without_a_good_certificate() {
+    let pki = Pki::new();
+    let sink = Sink::start().await;
+    let ca = pki.path("ca.pem");
+    let extra = format!(", client_ca_file: {}", ca.display());
+    let c = start(&tls_receiver(&server_tls_yaml(&pki, &extra), &sink));
+    let body = request(2).encode_to_vec();
+    let client = Some((pki.path("client.pem"), pki.path("client.key")));
+    // A certificate from another CA is no better than none.
+    let other = Pki::new();
+    let foreign = Some((other.path("client.pem"), other.path("client.key")));
+
+    for cert in [None, foreign] {
+        let e = grpc_tls_export(c.ports.grpc, client_config(&ca, cert.clone(), ALPN_H2), 3).await;
+        assert!(e.is_err(), "gRPC without a good client certificate: {e:?}");
+        let st = https_post(
+            c.ports.http,
+            client_config(&ca, cert, ALPN_HTTP1),
+            &body,
+            None,
+        )
+        .await;
+        assert!(
+            st.is_err(),
+            "HTTP without a good client certificate: {st:?}"
+        );
+    }
+    assert_eq!(sink.span_count(), 0);
+
+    grpc_tls_export(c.ports.grpc, client_config(&ca, client.clone(), ALPN_H2), 3)
+        .await
+        .expect("gRPC with a client certificate");
+    let st = https_post(
+        c.ports.http,
+        client_config(&ca, client, ALPN_HTTP1),
+        &body,
+        None,
+    )
+    .await;
+    assert_eq!(st, Ok(200));
+    wait_spans(&sink, 5).await;
+    let failed = c.metric("tailweave_receiver_tls_handshake_failures_total", &[]);
+    assert!(failed >= 4.0, "{}", c.metrics());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_receiver_certificate_is_used_for_new_handshakes() {
+    let old = Pki::new();
+    let sink = Sink::start().await;
+    let c = start(&tls_receiver(
+        &server_tls_yaml(&old, ", reload_interval: 200ms"),
+        &sink,
+    ));
+    let trusts_old = || client_config(&old.path("ca.pem"), None, ALPN_H2);
+    grpc_tls_export(c.ports.grpc, trusts_old(), 1)
+        .await
+        .expect("the first certificate");
+
+    // Rotate at the same paths to a certificate of a new CA.
+    let new = Pki::new();
+    for f in ["server.key", "server.pem"] {
+        std::fs::copy(new.path(f), old.path(f)).unwrap();
+    }
+    let trusts_new = || client_config(&new.path("ca.pem"), None, ALPN_H2);
+    let port = c.ports.grpc;
+    wait_for_async(
+        "the new certificate served",
+        Duration::from_secs(30),
+        || {
+            let cfg = trusts_new();
+            async move { grpc_tls_export(port, cfg, 1).await.ok() }
+        },
+    )
+    .await;
+    assert!(grpc_tls_export(port, trusts_old(), 1).await.is_err());
+    // HTTP reloads on its own handshakes.
+    let body = request(1).encode_to_vec();
+    wait_for_async(
+        "HTTPS with the new certificate",
+        Duration::from_secs(30),
+        || {
+            let (cfg, body) = (
+                client_config(&new.path("ca.pem"), None, ALPN_HTTP1),
+                body.clone(),
+            );
+            async move { https_post(c.ports.http, cfg, &body, None).await.ok() }
+        },
+    )
+    .await;
+    assert!(
+        c.metric("tailweave_tls_reloads_total", &[]) >= 2.0,
+        "{}",
+        c.metrics()
+    );
+}
+
+#[test]
+fn validate_reports_tls_problems_with_their_key_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        tls: {key_file: /etc/tailweave/only-a-key.pem}
+      http:
+        tls: {cert_file: /nonexistent/server.pem, key_file: /nonexistent/server.key}
+exporters:
+  debug:
+service:
+  pipelines:
+    traces:
+      receivers: [otlp]
+      exporters: [debug]
+"#,
+    )
+    .unwrap();
+    let out = Command::new(tailweave_suite::tailweave_bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run tailweave validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    for key in [
+        "receivers.otlp.protocols.grpc.tls.cert_file",
+        "receivers.otlp.protocols.http.tls.cert_file",
+        "receivers.otlp.protocols.http.tls.key_file",
+    ] {
+        assert!(text.contains(key), "{key} missing in:\n{text}");
+    }
+    assert!(text.contains("/nonexistent/server.pem"), "{text}");
 }
