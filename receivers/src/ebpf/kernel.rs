@@ -536,4 +536,260 @@ mod tests {
         assert_ne!(sp.syscall_req, 0);
         assert_eq!(sp.syscall_req, sp.syscall_resp);
     }
+
+    fn privileged() -> bool {
+        if caps::missing_here().map(|m| m.is_empty()).unwrap_or(false) {
+            return true;
+        }
+        eprintln!("skipped: needs CAP_BPF and CAP_PERFMON (run as root)");
+        false
+    }
+
+    /// A child killed and reaped on drop.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The real interpreter behind `python3` (pyenv shims are scripts: their pid is not the
+    /// interpreter's until they exec, and the tests watch pids).
+    fn python() -> String {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Python's http.server on a free loopback port (answers 404 with a Content-Length, then
+    /// closes: HTTP/1.0).
+    async fn http_server() -> (Child, u16) {
+        let port = free_port();
+        let server = Child(
+            Command::new(python())
+                .args([
+                    "-m",
+                    "http.server",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 http.server"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "http.server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (server, port)
+    }
+
+    /// A started receiver and the spans it hands on.
+    struct Running {
+        spans: mpsc::Receiver<SpanBatch>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), ComponentError>>,
+        got: Vec<Span>,
+    }
+
+    fn run(cfg: EbpfReceiverConfig) -> Running {
+        let ctx = BuildContext {
+            id: "ebpf".into(),
+            ..BuildContext::default()
+        };
+        let rx = EbpfReceiver::start(&cfg, &ctx).expect("load and attach");
+        let (tx, spans) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(Box::new(rx).run(Consumer::new(vec![tx], None), stop.clone()));
+        Running {
+            spans,
+            stop,
+            task,
+            got: Vec::new(),
+        }
+    }
+
+    impl Running {
+        /// Collects spans until `done` holds or 10s pass (then the caller's asserts say what is
+        /// missing).
+        async fn until(&mut self, done: impl Fn(&[Span]) -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !done(&self.got) {
+                match tokio::time::timeout_at(deadline, self.spans.recv()).await {
+                    Ok(Some(b)) => self.got.extend(b.spans),
+                    _ => break,
+                }
+            }
+        }
+
+        async fn stop(self) -> Vec<Span> {
+            self.stop.cancel();
+            let _ = self.task.await;
+            self.got
+        }
+    }
+
+    fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
+        spans.iter().filter(|s| s.name() == name).collect()
+    }
+
+    fn describe(spans: &[Span]) -> Vec<(&str, Option<&tailweave_core::ebpf::EbpfSpan>)> {
+        spans
+            .iter()
+            .map(|s| (s.name(), s.ebpf.as_deref()))
+            .collect()
+    }
+
+    /// Requests whose headers are spread over several buffers of one sendmsg / writev are
+    /// parsed as one: the traceparent sits in the third buffer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_written_from_several_buffers_is_parsed_as_one() {
+        if !privileged() {
+            return;
+        }
+        let (_server, port) = http_server().await;
+        let script = r#"
+import os, socket, sys
+port = int(sys.argv[1])
+sys.stdin.readline()
+def call(send, path, trace):
+    s = socket.create_connection(("127.0.0.1", port))
+    send(s, [b"GET " + path + b" HTTP/1.1\r\n", b"Host: x\r\n",
+             b"traceparent: 00-" + trace + b"-b7ad6b7169203331-01\r\n", b"\r\n"])
+    while s.recv(65536):
+        pass
+    s.close()
+call(lambda s, bufs: s.sendmsg(bufs), b"/multi-sendmsg", sys.argv[2].encode())
+call(lambda s, bufs: os.writev(s.fileno(), bufs), b"/multi-writev", sys.argv[3].encode())
+print("done", flush=True)
+"#;
+        let (ta, tb) = (
+            "0af7651916cd43dd8448eb211c80319c",
+            "1bf7651916cd43dd8448eb211c80319d",
+        );
+        let mut client = Child(
+            Command::new(python())
+                .args(["-c", script, &port.to_string(), ta, tb])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3 client"),
+        );
+        let mut running = run(EbpfReceiverConfig {
+            pids: vec![client.0.id()],
+            poll_interval: Duration::from_millis(20),
+            ..EbpfReceiverConfig::default()
+        });
+        {
+            use std::io::{BufRead, Write};
+            let mut stdin = client.0.stdin.take().expect("stdin");
+            stdin.write_all(b"go\n").expect("start the client");
+            drop(stdin);
+            let mut line = String::new();
+            std::io::BufReader::new(client.0.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("client output");
+            assert_eq!(line.trim(), "done");
+        }
+        running
+            .until(|got| {
+                !named(got, "GET /multi-sendmsg").is_empty()
+                    && !named(got, "GET /multi-writev").is_empty()
+            })
+            .await;
+        let got = running.stop().await;
+        for (name, trace) in [("GET /multi-sendmsg", ta), ("GET /multi-writev", tb)] {
+            let spans = named(&got, name);
+            assert_eq!(spans.len(), 1, "{name}: {:#?}", describe(&got));
+            let s = spans[0];
+            assert_eq!(s.ebpf.as_deref().map(|e| &e.tap_side), Some(&TapSide::CP));
+            assert_eq!(s.trace_id.to_hex(), trace, "{name}: {:#?}", s.ebpf);
+            assert_eq!(
+                s.attr("http.status_code").and_then(|v| v.as_i64()),
+                Some(404)
+            );
+        }
+    }
+
+    /// A cgroup the test creates and removes (children first) on drop.
+    struct TestCgroup(Vec<std::path::PathBuf>);
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            for p in self.0.iter().rev() {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+
+    /// `cgroups: [dir]` captures a process in a cgroup below dir and not one outside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watched_cgroup_is_captured_and_a_process_outside_is_not() {
+        if !privileged() {
+            return;
+        }
+        let Some(mount) = cgroup::host_mounts()
+            .ok()
+            .and_then(|m| m.into_iter().find(|m| m.root == std::path::Path::new("/")))
+        else {
+            eprintln!("skipped: no cgroup v2 hierarchy mounted at its root");
+            return;
+        };
+        let top = mount
+            .point
+            .join(format!("tailweave-test-{}", std::process::id()));
+        let leaf = top.join("leaf");
+        if let Err(e) = std::fs::create_dir_all(&leaf) {
+            eprintln!("skipped: cannot create {}: {e}", leaf.display());
+            return;
+        }
+        let _cg = TestCgroup(vec![top.clone(), leaf.clone()]);
+        let (_server, port) = http_server().await;
+        let mut running = run(EbpfReceiverConfig {
+            cgroups: vec![top.display().to_string()],
+            poll_interval: Duration::from_millis(20),
+            ..EbpfReceiverConfig::default()
+        });
+        let url = |path: &str| format!("http://127.0.0.1:{port}/{path}");
+        let outside = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", &url("outside-cgroup")])
+            .status()
+            .expect("curl");
+        assert!(outside.success());
+        // The shell joins the leaf cgroup, then becomes curl (same pid).
+        let procs = leaf.join("cgroup.procs");
+        let mut inside = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec curl -s -o /dev/null {}",
+                procs.display(),
+                url("inside-cgroup")
+            ))
+            .spawn()
+            .expect("sh");
+        let inside_pid = inside.id();
+        assert!(inside.wait().expect("curl in the cgroup").success());
+        running
+            .until(|got| !named(got, "GET /inside-cgroup").is_empty())
+            .await;
+        let got = running.stop().await;
+        let ins = named(&got, "GET /inside-cgroup");
+        assert_eq!(ins.len(), 1, "{:#?}", describe(&got));
+        let e = ins[0].ebpf.as_deref().expect("ebpf model");
+        assert_eq!(e.tap_side, TapSide::CP);
+        assert_eq!(e.pid[0], inside_pid, "{e:?}");
+        // The server (outside) is not watched either: only the client side shows.
+        assert_eq!(got.len(), 1, "{:#?}", describe(&got));
+        assert!(named(&got, "GET /outside-cgroup").is_empty());
+    }
 }
