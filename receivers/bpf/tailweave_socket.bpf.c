@@ -13,16 +13,22 @@
  * no tracefs mount, no CAP_DAC_READ_SEARCH. (fentry/fexit would be cheaper for other syscalls but
  * the target kernels refuse trampolines.) For each TCP socket syscall of a watched process that
  * moved bytes it emits one event into a ring buffer: the socket 4-tuple, the TCP sequence number
- * of the first byte, the thread's syscall trace id and the first bytes of the payload. Parsing
- * happens in user space.
+ * of the first byte, the thread's syscall trace id and the first bytes of the payload (across up
+ * to MAX_IOV iovecs for readv/writev/recvmsg/sendmsg; bytes beyond them are counted as cut).
+ * Parsing happens in user space.
+ *
+ * Filtering comes before any copy: self, watch-all, pid, then cgroup (the task's ancestor at each
+ * configured level against the watched cgroup ids, so descendants count), and only then the
+ * leader's comm, which is read only if a comm filter exists or the event needs it.
  *
  * Syscall trace ids (the semantics of DeepFlow's syscall_trace_id): a thread gets a new id when
  * it starts reading a message from a socket (a read that does not continue a read on the same
  * socket); writes reuse the thread's current id. So a server's inbound request and the calls it
  * makes while serving it carry one id.
  *
- * Wake-ups are batched: a record wakes the reader only once the unread data passes a threshold;
- * the reader also polls on a timer. Records that do not fit are counted, never waited for.
+ * Wake-ups are batched: a record wakes the reader only when the unread data crosses a multiple of
+ * wakeup_bytes (not on every record past it); the reader also polls on a timer. Records that do
+ * not fit are counted, never waited for.
  *
  * Regenerate receivers/bpf/tailweave_socket.bpf.o with `make -C receivers/bpf` (clang, bpftool).
  */
