@@ -204,6 +204,17 @@ pub struct DiskConfig {
     pub max_bytes: u64,
 }
 
+impl DiskConfig {
+    /// The queue of one part of this exporter (the `load_balancing` exporter keeps one per
+    /// backend): `<directory>/<name>` (`name` made a single path component), the same size bound.
+    pub fn child(&self, name: &str) -> DiskConfig {
+        DiskConfig {
+            directory: self.directory.join(dir_component(name)),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
 /// An exporter id as a single path component.
 fn dir_component(id: &str) -> String {
     let s: String = id

@@ -9,7 +9,13 @@ use async_trait::async_trait;
 use tailweave_core::{ExportError, Span, SpanBatch};
 use tokio::sync::mpsc;
 
-use crate::queue::{self, Accepted, Destination, ExportSettings, QueueStats};
+use tailweave_core::ComponentError;
+
+use crate::queue::{self, Accepted, Destination, DiskConfig, ExportSettings, QueueStats};
+
+/// The file in a backend's queue directory that names the backend (`host:port`), so a restart
+/// that no longer resolves it can still drain what it queued there.
+pub const NAME_FILE: &str = "backend";
 
 /// Whether a backend answers. Failing means: the last attempt failed with a retryable error
 /// (unreachable, timed out, overloaded) and nothing has succeeded since.
@@ -78,31 +84,48 @@ pub struct Backend {
     pub done: tokio::task::JoinHandle<()>,
     pub health: Arc<Health>,
     pub stats: Arc<QueueStats>,
+    /// The on-disk queue's directory, with `storage: file`.
+    pub queue_dir: Option<std::path::PathBuf>,
     dest: Arc<Tracked>,
 }
 
 impl Backend {
-    /// Starts the queue around `dest`. `id` names the queue's metrics (`lb_id/backend`).
+    /// Starts the queue around `dest`: in memory, or, with `disk`, the on-disk queue of
+    /// `sending_queue.storage: file` (what an earlier run left there is delivered first). `id`
+    /// names the queue's metrics (`lb_id/backend`).
     pub fn spawn(
         id: &str,
         name: &str,
         settings: &ExportSettings,
         dest: Arc<dyn Destination>,
-    ) -> Backend {
+        disk: Option<&DiskConfig>,
+    ) -> Result<Backend, ComponentError> {
         let health = Arc::new(Health::default());
         let tracked = Arc::new(Tracked {
             inner: dest,
             health: health.clone(),
         });
-        let (running, stats) = queue::spawn(id, settings, tracked.clone());
-        Backend {
+        let (running, stats) = match disk {
+            Some(d) => {
+                let (running, stats) = queue::spawn_persistent(id, settings, d, tracked.clone())?;
+                // After the open, which made the directory.
+                let f = d.directory.join(NAME_FILE);
+                if let Err(e) = std::fs::write(&f, name) {
+                    tracing::warn!(exporter = %id, file = %f.display(), error = %e, "cannot record the backend's name beside its queue; a restart that no longer resolves it will not drain it");
+                }
+                (running, stats)
+            }
+            None => queue::spawn(id, settings, tracked.clone()),
+        };
+        Ok(Backend {
             name: name.to_string(),
             input: running.input,
             done: running.done,
             health,
             stats,
+            queue_dir: disk.map(|d| d.directory.clone()),
             dest: tracked,
-        }
+        })
     }
 
     /// One empty export, so a backend with nothing queued still learns it is back. At most one

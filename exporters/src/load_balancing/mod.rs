@@ -2,13 +2,20 @@
 //! instances by trace id, so that the join and the tail sampler there see whole traces.
 //!
 //! The config is the OpenTelemetry Collector's `loadbalancing` exporter syntax (`routing_key`,
-//! `protocol.otlp`, `resolver.static` / `resolver.dns`), so existing configs carry over, plus two
-//! tailweave settings: `reroute_after` and `association`.
+//! `protocol.otlp`, `resolver.static` / `resolver.dns`), so existing configs carry over, plus three
+//! tailweave settings: `reroute_after`, `association` and `affinity`.
+//!
+//! `protocol.otlp.sending_queue: {storage: file, directory}` gives every backend its own on-disk
+//! queue ([`crate::queue::spawn_persistent`]) in `<directory>/<exporter id>/<host:port>` (made
+//! one path component), each bounded by `max_size_mib`. A restart delivers what a backend's queue
+//! held to that backend, including a backend the resolver no longer returns (it drains, as a
+//! removed backend does).
 //!
 //! # Layout
 //! - [`ring`]: the consistent-hash ring (adding one of `n` backends moves about `1/n` of traces);
 //! - [`router`]: the synchronous routing state: trace id → backend, the association index for
-//!   eBPF spans without a trace id, and the re-route of a down backend's traces;
+//!   eBPF spans without a trace id, the re-route of a down backend's traces, and the affinity that
+//!   keeps a trace in flight on one backend across those switches;
 //! - [`backend`]: one downstream instance, an `otlp` exporter ([`crate::otlp`]) with its own
 //!   queue and retry ([`crate::queue`]), and the health its sends keep;
 //! - this file: the config, the resolver and the async driver that runs the router between the
@@ -25,6 +32,7 @@ pub mod ring;
 pub mod router;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -36,18 +44,25 @@ use tailweave_core::{ComponentError, Span, SpanBatch};
 use tokio::sync::{mpsc, watch};
 
 use crate::otlp::OtlpExporterConfig;
-use crate::queue::{Destination, ExportSettings, REASON_PERMANENT};
+use crate::queue::{Destination, DiskConfig, ExportSettings, REASON_PERMANENT};
 use crate::RunningExporter;
 use backend::Backend;
-pub use router::{AssociationConfig, Router, RouterStats};
+pub use router::{AffinityConfig, AssociationConfig, Router, RouterStats};
 
 /// Spans handed to each backend's queue, by `exporter` and `backend`.
 pub const LB_ROUTED_SPANS: &str = "tailweave_loadbalancer_routed_spans_total";
 /// eBPF spans without a trace id, by `exporter` and `outcome` (`associated`: placed with a
 /// trace through one of their keys; `by_key`: routed by their own key after waiting).
 pub const LB_UNKEYED_SPANS: &str = "tailweave_loadbalancer_unkeyed_spans_total";
-/// Spans sent to the next backend on the ring because their owner was down, by `exporter`.
+/// Spans sent to another backend than their trace's owner on the ring, by `exporter`: the owner
+/// was down, or (affinity) their trace had gone elsewhere while it was.
 pub const LB_REROUTED_SPANS: &str = "tailweave_loadbalancer_rerouted_spans_total";
+/// Spans sent where their trace's earlier spans went rather than where the ring pointed at that
+/// moment (owner down since, back since, or the backend set changed), by `exporter`.
+pub const LB_AFFINITY_SPANS: &str = "tailweave_loadbalancer_affinity_spans_total";
+/// Backends started only to drain an on-disk queue an earlier run left for a backend the
+/// resolver no longer returns, by `exporter`.
+pub const LB_ORPHAN_QUEUES: &str = "tailweave_loadbalancer_orphan_queues_drained_total";
 /// 1 while a backend takes its traces, 0 while they are re-routed, by `exporter` and `backend`.
 pub const LB_BACKEND_UP: &str = "tailweave_loadbalancer_backend_up";
 /// Backends currently on the ring, by `exporter`.
@@ -167,6 +182,10 @@ pub struct LoadBalancingExporterConfig {
     /// Placing eBPF spans that carry no trace id; see [`AssociationConfig`].
     #[serde(default)]
     pub association: AssociationConfig,
+    /// Keeping a trace in flight on the backend its first spans went to; see [`AffinityConfig`].
+    /// Default: on, `ttl: 30s`.
+    #[serde(default)]
+    pub affinity: AffinityConfig,
 }
 
 impl Default for LoadBalancingExporterConfig {
@@ -177,6 +196,7 @@ impl Default for LoadBalancingExporterConfig {
             resolver: ResolverConfig::default(),
             reroute_after: default_reroute_after(),
             association: AssociationConfig::default(),
+            affinity: AffinityConfig::default(),
         }
     }
 }
@@ -280,6 +300,7 @@ impl LoadBalancingExporterConfig {
             }
         }
         self.association.validate(&mut out);
+        self.affinity.validate(&mut out);
         out
     }
 
@@ -331,12 +352,29 @@ impl LoadBalancingExporterConfig {
             },
             (None, None) => return Err(ComponentError::build(&ctx.id, "resolver: required")),
         };
-        tracing::info!(exporter = %ctx.id, resolver = ?resolve, "load-balancing exporter ready");
-        Ok(spawn(
+        let disk = self.protocol.otlp.sending_queue.disk(&ctx.id);
+        if let Some(d) = &disk {
+            // Fail at start-up, not at the first backend, when the directory cannot be made.
+            std::fs::create_dir_all(&d.directory).map_err(|e| {
+                ComponentError::build(
+                    &ctx.id,
+                    format!(
+                        "protocol.otlp.sending_queue.directory: cannot create {}: {e}",
+                        d.directory.display()
+                    ),
+                )
+            })?;
+        }
+        tracing::info!(exporter = %ctx.id, resolver = ?resolve, persistent = ?disk.as_ref().map(|d| d.directory.display().to_string()), "load-balancing exporter ready");
+        Ok(spawn_with(
             &ctx.id,
-            self.protocol.otlp.settings(),
-            self.reroute_after,
-            self.association.clone(),
+            Settings {
+                export: self.protocol.otlp.settings(),
+                reroute_after: self.reroute_after,
+                association: self.association.clone(),
+                affinity: self.affinity.clone(),
+                disk,
+            },
             resolve,
             make,
         ))
@@ -466,7 +504,21 @@ fn start_resolver(
     }
 }
 
-/// Starts the exporter around `make` (the per-backend destination) and `resolve`.
+/// What the driver runs with, besides the resolver and the destinations.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Timeout, retry and queue of every backend.
+    pub export: ExportSettings,
+    pub reroute_after: Duration,
+    pub association: AssociationConfig,
+    pub affinity: AffinityConfig,
+    /// With `sending_queue.storage: file`: the exporter's queue directory; each backend's queue
+    /// is [`DiskConfig::child`] of it.
+    pub disk: Option<DiskConfig>,
+}
+
+/// Starts the exporter around `make` (the per-backend destination) and `resolve`, with in-memory
+/// queues and no affinity.
 pub fn spawn(
     id: &str,
     settings: ExportSettings,
@@ -475,17 +527,36 @@ pub fn spawn(
     resolve: Resolve,
     make: MakeDest,
 ) -> RunningExporter {
+    spawn_with(
+        id,
+        Settings {
+            export: settings,
+            reroute_after,
+            association,
+            affinity: AffinityConfig::off(),
+            disk: None,
+        },
+        resolve,
+        make,
+    )
+}
+
+/// Starts the exporter around `make` (the per-backend destination) and `resolve`.
+pub fn spawn_with(id: &str, s: Settings, resolve: Resolve, make: MakeDest) -> RunningExporter {
     let (tx, rx) = mpsc::channel(INPUT_CAPACITY);
-    let tick = (association.wait / 4).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let tick =
+        (s.association.wait / 4).clamp(Duration::from_millis(10), Duration::from_millis(100));
     let driver = Driver {
         id: id.to_string(),
-        router: Router::new(&[], association),
+        router: Router::new(&[], s.association).with_affinity(s.affinity),
         backends: Vec::new(),
         retired: Vec::new(),
-        settings,
+        settings: s.export,
         make,
-        reroute_after,
+        reroute_after: s.reroute_after,
         published: RouterStats::default(),
+        disk: s.disk,
+        orphans_checked: false,
     };
     let done = tokio::spawn(driver.run(rx, resolve, tick));
     RunningExporter { input: tx, done }
@@ -501,11 +572,17 @@ struct Driver {
     /// In the order of `router.backends()`.
     backends: Vec<BackendSlot>,
     /// Removed backends draining their queues.
-    retired: Vec<tokio::task::JoinHandle<()>>,
+    /// With the queue directory each uses, so a backend re-added while its old queue still
+    /// drains gets a directory of its own.
+    retired: Vec<(Option<PathBuf>, tokio::task::JoinHandle<()>)>,
     settings: ExportSettings,
     make: MakeDest,
     reroute_after: Duration,
     published: RouterStats,
+    disk: Option<DiskConfig>,
+    /// Whether the on-disk queues of backends no longer resolved have been looked for (once, at
+    /// the first non-empty backend set).
+    orphans_checked: bool,
 }
 
 struct BackendSlot {
@@ -574,7 +651,10 @@ impl Driver {
         };
         self.dispatch(routed).await;
         self.publish();
-        let mut handles = std::mem::take(&mut self.retired);
+        let mut handles: Vec<_> = std::mem::take(&mut self.retired)
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect();
         for s in self.backends.drain(..) {
             drop(s.b.input);
             handles.push(s.b.done);
@@ -602,11 +682,10 @@ impl Driver {
                 kept.push(n.clone());
                 continue;
             }
-            match (self.make)(n) {
-                Ok(dest) => {
-                    let qid = format!("{}/{}", self.id, n);
+            match self.start_backend(n) {
+                Ok(b) => {
                     next.push(BackendSlot {
-                        b: Backend::spawn(&qid, n, &self.settings, dest),
+                        b,
                         last_probe: None,
                     });
                     kept.push(n.clone());
@@ -619,13 +698,80 @@ impl Driver {
         for s in old {
             tracing::info!(exporter = %self.id, backend = %s.b.name, "backend removed, draining");
             drop(s.b.input);
-            self.retired.push(s.b.done);
+            self.retired.push((s.b.queue_dir, s.b.done));
         }
         self.router.set_backends(&kept);
         // The router sorts its nodes; keep the slots in the same order.
         next.sort_by(|a, b| a.b.name.cmp(&b.b.name));
         self.backends = next;
         metrics::gauge!(LB_BACKENDS, "exporter" => self.id.clone()).set(self.backends.len() as f64);
+        if !self.orphans_checked {
+            self.orphans_checked = true;
+            self.drain_orphans();
+        }
+    }
+
+    fn start_backend(&mut self, name: &str) -> Result<Backend, ComponentError> {
+        let dest = (self.make)(name)?;
+        let qid = format!("{}/{}", self.id, name);
+        self.retired.retain(|(_, h)| !h.is_finished());
+        let disk = self.disk.as_ref().map(|d| {
+            // Two queues must never share a directory: a backend that comes back while its old
+            // queue still drains starts beside it (the next start drains both, see
+            // `drain_orphans`).
+            let busy = |c: &DiskConfig| {
+                self.retired
+                    .iter()
+                    .any(|(dir, _)| dir.as_deref() == Some(c.directory.as_path()))
+            };
+            let mut c = d.child(name);
+            let mut k = 1u32;
+            while busy(&c) {
+                c = d.child(&format!("{name}#{k}"));
+                k += 1;
+            }
+            c
+        });
+        Backend::spawn(&qid, name, &self.settings, dest, disk.as_ref())
+    }
+
+    /// Starts, only to drain, the on-disk queue of every backend an earlier run queued for that
+    /// the resolver does not return now: those spans are owed to it, as a removed backend's
+    /// queue drains. A directory without a name file is left alone (and logged).
+    fn drain_orphans(&mut self) {
+        let Some(root) = self.disk.as_ref().map(|d| d.directory.clone()) else {
+            return;
+        };
+        let used: Vec<PathBuf> = self
+            .backends
+            .iter()
+            .filter_map(|s| s.b.queue_dir.clone())
+            .collect();
+        for (name, dir) in orphan_queues(&root, &used) {
+            let Some(name) = name else {
+                tracing::warn!(exporter = %self.id, directory = %dir.display(), "a queue directory without a backend name; left as it is");
+                continue;
+            };
+            let started = (self.make)(&name).and_then(|dest| {
+                let disk = DiskConfig {
+                    directory: dir.clone(),
+                    max_bytes: self.disk.as_ref().map_or(0, |d| d.max_bytes),
+                };
+                let qid = format!("{}/{}", self.id, name);
+                Backend::spawn(&qid, &name, &self.settings, dest, Some(&disk))
+            });
+            match started {
+                Ok(b) => {
+                    tracing::info!(exporter = %self.id, backend = %name, directory = %dir.display(), "draining the on-disk queue of a backend no longer resolved");
+                    metrics::counter!(LB_ORPHAN_QUEUES, "exporter" => self.id.clone()).increment(1);
+                    drop(b.input);
+                    self.retired.push((b.queue_dir, b.done));
+                }
+                Err(e) => {
+                    tracing::error!(exporter = %self.id, backend = %name, error = %e, "cannot drain the on-disk queue of a backend no longer resolved")
+                }
+            }
+        }
     }
 
     fn probe(&mut self, now: Instant) {
@@ -681,7 +827,7 @@ impl Driver {
                         let down = |j: usize| backends[j].b.health.is_down(now, after);
                         let elsewhere = (0..backends.len()).any(|j| j != i && !down(j));
                         if down(i) && elsewhere {
-                            let r = self.router.reroute(b.spans, i, &down);
+                            let r = self.router.reroute(now, b.spans, i, &down);
                             work.extend(r.into_iter().enumerate().filter(|(_, s)| !s.is_empty()));
                             break;
                         }
@@ -704,6 +850,10 @@ impl Driver {
 
     fn publish(&mut self) {
         let s = self.router.stats;
+        if s.affinity > self.published.affinity {
+            metrics::counter!(LB_AFFINITY_SPANS, "exporter" => self.id.clone())
+                .increment(s.affinity - self.published.affinity);
+        }
         let p = self.published;
         let id = &self.id;
         if s.associated > p.associated {
@@ -720,6 +870,29 @@ impl Driver {
         }
         self.published = s;
     }
+}
+
+/// The queue directories under `root` that none of `used` is, with the backend name each records
+/// (`None`: no readable name file).
+fn orphan_queues(root: &Path, used: &[PathBuf]) -> Vec<(Option<String>, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Option<String>, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| {
+            let dir = e.path();
+            let name = std::fs::read_to_string(dir.join(backend::NAME_FILE))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty());
+            (name, dir)
+        })
+        .filter(|(_, dir)| !used.contains(dir))
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]

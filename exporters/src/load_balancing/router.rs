@@ -8,6 +8,14 @@
 //! sends the span where that trace went. A span whose keys are not known yet waits up to
 //! `association.wait` for a span that names them; then it is routed by its own key, so the spans
 //! sharing that key still meet on one backend, and counted.
+//!
+//! With affinity on ([`AffinityConfig`]), the router also remembers, for `affinity.ttl` from its
+//! first span, the backend each trace went to, and sends the trace's later spans there even when
+//! the ring would now choose another one: when its owner went down after its first spans were
+//! queued there (they wait in that queue, and so do the later ones), when its owner is back while
+//! it is still being sent to the successor, or when the backend set changed. A trace is then never
+//! split between two gateways by a switch in the middle of it. Only a forced re-route (a down
+//! backend whose queue is full) moves a trace, and its later spans follow it.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -76,6 +84,52 @@ impl AssociationConfig {
     }
 }
 
+/// `affinity`: keeping the later spans of a trace on the backend its first spans went to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AffinityConfig {
+    /// How long, from its first span, a trace stays on the backend that span went to; `0s` turns
+    /// affinity off (every span follows the ring as it is at that moment). Set it to the time a
+    /// trace's spans keep arriving: the gateways' join and sampler waits. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Traces remembered at most; past it the oldest is forgotten first (and its later spans go
+    /// where the ring says). About 64 bytes each. Default `100000`.
+    pub max_traces: usize,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        AffinityConfig {
+            ttl: Duration::from_secs(30),
+            max_traces: 100_000,
+        }
+    }
+}
+
+impl AffinityConfig {
+    /// No affinity: each span goes where the ring says at that moment.
+    pub fn off() -> Self {
+        AffinityConfig {
+            ttl: Duration::ZERO,
+            ..AffinityConfig::default()
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        if self.enabled() && self.max_traces == 0 {
+            out.push(ConfigIssue::new(
+                "affinity.max_traces",
+                "must be greater than 0 (or turn affinity off with ttl: 0s)",
+            ));
+        }
+    }
+}
+
 /// Counts since the router started (the driver publishes them as metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RouterStats {
@@ -87,15 +141,12 @@ pub struct RouterStats {
     pub by_key: u64,
     /// Of `by_key`: routed at once because the wait buffer was full.
     pub by_key_overflow: u64,
-    /// Spans sent to a successor because their owner was down.
+    /// Spans sent to another backend than the ring's owner of their trace (or key): because the
+    /// owner was down, or because their trace went elsewhere while it was (affinity).
     pub rerouted: u64,
-}
-
-/// Where a span goes: a trace, or a key of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    Trace(TraceId),
-    Key(u64),
+    /// Spans that followed their trace's earlier spans to a backend other than the one the ring
+    /// chose for them at that moment (owner down since, back since, or the set changed).
+    pub affinity: u64,
 }
 
 /// Spans per backend, indexed like [`Ring::nodes`].
@@ -141,6 +192,72 @@ impl Index {
 
     fn get(&self, key: u64) -> Option<TraceId> {
         self.map.get(&key).map(|(t, _)| *t)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Trace → the backend its first span went to, bounded, each entry living `ttl` from then.
+#[derive(Debug, Default)]
+struct Affinity {
+    map: HashMap<TraceId, (usize, Instant)>,
+    order: VecDeque<(Instant, TraceId)>,
+}
+
+impl Affinity {
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while let Some((t, id)) = self.order.front().copied() {
+            if now.saturating_duration_since(t) < ttl {
+                break;
+            }
+            self.order.pop_front();
+            // Only the entry this order slot was made for (a re-pinned trace keeps its first age).
+            if self.map.get(&id).is_some_and(|(_, at)| *at == t) {
+                self.map.remove(&id);
+            }
+        }
+    }
+
+    fn get(&self, id: &TraceId) -> Option<usize> {
+        self.map.get(id).map(|(b, _)| *b)
+    }
+
+    fn pin(&mut self, now: Instant, id: TraceId, backend: usize, max: usize) {
+        if let Some(e) = self.map.get_mut(&id) {
+            e.0 = backend;
+            return;
+        }
+        while self.map.len() >= max {
+            match self.order.pop_front() {
+                Some((t, old)) => {
+                    if self.map.get(&old).is_some_and(|(_, at)| *at == t) {
+                        self.map.remove(&old);
+                    }
+                }
+                None => break,
+            }
+        }
+        self.map.insert(id, (backend, now));
+        self.order.push_back((now, id));
+    }
+
+    /// The ring changed from `old` to `new` (both sorted names): keep the entries of backends
+    /// still there, under their new index; forget the others.
+    fn remap(&mut self, old: &[String], new: &[String]) {
+        let to: Vec<Option<usize>> = old.iter().map(|n| new.binary_search(n).ok()).collect();
+        self.map
+            .retain(|_, (b, _)| match to.get(*b).copied().flatten() {
+                Some(n) => {
+                    *b = n;
+                    true
+                }
+                None => false,
+            });
+        let map = &self.map;
+        self.order
+            .retain(|(t, id)| map.get(id).is_some_and(|(_, at)| at == t));
     }
 
     fn len(&self) -> usize {
@@ -196,29 +313,48 @@ pub struct Router {
     ring: Ring,
     cfg: AssociationConfig,
     index: Index,
+    affinity_cfg: AffinityConfig,
+    affinity: Affinity,
     /// Spans without a trace id waiting for one of their keys, oldest first, with their deadline.
     pending: VecDeque<(Instant, Span)>,
     pub stats: RouterStats,
 }
 
 impl Router {
+    /// A router without affinity (see [`Router::with_affinity`]).
     pub fn new(backends: &[String], cfg: AssociationConfig) -> Router {
         Router {
             ring: Ring::new(backends),
             cfg,
             index: Index::default(),
+            affinity_cfg: AffinityConfig::off(),
+            affinity: Affinity::default(),
             pending: VecDeque::new(),
             stats: RouterStats::default(),
         }
+    }
+
+    /// Keeps each trace on the backend its first span went to, for `cfg.ttl`.
+    pub fn with_affinity(mut self, cfg: AffinityConfig) -> Router {
+        self.affinity_cfg = cfg;
+        self
     }
 
     pub fn backends(&self) -> &[String] {
         self.ring.nodes()
     }
 
-    /// Replaces the backend set. Only keys whose owner changed move (that is the ring's job).
+    /// Replaces the backend set. Only keys whose owner changed move (that is the ring's job);
+    /// traces in flight stay where they went while affinity holds them and their backend stays.
     pub fn set_backends(&mut self, backends: &[String]) {
-        self.ring = Ring::new(backends);
+        let ring = Ring::new(backends);
+        self.affinity.remap(self.ring.nodes(), ring.nodes());
+        self.ring = ring;
+    }
+
+    /// Traces affinity remembers.
+    pub fn affinity_len(&self) -> usize {
+        self.affinity.len()
     }
 
     pub fn pending(&self) -> usize {
@@ -233,27 +369,67 @@ impl Router {
         vec![Vec::new(); self.ring.nodes().len()]
     }
 
-    fn place(&mut self, p: Place, span: Span, out: &mut Routed, is_down: &dyn Fn(usize) -> bool) {
-        let key = match p {
-            Place::Trace(t) => trace_hash(&t),
-            Place::Key(k) => mix(k),
-        };
-        let Some(owner) = self.ring.owner(key) else {
+    /// Puts a span of trace `t` on its backend. `forced`: the trace's affinity yields to
+    /// `is_down` (a re-route of spans a down backend's queue refused) and moves with it.
+    fn place_trace(
+        &mut self,
+        now: Instant,
+        t: TraceId,
+        span: Span,
+        out: &mut Routed,
+        is_down: &dyn Fn(usize) -> bool,
+        forced: bool,
+    ) {
+        let Some((owner, choice)) = self.choose(trace_hash(&t), is_down) else {
             return;
         };
-        let node = if is_down(owner) {
-            match self.ring.owner_where(key, |n| !is_down(n)) {
-                Some(n) => {
-                    self.stats.rerouted += 1;
-                    n
+        let mut node = choice;
+        if self.affinity_cfg.enabled() {
+            match self.affinity.get(&t) {
+                Some(b) if b < out.len() && !(forced && is_down(b)) => {
+                    if b != choice {
+                        self.stats.affinity += 1;
+                    }
+                    node = b;
                 }
-                // Every backend is down: the owner's queue retries, as good as any.
-                None => owner,
+                _ => self
+                    .affinity
+                    .pin(now, t, choice, self.affinity_cfg.max_traces),
             }
+        }
+        if node != owner {
+            self.stats.rerouted += 1;
+        }
+        out[node].push(span);
+    }
+
+    /// Puts a span without a trace on the backend of `key`.
+    fn place_key(
+        &mut self,
+        key: u64,
+        span: Span,
+        out: &mut Routed,
+        is_down: &dyn Fn(usize) -> bool,
+    ) {
+        let Some((owner, node)) = self.choose(mix(key), is_down) else {
+            return;
+        };
+        if node != owner {
+            self.stats.rerouted += 1;
+        }
+        out[node].push(span);
+    }
+
+    /// (owner, where the ring sends it now): the owner, or its first successor that is up.
+    fn choose(&self, key: u64, is_down: &dyn Fn(usize) -> bool) -> Option<(usize, usize)> {
+        let owner = self.ring.owner(key)?;
+        let node = if is_down(owner) {
+            // Every backend down: the owner's queue retries, as good as any.
+            self.ring.owner_where(key, |n| !is_down(n)).unwrap_or(owner)
         } else {
             owner
         };
-        out[node].push(span);
+        Some((owner, node))
     }
 
     /// Routes one batch. `is_down(i)` says whether backend `i` (of [`Router::backends`]) is down.
@@ -269,6 +445,7 @@ impl Router {
             return out;
         }
         self.index.expire(now, self.cfg.ttl);
+        self.affinity.expire(now, self.affinity_cfg.ttl);
         let mut learned = false;
         let mut unplaced = Vec::new();
         // Learn first: a span naming its trace may come after one that needs it in the same batch.
@@ -281,7 +458,7 @@ impl Router {
                         }
                     }
                     self.stats.by_trace += 1;
-                    self.place(Place::Trace(t), span, &mut out, is_down);
+                    self.place_trace(now, t, span, &mut out, is_down, false);
                 }
                 None => unplaced.push(span),
             }
@@ -310,7 +487,7 @@ impl Router {
                             }
                         }
                         self.stats.associated += 1;
-                        self.place(Place::Trace(t), span, &mut out, is_down);
+                        self.place_trace(now, t, span, &mut out, is_down, false);
                     }
                     None => rest.push((deadline, span)),
                 }
@@ -372,9 +549,10 @@ impl Router {
     }
 
     /// Re-routes spans already given to backend `down` (whose queue refused them), treating it as
-    /// down whatever its health says.
+    /// down whatever its health says. Their traces' affinity moves with them.
     pub fn reroute(
         &mut self,
+        now: Instant,
         spans: Vec<Span>,
         down: usize,
         is_down: &dyn Fn(usize) -> bool,
@@ -382,11 +560,13 @@ impl Router {
         let forced = |i: usize| i == down || is_down(i);
         let mut out = self.empty();
         for span in spans {
-            let p = match trace_of(&span).or_else(|| self.lookup(&span)) {
-                Some(t) => Place::Trace(t),
-                None => Place::Key(own_key(&span)),
-            };
-            self.place(p, span, &mut out, &forced);
+            match trace_of(&span).or_else(|| self.lookup(&span)) {
+                Some(t) => self.place_trace(now, t, span, &mut out, &forced, true),
+                None => {
+                    let k = own_key(&span);
+                    self.place_key(k, span, &mut out, &forced);
+                }
+            }
         }
         out
     }
@@ -401,7 +581,7 @@ impl Router {
     fn by_key(&mut self, span: Span, out: &mut Routed, is_down: &dyn Fn(usize) -> bool) {
         self.stats.by_key += 1;
         let k = own_key(&span);
-        self.place(Place::Key(k), span, out, is_down);
+        self.place_key(k, span, out, is_down);
     }
 }
 

@@ -11,7 +11,7 @@ use tailweave_core::{ExportError, Scope, Span, SpanBatch, SpanSource, TraceId};
 use super::ring::{hash, Ring};
 use super::router::{AssociationConfig, Router};
 use super::*;
-use crate::queue::{Accepted, QueueConfig, RetryConfig};
+use crate::queue::{Accepted, DiskConfig, QueueConfig, RetryConfig};
 
 fn span(trace: u64, sid: u64) -> Span {
     let mut t = [0u8; 16];
@@ -349,6 +349,8 @@ struct Fakes {
     got: Mutex<HashMap<String, Vec<u64>>>,
     failing: Mutex<Vec<String>>,
     probes: Mutex<HashMap<String, u64>>,
+    /// Non-empty sends, failed or not.
+    attempts: Mutex<HashMap<String, u64>>,
 }
 
 struct FakeDest {
@@ -363,6 +365,15 @@ impl Destination for FakeDest {
             *self
                 .fakes
                 .probes
+                .lock()
+                .unwrap()
+                .entry(self.name.clone())
+                .or_default() += 1;
+        }
+        if !spans.is_empty() {
+            *self
+                .fakes
+                .attempts
                 .lock()
                 .unwrap()
                 .entry(self.name.clone())
@@ -575,4 +586,362 @@ async fn dns_re_resolution_moves_only_the_traces_whose_owner_changed() {
     }
     let frac = moved as f64 / 300.0;
     assert!((0.15..0.5).contains(&frac), "moved {frac}");
+}
+
+// --- affinity ---
+
+fn with_affinity(n: usize, ttl: Duration, max_traces: usize) -> Router {
+    Router::new(&names(n), AssociationConfig::default())
+        .with_affinity(AffinityConfig { ttl, max_traces })
+}
+
+/// The ring's owner of trace `t` among `n` backends.
+fn ring_owner(n: usize, t: u64) -> usize {
+    Ring::new(&names(n)).owner(hash(&tid(t).0)).unwrap()
+}
+
+#[test]
+fn affinity_keeps_a_trace_on_its_first_backend_while_its_owner_goes_down_and_comes_back() {
+    let mut r = with_affinity(3, Duration::from_secs(30), 1000);
+    let t0 = Instant::now();
+    let victim = 1usize;
+    let is_victim = |i: usize| i == victim;
+    let owned: Vec<u64> = (0..300u64)
+        .filter(|t| ring_owner(3, *t) == victim)
+        .collect();
+    assert!(!owned.is_empty());
+    // First spans while the victim is up: queued there.
+    r.route(t0, (0..300).map(|t| span(t, 10_000 + t)).collect(), &up);
+    // It goes down: the later spans of those traces still go to it, where their first spans wait.
+    let later = placement(&r.route(
+        t0 + Duration::from_secs(2),
+        (0..300).map(|t| span(t, 20_000 + t)).collect(),
+        &is_victim,
+    ));
+    for t in 0..300u64 {
+        assert_eq!(later[&(20_000 + t)], ring_owner(3, t), "trace {t} split");
+    }
+    assert_eq!(r.stats.affinity, owned.len() as u64);
+    assert_eq!(r.stats.rerouted, 0);
+    // New traces while it is down go to the successors, and stay there when it is back.
+    let fresh: Vec<u64> = (1000..1300u64).collect();
+    let first = placement(&r.route(
+        t0 + Duration::from_secs(3),
+        fresh.iter().map(|t| span(*t, 30_000 + t)).collect(),
+        &is_victim,
+    ));
+    let moved = fresh
+        .iter()
+        .filter(|t| ring_owner(3, **t) == victim)
+        .count() as u64;
+    assert!(moved > 0);
+    assert_eq!(r.stats.rerouted, moved);
+    let back = placement(&r.route(
+        t0 + Duration::from_secs(4),
+        fresh.iter().map(|t| span(*t, 40_000 + t)).collect(),
+        &up,
+    ));
+    for t in &fresh {
+        assert_eq!(back[&(40_000 + t)], first[&(30_000 + t)], "trace {t} split");
+        assert_ne!(back[&(40_000 + t)], victim);
+    }
+    assert_eq!(r.stats.affinity, owned.len() as u64 + moved);
+    assert_eq!(r.stats.rerouted, 2 * moved);
+    // Past the ttl (from each trace's first span) the ring decides again.
+    let after = placement(&r.route(
+        t0 + Duration::from_secs(33),
+        fresh.iter().map(|t| span(*t, 50_000 + t)).collect(),
+        &up,
+    ));
+    for t in &fresh {
+        assert_eq!(after[&(50_000 + t)], ring_owner(3, *t));
+    }
+    assert_eq!(r.affinity_len(), fresh.len());
+}
+
+#[test]
+fn without_affinity_a_switch_splits_the_traces_in_flight() {
+    // The behaviour affinity exists for, so the test above cannot pass by accident.
+    let mut r = Router::new(&names(3), AssociationConfig::default());
+    let t0 = Instant::now();
+    r.route(t0, (0..300).map(|t| span(t, 10_000 + t)).collect(), &up);
+    let later = placement(
+        &r.route(t0, (0..300).map(|t| span(t, 20_000 + t)).collect(), &|i| {
+            i == 1
+        }),
+    );
+    let split = (0..300u64)
+        .filter(|t| later[&(20_000 + t)] != ring_owner(3, *t))
+        .count();
+    assert!(split > 0);
+    assert_eq!(r.affinity_len(), 0);
+}
+
+#[test]
+fn a_forced_reroute_moves_the_trace_and_its_later_spans_follow() {
+    let mut r = with_affinity(3, Duration::from_secs(30), 1000);
+    let t0 = Instant::now();
+    let t = (0..100u64).find(|t| ring_owner(3, *t) == 0).unwrap();
+    let first = r.route(t0, vec![span(t, 1)], &up);
+    assert_eq!(placement(&first)[&1], 0);
+    // Backend 0's queue refused a batch while it was down: the spans go to the successor.
+    let moved = placement(&r.reroute(t0, vec![span(t, 2)], 0, &up));
+    let succ = Ring::new(&names(3))
+        .owner_where(hash(&tid(t).0), |n| n != 0)
+        .unwrap();
+    assert_eq!(moved[&2], succ);
+    // Backend 0 is fine again, but the trace now lives at the successor.
+    let later = placement(&r.route(t0, vec![span(t, 3)], &up));
+    assert_eq!(later[&3], succ);
+}
+
+#[test]
+fn affinity_survives_a_ring_change_for_backends_that_stay_and_is_bounded() {
+    let mut r = with_affinity(2, Duration::from_secs(30), 1000);
+    let t0 = Instant::now();
+    let first = placement(&r.route(t0, (0..300).map(|t| span(t, 10_000 + t)).collect(), &up));
+    // A third backend joins: traces in flight stay; new ones use the new ring.
+    r.set_backends(&names(3));
+    let later = placement(&r.route(t0, (0..300).map(|t| span(t, 20_000 + t)).collect(), &up));
+    let b = names(3);
+    let a = names(2);
+    for t in 0..300u64 {
+        assert_eq!(
+            b[later[&(20_000 + t)]],
+            a[first[&(10_000 + t)]],
+            "trace {t} moved"
+        );
+    }
+    let fresh = placement(&r.route(t0, (1000..1300).map(|t| span(t, t)).collect(), &up));
+    assert!(fresh.iter().all(|(sid, at)| *at == ring_owner(3, *sid)));
+    // The first backend leaves: its traces go where the new ring says.
+    r.set_backends(&b[1..]);
+    let gone = placement(&r.route(t0, (0..300).map(|t| span(t, 30_000 + t)).collect(), &up));
+    let ring = Ring::new(&b[1..]);
+    for t in 0..300u64 {
+        if a[first[&(10_000 + t)]] == b[0] {
+            assert_eq!(gone[&(30_000 + t)], ring.owner(hash(&tid(t).0)).unwrap());
+        }
+    }
+    // At most max_traces are remembered.
+    let mut small = with_affinity(3, Duration::from_secs(30), 50);
+    small.route(t0, (0..300).map(|t| span(t, t + 1)).collect(), &up);
+    assert_eq!(small.affinity_len(), 50);
+}
+
+#[test]
+fn affinity_config_parses_and_is_checked() {
+    let c: LoadBalancingExporterConfig = parse(
+        serde_yaml::from_str(
+            "resolver: {static: {hostnames: [a]}}\naffinity: {ttl: 10s, max_traces: 0}",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.affinity.ttl, Duration::from_secs(10));
+    let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+    assert_eq!(paths, ["affinity.max_traces"]);
+    let off: LoadBalancingExporterConfig = parse(
+        serde_yaml::from_str(
+            "resolver: {static: {hostnames: [a]}}\naffinity: {ttl: 0s, max_traces: 0}",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(off.validate().is_empty());
+    assert!(!off.affinity.enabled());
+    let d: LoadBalancingExporterConfig =
+        parse(serde_yaml::from_str("resolver: {static: {hostnames: [a]}}").unwrap()).unwrap();
+    assert_eq!(d.affinity, AffinityConfig::default());
+    assert!(d.affinity.enabled());
+    assert!(parse::<LoadBalancingExporterConfig>(
+        serde_yaml::from_str("resolver: {static: {hostnames: [a]}}\naffinity: {sticky: true}")
+            .unwrap()
+    )
+    .is_err());
+}
+
+// --- persistent per-backend queues ---
+
+/// Runs `f` on a runtime of its own, then drops the runtime with every task still on it: the
+/// queues stop where they are, as when the process is killed.
+fn life<T>(f: impl std::future::Future<Output = T>) -> T {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let out = rt.block_on(f);
+    // Lets an fsync in flight finish; the async tasks are dropped.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    out
+}
+
+fn on_disk(dir: &std::path::Path) -> Settings {
+    Settings {
+        export: settings(),
+        // Never re-route: a failing backend keeps its traces in its queue.
+        reroute_after: Duration::ZERO,
+        association: AssociationConfig::default(),
+        affinity: AffinityConfig::default(),
+        disk: Some(DiskConfig {
+            directory: dir.join("loadbalancing"),
+            max_bytes: 1 << 20,
+        }),
+    }
+}
+
+/// Polls `cond` for up to 10 s of real time.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..1000 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// First life: every backend fails, 100 traces are queued on disk, then the process "dies".
+fn queue_and_die(dir: &std::path::Path, fakes: &Arc<Fakes>) {
+    *fakes.failing.lock().unwrap() = names(3);
+    life(async {
+        let ex = spawn_with(
+            "loadbalancing",
+            on_disk(dir),
+            Resolve::Static(names(3)),
+            make(fakes),
+        );
+        send_traces(&ex.input, 0..100).await;
+        // A failed attempt means the batch was read back, so it was on disk.
+        let all_tried = eventually(|| {
+            let a = fakes.attempts.lock().unwrap();
+            names(3).iter().all(|n| a.get(n).copied().unwrap_or(0) > 0)
+        })
+        .await;
+        assert!(all_tried, "not every backend got its batch");
+        // The runtime is dropped with `ex` running: nothing drains, nothing is acknowledged.
+        std::mem::forget(ex.input);
+    });
+    assert!(fakes.got.lock().unwrap().is_empty());
+    fakes.failing.lock().unwrap().clear();
+}
+
+fn owner_name(n: &[String], t: u64) -> String {
+    let ring = Ring::new(n);
+    ring.nodes()[ring.owner(hash(&tid(t).0)).unwrap()].clone()
+}
+
+#[test]
+fn persistent_backend_queues_deliver_after_a_crash_to_each_traces_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let fakes = Arc::new(Fakes::default());
+    queue_and_die(dir.path(), &fakes);
+    // One directory per backend, naming it.
+    let mut named: Vec<String> = std::fs::read_dir(dir.path().join("loadbalancing"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path().join(backend::NAME_FILE)).unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(named, names(3));
+    // Second life, every backend answering: the queued traces are delivered, each to its owner.
+    life(async {
+        let ex = spawn_with(
+            "loadbalancing",
+            on_disk(dir.path()),
+            Resolve::Static(names(3)),
+            make(&fakes),
+        );
+        drop(ex.input);
+        ex.done.await.unwrap();
+    });
+    let o = owners(&fakes);
+    assert_eq!(o.len(), 100);
+    for t in 0..100u64 {
+        assert_eq!(o[&t], vec![owner_name(&names(3), t)], "trace {t}");
+    }
+    let total: usize = fakes.got.lock().unwrap().values().map(|v| v.len()).sum();
+    assert_eq!(total, 300, "lost or duplicated");
+    // Delivered and acknowledged: a third life sends nothing.
+    fakes.got.lock().unwrap().clear();
+    life(async {
+        let ex = spawn_with(
+            "loadbalancing",
+            on_disk(dir.path()),
+            Resolve::Static(names(3)),
+            make(&fakes),
+        );
+        drop(ex.input);
+        ex.done.await.unwrap();
+    });
+    assert!(fakes.got.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_restart_drains_the_queue_of_a_backend_no_longer_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let fakes = Arc::new(Fakes::default());
+    queue_and_die(dir.path(), &fakes);
+    let gone = names(3)[2].clone();
+    let kept = names(3)[..2].to_vec();
+    let gone_traces: Vec<u64> = (0..100u64)
+        .filter(|t| owner_name(&names(3), *t) == gone)
+        .collect();
+    assert!(!gone_traces.is_empty());
+    life(async {
+        let ex = spawn_with(
+            "loadbalancing",
+            on_disk(dir.path()),
+            Resolve::Static(kept.clone()),
+            make(&fakes),
+        );
+        // New traces use the two-backend ring.
+        send_traces(&ex.input, 1000..1100).await;
+        drop(ex.input);
+        ex.done.await.unwrap();
+    });
+    let o = owners(&fakes);
+    for t in 0..100u64 {
+        // Owed to the backend they were queued for, which is drained though no longer resolved.
+        assert_eq!(o[&t], vec![owner_name(&names(3), t)], "trace {t}");
+    }
+    for t in 1000..1100u64 {
+        assert_eq!(o[&t], vec![owner_name(&kept, t)], "trace {t}");
+    }
+    assert_eq!(
+        fakes.got.lock().unwrap()[&gone].len(),
+        gone_traces.len() * 3
+    );
+}
+
+#[test]
+fn sending_queue_on_disk_is_checked_under_protocol_otlp() {
+    let c: LoadBalancingExporterConfig = parse(
+        serde_yaml::from_str(
+            "protocol: {otlp: {sending_queue: {storage: file}}}\nresolver: {static: {hostnames: [a]}}",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+    assert_eq!(paths, ["protocol.otlp.sending_queue.directory"]);
+    let ok: LoadBalancingExporterConfig = parse(
+        serde_yaml::from_str(
+            "protocol: {otlp: {sending_queue: {storage: file, directory: /var/lib/tw, max_size_mib: 64}}}\nresolver: {static: {hostnames: [a]}}",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(ok.validate().is_empty());
+    let d = ok
+        .protocol
+        .otlp
+        .sending_queue
+        .disk("loadbalancing")
+        .unwrap();
+    assert_eq!(
+        d.child("10.0.0.1:4317").directory,
+        std::path::Path::new("/var/lib/tw/loadbalancing/10.0.0.1_4317")
+    );
+    assert_eq!(d.child("10.0.0.1:4317").max_bytes, 64 << 20);
 }
