@@ -5,6 +5,8 @@
 //! with its defaults. Endpoints left unset take the receiver's own default (loopback only, so a
 //! fresh install is not reachable from the network until the user opens it).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Deserializer};
 use tailweave_core::config::ConfigIssue;
 use tailweave_core::otlp::DecodeLimits;
@@ -173,25 +175,83 @@ impl LimitsConfig {
 }
 
 /// Who may send. Absent: anyone who can reach the endpoint (the default endpoints are loopback).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Accepted bearer tokens (`Authorization: Bearer <token>` header or gRPC metadata). Write
-    /// `${env:NAME}` to keep a token out of the file.
+    /// `${env:NAME}` to keep a token out of the file. These tokens may write any tenant's data.
     #[serde(default)]
     pub bearer_tokens: Vec<String>,
     /// A file of accepted tokens, one a line (blank lines and lines starting with `#` are
     /// skipped), read at start-up. May be combined with `bearer_tokens`.
     #[serde(default)]
-    pub bearer_tokens_file: Option<std::path::PathBuf>,
+    pub bearer_tokens_file: Option<PathBuf>,
+    /// Tokens that pin the tenant of the data: each resource of a request sent with one gets
+    /// `tenant_attribute: <tenant>` when it has none, and its spans are refused when it names
+    /// another tenant. Default none.
+    #[serde(default)]
+    pub tenants: Vec<TenantToken>,
+    /// The resource attribute that names the tenant (the `join` processor's
+    /// `tenant.sdk_keys` should list it). Default `tenant`.
+    #[serde(default = "default_tenant_attribute")]
+    pub tenant_attribute: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            bearer_tokens: Vec::new(),
+            bearer_tokens_file: None,
+            tenants: Vec::new(),
+            tenant_attribute: default_tenant_attribute(),
+        }
+    }
+}
+
+/// One tenant's token: `token` or `token_file`, not both.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantToken {
+    /// The tenant this token writes as. Required.
+    pub tenant: String,
+    /// The token (`${env:NAME}` keeps it out of the file).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file whose first non-blank line not starting with `#` is the token, read at start-up.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The default resource attribute naming the tenant.
+pub const DEFAULT_TENANT_ATTRIBUTE: &str = "tenant";
+
+fn default_tenant_attribute() -> String {
+    DEFAULT_TENANT_ATTRIBUTE.to_string()
+}
+
+/// One accepted token and, for a tenant token, its tenant.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Credential {
+    pub token: String,
+    pub tenant: Option<String>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        write!(f, "Credential(tenant: {:?})", self.tenant)
+    }
 }
 
 impl AuthConfig {
     pub(crate) fn validate(&self, issues: &mut Vec<ConfigIssue>) {
-        if self.bearer_tokens.is_empty() && self.bearer_tokens_file.is_none() {
+        if self.bearer_tokens.is_empty()
+            && self.bearer_tokens_file.is_none()
+            && self.tenants.is_empty()
+        {
             issues.push(ConfigIssue::new(
                 "auth",
-                "set bearer_tokens or bearer_tokens_file (or remove auth)",
+                "set bearer_tokens, bearer_tokens_file or tenants (or remove auth)",
             ));
         }
         for (i, t) in self.bearer_tokens.iter().enumerate() {
@@ -199,34 +259,110 @@ impl AuthConfig {
                 issues.push(ConfigIssue::new(format!("auth.bearer_tokens[{i}]"), m));
             }
         }
+        let mut seen: Vec<&str> = self.bearer_tokens.iter().map(String::as_str).collect();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let key = |k: &str| format!("auth.tenants[{i}].{k}");
+            if t.tenant.is_empty() {
+                issues.push(ConfigIssue::new(
+                    key("tenant"),
+                    "must not be empty (an unset ${env:...}?)",
+                ));
+            }
+            match (&t.token, &t.token_file) {
+                (None, None) => {
+                    issues.push(ConfigIssue::new(key("token"), "set token or token_file"))
+                }
+                (Some(_), Some(_)) => issues.push(ConfigIssue::new(
+                    key("token_file"),
+                    "set token or token_file, not both",
+                )),
+                (Some(tok), None) => {
+                    if let Err(m) = check_token(tok) {
+                        issues.push(ConfigIssue::new(key("token"), m));
+                    } else if seen.contains(&tok.as_str()) {
+                        // One token, two meanings: which tenant would it write as?
+                        issues.push(ConfigIssue::new(
+                            key("token"),
+                            "is already used by another entry of bearer_tokens or tenants",
+                        ));
+                    }
+                    seen.push(tok);
+                }
+                (None, Some(p)) => {
+                    if p.as_os_str().is_empty() {
+                        issues.push(ConfigIssue::new(key("token_file"), "must not be empty"));
+                    }
+                }
+            }
+        }
+        if !self.tenants.is_empty() && self.tenant_attribute.is_empty() {
+            issues.push(ConfigIssue::new(
+                "auth.tenant_attribute",
+                "must not be empty",
+            ));
+        }
     }
 
-    /// Every accepted token: the inline ones and those of the file.
-    pub(crate) fn tokens(&self) -> Result<Vec<String>, String> {
-        let mut out = self.bearer_tokens.clone();
+    /// Every accepted token: the inline ones and those of the files, with their tenants.
+    pub(crate) fn credentials(&self) -> Result<Vec<Credential>, String> {
+        let mut out: Vec<Credential> = self
+            .bearer_tokens
+            .iter()
+            .map(|t| Credential {
+                token: t.clone(),
+                tenant: None,
+            })
+            .collect();
         if let Some(p) = &self.bearer_tokens_file {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("auth.bearer_tokens_file {}: {e}", p.display()))?;
-            for (n, line) in text.lines().enumerate() {
-                let t = line.trim();
-                if t.is_empty() || t.starts_with('#') {
-                    continue;
-                }
-                check_token(t).map_err(|m| {
-                    format!(
-                        "auth.bearer_tokens_file {} line {}: {m}",
-                        p.display(),
-                        n + 1
-                    )
-                })?;
-                out.push(t.to_string());
+            for t in token_lines(p, "auth.bearer_tokens_file")? {
+                out.push(Credential {
+                    token: t,
+                    tenant: None,
+                });
             }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            let token = match (&t.token, &t.token_file) {
+                (Some(tok), _) => tok.clone(),
+                (None, Some(p)) => {
+                    let key = format!("auth.tenants[{i}].token_file");
+                    token_lines(p, &key)?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| format!("{key} {}: no token in the file", p.display()))?
+                }
+                (None, None) => return Err(format!("auth.tenants[{i}]: no token")),
+            };
+            if out.iter().any(|c| c.token == token) {
+                return Err(format!(
+                    "auth.tenants[{i}]: its token is also given to another entry"
+                ));
+            }
+            out.push(Credential {
+                token,
+                tenant: Some(t.tenant.clone()),
+            });
         }
         if out.is_empty() {
             return Err("auth: no bearer token configured".into());
         }
         Ok(out)
     }
+}
+
+/// The tokens of a file, one a line (blank lines and `#` comments skipped), each checked.
+fn token_lines(p: &std::path::Path, key: &str) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{key} {}: {e}", p.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        check_token(t).map_err(|m| format!("{key} {} line {}: {m}", p.display(), n + 1))?;
+        out.push(t.to_string());
+    }
+    Ok(out)
 }
 
 /// A token must fit in a header value after `Bearer `: visible ASCII, no spaces.

@@ -25,6 +25,7 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Code, Status};
 
+use super::auth::Grant;
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
 use super::rpc::retryable_status;
 use super::tls::{accept_loop, TlsConn};
@@ -123,16 +124,17 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        if !self.ingest.authorized(Transport::Grpc, auth) {
+        let Some(grant) = self.ingest.authorize(Transport::Grpc, auth) else {
             return Box::pin(async move {
                 Ok(Status::unauthenticated("missing or invalid bearer token").into_http())
             });
-        }
+        };
         let handled = Arc::new(AtomicBool::new(false));
         let export = Export {
             ingest: self.ingest.clone(),
             settings: self.settings.clone(),
             handled: handled.clone(),
+            grant,
         };
         let ingest = self.ingest.clone();
         let mut grpc = tonic::server::Grpc::new(RawCodec)
@@ -175,6 +177,7 @@ struct Export {
     ingest: Arc<Ingest>,
     settings: Arc<GrpcSettings>,
     handled: Arc<AtomicBool>,
+    grant: Grant,
 }
 
 impl UnaryService<Bytes> for Export {
@@ -191,7 +194,10 @@ impl UnaryService<Bytes> for Export {
                 .map(|v| v.as_bytes()),
         );
         let body = request.into_inner();
-        Box::pin(async move { answer_to_grpc(ingest.ingest_protobuf(Transport::Grpc, body, hint)) })
+        let grant = self.grant.clone();
+        Box::pin(async move {
+            answer_to_grpc(ingest.ingest_protobuf(Transport::Grpc, body, hint, &grant))
+        })
     }
 }
 
@@ -207,6 +213,7 @@ fn answer_to_grpc(a: Answer) -> Result<tonic::Response<ExportTraceServiceRespons
             }))
         }
         Answer::Malformed(m) | Answer::TooManySpans(m) => Err(Status::invalid_argument(m)),
+        Answer::PermissionDenied(m) => Err(Status::permission_denied(m)),
         Answer::Refused { reason, spans } => {
             let m = format!("{spans} span(s) refused: {reason}; retry later");
             let code = match reason {

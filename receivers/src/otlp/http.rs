@@ -28,6 +28,7 @@ use tailweave_core::Refused;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::Grant;
 use super::ingest::{role_from_header, Answer, Ingest, Transport, RETRY_AFTER_SECS};
 use super::rpc::RpcStatus;
 use super::tls::{accept_loop, TlsConn};
@@ -166,6 +167,7 @@ struct Accepted {
     enc: Encoding,
     gzip: bool,
     hint: Option<Role>,
+    grant: Grant,
 }
 
 /// The checks that need only the head: path, auth, method, media type, declared size.
@@ -177,12 +179,12 @@ fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, B
         return Err(Box::new(text(StatusCode::NOT_FOUND, "not found")));
     }
     let auth = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-    if !ing.authorized(Transport::Http, auth) {
+    let Some(grant) = ing.authorize(Transport::Http, auth) else {
         let mut r = text(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return Err(Box::new(r));
-    }
+    };
     if parts.method != Method::POST {
         count("method_not_allowed");
         let mut r = text(
@@ -230,7 +232,12 @@ fn check_head(state: &State, parts: &http::request::Parts) -> Result<Accepted, B
             .get(state.settings.source_header.as_str())
             .map(|v| v.as_bytes()),
     );
-    Ok(Accepted { enc, gzip, hint })
+    Ok(Accepted {
+        enc,
+        gzip,
+        hint,
+        grant,
+    })
 }
 
 fn too_large(state: &State, enc: Encoding) -> Resp {
@@ -287,7 +294,12 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ReadError>
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let (parts, body) = req.into_parts();
-    let Accepted { enc, gzip, hint } = match check_head(&state, &parts) {
+    let Accepted {
+        enc,
+        gzip,
+        hint,
+        grant,
+    } = match check_head(&state, &parts) {
         Ok(a) => a,
         Err(resp) => {
             // With `Expect: 100-continue` the client waits for us before sending the body, so
@@ -329,8 +341,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         body
     };
     let answer = match enc {
-        Encoding::Protobuf => ing.ingest_protobuf(Transport::Http, body, hint),
-        Encoding::Json => ing.ingest_json(Transport::Http, &body, hint),
+        Encoding::Protobuf => ing.ingest_protobuf(Transport::Http, body, hint, &grant),
+        Encoding::Json => ing.ingest_json(Transport::Http, &body, hint, &grant),
     };
     Ok(match answer {
         Answer::Accepted { rejected, message } => success(enc, rejected, message),
@@ -340,6 +352,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             enc,
             m,
         ),
+        Answer::PermissionDenied(m) => {
+            status(StatusCode::FORBIDDEN, tonic::Code::PermissionDenied, enc, m)
+        }
         Answer::TooManySpans(m) => status(
             StatusCode::PAYLOAD_TOO_LARGE,
             tonic::Code::InvalidArgument,

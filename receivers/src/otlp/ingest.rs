@@ -11,7 +11,12 @@ use tailweave_core::otlp::{
 };
 use tailweave_core::{Consumer, Refused, SpanBatch};
 
-use super::auth::BearerAuth;
+use std::collections::HashMap;
+
+use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use tailweave_core::{Resource, Scope, Span};
+
+use super::auth::{BearerAuth, Grant};
 use crate::deepflow::normalize::{self, Role};
 
 /// Spans accepted into the pipelines (`receiver`, `transport`).
@@ -26,6 +31,9 @@ pub const REFUSED_SPANS: &str = names::RECEIVER_REFUSED_SPANS;
 /// the [`Refused`] reasons, `malformed_request`, `too_large`, `too_many_spans`,
 /// `unauthenticated`, and for HTTP `not_found`, `method_not_allowed`, `unsupported_media_type`.
 pub const REQUESTS: &str = names::RECEIVER_REQUESTS;
+
+/// The refused-spans reason of spans whose resource names another tenant than the token's.
+pub const TENANT_MISMATCH: &str = "tenant_mismatch";
 
 /// How long a refused client is asked to wait before retrying (HTTP `Retry-After`, seconds).
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -57,6 +65,9 @@ pub enum Answer {
     TooManySpans(String),
     /// The pipelines did not take the batch; `spans` were refused and counted.
     Refused { reason: Refused, spans: u64 },
+    /// Every span was refused because the request's token may not write it (a tenant token
+    /// and resources of another tenant).
+    PermissionDenied(String),
 }
 
 /// Per-receiver state shared by every request of every transport.
@@ -67,6 +78,8 @@ pub struct Ingest {
     pub(crate) limits: DecodeLimits,
     pub(crate) consumer: Consumer,
     pub(crate) auth: Option<BearerAuth>,
+    /// The resource attribute tenant tokens pin.
+    pub(crate) tenant_attribute: Arc<str>,
 }
 
 impl Ingest {
@@ -77,6 +90,7 @@ impl Ingest {
             limits,
             consumer,
             auth: None,
+            tenant_attribute: super::config::DEFAULT_TENANT_ATTRIBUTE.into(),
         }
     }
 
@@ -85,14 +99,23 @@ impl Ingest {
         self
     }
 
-    /// Checks the `Authorization` header when auth is configured; a refusal is counted.
-    pub fn authorized(&self, transport: Transport, header: Option<&[u8]>) -> bool {
+    /// Sets the resource attribute tenant tokens pin (default `tenant`).
+    pub fn with_tenant_attribute(mut self, key: &str) -> Self {
+        self.tenant_attribute = key.into();
+        self
+    }
+
+    /// Checks the `Authorization` header when auth is configured: what the request may write,
+    /// or `None` (counted) when it is not authenticated.
+    pub fn authorize(&self, transport: Transport, header: Option<&[u8]>) -> Option<Grant> {
         match &self.auth {
-            None => true,
-            Some(a) if a.allows(header) => true,
-            Some(_) => {
-                self.count_request(transport, "unauthenticated");
-                false
+            None => Some(Grant::Any),
+            Some(a) => {
+                let g = a.check(header);
+                if g.is_none() {
+                    self.count_request(transport, "unauthenticated");
+                }
+                g
             }
         }
     }
@@ -112,31 +135,46 @@ impl Ingest {
         }
     }
 
-    /// Takes an `ExportTraceServiceRequest` in protobuf.
-    pub fn ingest_protobuf(&self, transport: Transport, body: Bytes, hint: Option<Role>) -> Answer {
+    /// Takes an `ExportTraceServiceRequest` in protobuf, sent with `grant`.
+    pub fn ingest_protobuf(
+        &self,
+        transport: Transport,
+        body: Bytes,
+        hint: Option<Role>,
+        grant: &Grant,
+    ) -> Answer {
         let decoded = decode_request(body.clone(), &self.limits);
         let visible = match &decoded {
             Ok(_) => 0,
             Err(_) => visible_spans(&body),
         };
-        self.ingest(transport, decoded, visible, hint)
+        self.ingest(transport, decoded, visible, hint, grant)
     }
 
-    /// Takes an `ExportTraceServiceRequest` in OTLP/JSON.
-    pub fn ingest_json(&self, transport: Transport, body: &[u8], hint: Option<Role>) -> Answer {
-        self.ingest(transport, decode_json_request(body, &self.limits), 0, hint)
+    /// Takes an `ExportTraceServiceRequest` in OTLP/JSON, sent with `grant`.
+    pub fn ingest_json(
+        &self,
+        transport: Transport,
+        body: &[u8],
+        hint: Option<Role>,
+        grant: &Grant,
+    ) -> Answer {
+        let decoded = decode_json_request(body, &self.limits);
+        self.ingest(transport, decoded, 0, hint, grant)
     }
 
     /// Takes a decoded request: classifies its spans, hands them on, counts, and answers.
     /// `visible` is how many spans a request that failed to decode showed before it stopped
     /// making sense (they are counted as refused). `role_hint` is the request's own claim (the
-    /// source header) and only ever upgrades a shared receiver to eBPF.
+    /// source header) and only ever upgrades a shared receiver to eBPF. A tenant `grant` pins
+    /// the tenant of every resource ([`pin_tenant`]).
     pub fn ingest(
         &self,
         transport: Transport,
         decoded: Result<Decoded, DecodeError>,
         visible: u64,
         role_hint: Option<Role>,
+        grant: &Grant,
     ) -> Answer {
         let decoded = match decoded {
             Ok(d) => d,
@@ -159,13 +197,36 @@ impl Ingest {
         for (reason, n) in &decoded.rejected {
             self.count_refused(transport, reason.as_str(), *n);
         }
-        let rejected = decoded.rejected_total();
-        let message = if rejected > 0 {
+        let mut rejected = decoded.rejected_total();
+        let mut message = if rejected > 0 {
             decoded.partial_message()
         } else {
             String::new()
         };
         let mut spans = decoded.spans;
+        if let Some(tenant) = grant.tenant() {
+            let (kept, foreign) = pin_tenant(spans, &self.tenant_attribute, tenant);
+            spans = kept;
+            if foreign > 0 {
+                self.count_refused(transport, TENANT_MISMATCH, foreign);
+                let why = format!(
+                    "{foreign} span(s) refused: their resource's {:?} attribute names another tenant than the token's ({tenant:?})",
+                    &*self.tenant_attribute
+                );
+                if spans.is_empty() && rejected == 0 {
+                    self.count_request(transport, "permission_denied");
+                    tracing::debug!(receiver = %self.id, transport = transport.as_str(),
+                        spans = foreign, %tenant, "request refused: another tenant's resources");
+                    return Answer::PermissionDenied(why);
+                }
+                rejected += foreign;
+                message = if message.is_empty() {
+                    why
+                } else {
+                    format!("{message}; {why}")
+                };
+            }
+        }
         if let Some(role) = effective_role(self.role, role_hint) {
             normalize::normalize_spans(&mut spans, role);
         }
@@ -192,6 +253,76 @@ impl Ingest {
         );
         Answer::Accepted { rejected, message }
     }
+}
+
+/// Pins every span of a request to `tenant`: a resource without `key` (or with it empty) gets
+/// `key = tenant` (re-encoded once per resource, the spans untouched); the spans of a resource
+/// that names another tenant (or holds a non-string value there) are taken out. Returns the
+/// spans kept and how many were taken out.
+///
+/// Spans share their scope and resource through `Arc`s; the rewritten resource and scopes are
+/// shared the same way, one per original, so the exporter still frames them together.
+pub fn pin_tenant(spans: Vec<Span>, key: &str, tenant: &str) -> (Vec<Span>, u64) {
+    enum Verdict {
+        Keep,
+        Rewrite(Arc<Resource>),
+        Refuse,
+    }
+    let mut resources: HashMap<*const Resource, Verdict> = HashMap::new();
+    let mut scopes: HashMap<*const Scope, Arc<Scope>> = HashMap::new();
+    let mut kept = Vec::with_capacity(spans.len());
+    let mut refused = 0u64;
+    for mut span in spans {
+        let res = &span.scope.resource;
+        let verdict = resources.entry(Arc::as_ptr(res)).or_insert_with(|| {
+            match res.attr(key).map(|v| v.as_str()) {
+                Some(Some(t)) if t == tenant => Verdict::Keep,
+                None | Some(Some("")) => match with_tenant(res, key, tenant) {
+                    Some(r) => Verdict::Rewrite(r),
+                    // Unreadable: cannot be pinned, so it cannot pass.
+                    None => Verdict::Refuse,
+                },
+                Some(_) => Verdict::Refuse,
+            }
+        });
+        match verdict {
+            Verdict::Keep => kept.push(span),
+            Verdict::Refuse => refused += 1,
+            Verdict::Rewrite(r) => {
+                let scope = scopes
+                    .entry(Arc::as_ptr(&span.scope))
+                    .or_insert_with(|| {
+                        Scope::new(
+                            r.clone(),
+                            span.scope.raw.clone(),
+                            span.scope.schema_url.clone(),
+                        )
+                    })
+                    .clone();
+                span.scope = scope;
+                kept.push(span);
+            }
+        }
+    }
+    (kept, refused)
+}
+
+/// `res` with `key = tenant` (any empty `key` removed first); `None` if it does not decode.
+fn with_tenant(res: &Resource, key: &str, tenant: &str) -> Option<Arc<Resource>> {
+    use prost::Message;
+    let mut r = res.decode().ok()?;
+    r.attributes.retain(|kv| kv.key != key);
+    r.attributes.push(KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(tenant.to_string())),
+        }),
+        ..Default::default()
+    });
+    Some(Resource::new(
+        Bytes::from(r.encode_to_vec()),
+        res.schema_url.clone(),
+    ))
 }
 
 /// The spans a request shows before its bytes stop making sense (a span cut short counts): what
@@ -284,6 +415,7 @@ pub fn role_from_header(value: Option<&[u8]>) -> Option<Role> {
 mod tests {
     use super::*;
     use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use tailweave_core::proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as PS};
     use tokio::sync::mpsc;
 
@@ -322,7 +454,12 @@ mod tests {
     #[test]
     fn accepted_and_partial() {
         let (ing, mut rx) = ingest(4);
-        match ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1), (0, 2), (1, 3)]), None) {
+        match ing.ingest_protobuf(
+            Transport::Grpc,
+            request(&[(1, 1), (0, 2), (1, 3)]),
+            None,
+            &Grant::Any,
+        ) {
             Answer::Accepted { rejected, message } => {
                 assert_eq!(rejected, 1);
                 assert!(message.contains("invalid_trace_id"), "{message}");
@@ -336,7 +473,7 @@ mod tests {
     fn nothing_valid_sends_nothing() {
         let (ing, mut rx) = ingest(4);
         assert!(matches!(
-            ing.ingest_protobuf(Transport::Http, request(&[(0, 1)]), None),
+            ing.ingest_protobuf(Transport::Http, request(&[(0, 1)]), None, &Grant::Any),
             Answer::Accepted { rejected: 1, .. }
         ));
         assert!(rx.try_recv().is_err());
@@ -346,11 +483,16 @@ mod tests {
     fn full_and_closed_are_refused_with_count() {
         let (ing, rx) = ingest(1);
         assert!(matches!(
-            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None),
+            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any),
             Answer::Accepted { .. }
         ));
         assert_eq!(
-            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1), (1, 2)]), None),
+            ing.ingest_protobuf(
+                Transport::Grpc,
+                request(&[(1, 1), (1, 2)]),
+                None,
+                &Grant::Any
+            ),
             Answer::Refused {
                 reason: Refused::Full,
                 spans: 2
@@ -358,7 +500,7 @@ mod tests {
         );
         drop(rx);
         assert_eq!(
-            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None),
+            ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any),
             Answer::Refused {
                 reason: Refused::Closed,
                 spans: 1
@@ -370,12 +512,22 @@ mod tests {
     fn malformed_and_too_many() {
         let (mut ing, _rx) = ingest(1);
         assert!(matches!(
-            ing.ingest_protobuf(Transport::Http, Bytes::from_static(b"\xff\xff\xff"), None),
+            ing.ingest_protobuf(
+                Transport::Http,
+                Bytes::from_static(b"\xff\xff\xff"),
+                None,
+                &Grant::Any
+            ),
             Answer::Malformed(_)
         ));
         ing.limits.max_spans_per_request = 1;
         assert!(matches!(
-            ing.ingest_protobuf(Transport::Http, request(&[(1, 1), (1, 2)]), None),
+            ing.ingest_protobuf(
+                Transport::Http,
+                request(&[(1, 1), (1, 2)]),
+                None,
+                &Grant::Any
+            ),
             Answer::TooManySpans(_)
         ));
     }
@@ -396,7 +548,7 @@ mod tests {
         two.extend_from_slice(b"\x0a\x05ab");
         assert_eq!(visible_spans(&two), 3);
         assert!(matches!(
-            ing.ingest_protobuf(Transport::Grpc, Bytes::from(two), None),
+            ing.ingest_protobuf(Transport::Grpc, Bytes::from(two), None, &Grant::Any),
             Answer::Malformed(_)
         ));
     }
@@ -423,6 +575,129 @@ mod tests {
             0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
         ]);
         visible_spans(&[0x0a; 11]);
+    }
+
+    /// One resource per `(tenant claim, span ids)`; `None`: no tenant attribute.
+    fn tenant_request(resources: &[(Option<&str>, &[u8])]) -> Bytes {
+        use prost::Message;
+        use tailweave_core::proto::tonic::resource::v1::Resource as PR;
+        let resource_spans = resources
+            .iter()
+            .map(|(claim, ids)| ResourceSpans {
+                resource: Some(PR {
+                    attributes: claim
+                        .iter()
+                        .map(|t| KeyValue {
+                            key: "tenant".into(),
+                            value: Some(AnyValue {
+                                value: Some(any_value::Value::StringValue(t.to_string())),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: ids
+                        .iter()
+                        .map(|&s| PS {
+                            trace_id: vec![9; 16],
+                            span_id: vec![s; 8],
+                            name: "x".into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect();
+        Bytes::from(ExportTraceServiceRequest { resource_spans }.encode_to_vec())
+    }
+
+    fn tenant_of(s: &Span) -> Option<String> {
+        s.resource()
+            .attr("tenant")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn a_tenant_token_pins_unclaimed_resources_and_refuses_foreign_ones() {
+        let (ing, mut rx) = ingest(4);
+        let a = Grant::Tenant("team-a".into());
+        let body = tenant_request(&[
+            (None, &[1, 2]),
+            (Some("team-b"), &[3]),
+            (Some("team-a"), &[4]),
+            (Some(""), &[5]),
+        ]);
+        match ing.ingest_protobuf(Transport::Grpc, body.clone(), None, &a) {
+            Answer::Accepted { rejected, message } => {
+                assert_eq!(rejected, 1);
+                assert!(message.contains("another tenant"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let out = rx.try_recv().unwrap().spans;
+        let got: Vec<(u8, Option<String>)> =
+            out.iter().map(|s| (s.span_id.0[0], tenant_of(s))).collect();
+        let a_ = || Some("team-a".to_string());
+        assert_eq!(got, vec![(1, a_()), (2, a_()), (4, a_()), (5, a_())]);
+        // The two spans of one resource still share one (rewritten) resource.
+        assert!(Arc::ptr_eq(&out[0].scope, &out[1].scope));
+        // The pinned spans re-encode with exactly one tenant attribute per resource.
+        let re = tailweave_core::otlp::to_proto_request(&out);
+        for rs in &re.resource_spans {
+            let n = rs.resource.as_ref().unwrap().attributes.len();
+            assert_eq!(n, 1, "{rs:?}");
+        }
+
+        // A plain token (Grant::Any) passes everything unchanged.
+        assert!(matches!(
+            ing.ingest_protobuf(Transport::Grpc, body, None, &Grant::Any),
+            Answer::Accepted { rejected: 0, .. }
+        ));
+        let out = rx.try_recv().unwrap().spans;
+        assert_eq!(out.len(), 5);
+        assert_eq!(tenant_of(&out[2]), Some("team-b".into()));
+        assert_eq!(tenant_of(&out[0]), None);
+    }
+
+    #[test]
+    fn only_foreign_spans_is_permission_denied_and_nothing_is_sent() {
+        let (ing, mut rx) = ingest(4);
+        let a = Grant::Tenant("team-a".into());
+        let body = tenant_request(&[(Some("team-b"), &[1, 2])]);
+        match ing.ingest_json(
+            Transport::Http,
+            &tailweave_core::otlp::encode_json_request(
+                &tailweave_core::otlp::decode_request(body.clone(), &DecodeLimits::default())
+                    .unwrap()
+                    .spans,
+            ),
+            None,
+            &a,
+        ) {
+            Answer::PermissionDenied(m) => assert!(m.contains("2 span(s)"), "{m}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            ing.ingest_protobuf(Transport::Grpc, body, None, &a),
+            Answer::PermissionDenied(_)
+        ));
+        assert!(rx.try_recv().is_err());
+        // Once pinned to team-a, the same spans are foreign to team-b's token.
+        let spans = tailweave_core::otlp::decode_request(
+            tenant_request(&[(None, &[1])]),
+            &DecodeLimits::default(),
+        )
+        .unwrap()
+        .spans;
+        let (kept, refused) = pin_tenant(spans, "tenant", "team-a");
+        assert_eq!((kept.len(), refused), (1, 0));
+        let (kept, refused) = pin_tenant(kept, "tenant", "team-b");
+        assert_eq!((kept.len(), refused), (0, 1));
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub struct OtlpReceiver {
     role: Option<Role>,
     limits: DecodeLimits,
     auth: Option<auth::BearerAuth>,
+    tenant_attribute: Option<String>,
     grpc: Option<(TcpListener, grpc::GrpcSettings)>,
     http: Option<(TcpListener, http::HttpSettings)>,
     drain: Duration,
@@ -204,10 +205,23 @@ impl OtlpReceiver {
         } = spec;
         let id = ctx.id.clone();
         // Read token files before binding: a bad file must not leave a port half-open.
+        let tenant_attribute = auth.map(|a| a.tenant_attribute.clone());
         let auth = match auth {
-            Some(a) => Some(auth::BearerAuth::new(
-                a.tokens().map_err(|m| ComponentError::build(&id, m))?,
-            )),
+            Some(a) => {
+                let creds = a.credentials().map_err(|m| ComponentError::build(&id, m))?;
+                Some(auth::BearerAuth::with_grants(
+                    creds
+                        .into_iter()
+                        .map(|c| {
+                            let g = match c.tenant {
+                                Some(t) => auth::Grant::Tenant(t.into()),
+                                None => auth::Grant::Any,
+                            };
+                            (c.token, g)
+                        })
+                        .collect(),
+                ))
+            }
             None => None,
         };
         // Certificates too: a bad file fails start-up before any port is bound.
@@ -262,6 +276,7 @@ impl OtlpReceiver {
             role,
             limits,
             auth,
+            tenant_attribute,
             grpc,
             http,
             drain: DRAIN_TIMEOUT,
@@ -307,9 +322,12 @@ impl OtlpReceiver {
         out: Consumer,
         shutdown: CancellationToken,
     ) -> Result<(), ComponentError> {
-        let ingest = std::sync::Arc::new(
-            ingest::Ingest::new(&self.id, self.role, self.limits, out).with_auth(self.auth),
-        );
+        let mut ingest =
+            ingest::Ingest::new(&self.id, self.role, self.limits, out).with_auth(self.auth);
+        if let Some(k) = &self.tenant_attribute {
+            ingest = ingest.with_tenant_attribute(k);
+        }
+        let ingest = Arc::new(ingest);
         let id = self.id;
         let drain = self.drain;
         let grpc = async {
@@ -437,6 +455,62 @@ mod tests {
         );
         let c = cfg("protocols: {grpc: }\nauth: {}").unwrap();
         assert_eq!(c.validate()[0].path, "auth");
+    }
+
+    #[test]
+    fn tenant_tokens_are_validated_with_paths() {
+        let c = cfg("protocols: {grpc: }\nauth: {bearer_tokens: [shared], tenants: [{tenant: a, token: ta}, {tenant: '', token: tb}, {tenant: c}, {tenant: d, token: x, token_file: f}, {tenant: e, token: shared}, {tenant: f, token: 'a b'}], tenant_attribute: ''}").unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "auth.tenants[1].tenant",
+                "auth.tenants[2].token",
+                "auth.tenants[3].token_file",
+                "auth.tenants[4].token",
+                "auth.tenants[5].token",
+                "auth.tenant_attribute",
+            ]
+        );
+        let c = cfg("protocols: {grpc: }\nauth: {tenants: [{tenant: a, token: ta}]}").unwrap();
+        assert!(c.validate().is_empty());
+        let a = c.auth.unwrap();
+        assert_eq!(a.tenant_attribute, "tenant");
+        let creds = a.credentials().unwrap();
+        assert_eq!(creds.len(), 1);
+        assert_eq!(creds[0].tenant.as_deref(), Some("a"));
+        assert!(cfg("protocols: {grpc: }\nauth: {tenants: [{tenant: a, secret: x}]}").is_err());
+    }
+
+    #[test]
+    fn tenant_token_files_are_read_and_must_not_repeat_a_token() {
+        let dir = std::env::temp_dir().join(format!("tailweave-tenant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.token");
+        std::fs::write(&f, "# team a\n\n  tok-a  \n").unwrap();
+        let c = cfg(&format!(
+            "protocols: {{grpc: }}\nauth: {{tenants: [{{tenant: a, token_file: {}}}]}}",
+            f.display()
+        ))
+        .unwrap();
+        let creds = c.auth.as_ref().unwrap().credentials().unwrap();
+        assert_eq!(creds[0].token, "tok-a");
+        let c = cfg(&format!(
+            "protocols: {{grpc: }}\nauth: {{bearer_tokens: [tok-a], tenants: [{{tenant: a, token_file: {}}}]}}",
+            f.display()
+        ))
+        .unwrap();
+        let e = c.auth.as_ref().unwrap().credentials().unwrap_err();
+        assert!(e.contains("auth.tenants[0]"), "{e}");
+        let missing = dir.join("missing.token");
+        let c = cfg(&format!(
+            "protocols: {{grpc: }}\nauth: {{tenants: [{{tenant: a, token_file: {}}}]}}",
+            missing.display()
+        ))
+        .unwrap();
+        let e = c.auth.as_ref().unwrap().credentials().unwrap_err();
+        assert!(e.contains("auth.tenants[0].token_file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
