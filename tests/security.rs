@@ -792,3 +792,191 @@ service:
     }
     assert!(text.contains("/nonexistent/server.pem"), "{text}");
 }
+
+// ---- Per-tenant tokens --------------------------------------------------------------------
+
+/// One resource per entry: its `tenant` claim (none when `None`) and its spans as
+/// `(span id, parent id)` (parent 0: a root), all in trace `[0x42; 16]`.
+fn tenant_request(resources: &[(Option<&str>, &[(u8, u8)])]) -> ExportTraceServiceRequest {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    ExportTraceServiceRequest {
+        resource_spans: resources
+            .iter()
+            .map(|(claim, spans)| ResourceSpans {
+                resource: Some(Resource {
+                    attributes: claim
+                        .iter()
+                        .map(|t| KeyValue {
+                            key: "tenant".into(),
+                            value: Some(AnyValue {
+                                value: Some(any_value::Value::StringValue(t.to_string())),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: spans
+                        .iter()
+                        .map(|&(id, parent)| Span {
+                            trace_id: vec![0x42; 16],
+                            span_id: vec![id; 8],
+                            parent_span_id: if parent == 0 {
+                                Vec::new()
+                            } else {
+                                vec![parent; 8]
+                            },
+                            name: format!("s{id}"),
+                            start_time_unix_nano: 1_000,
+                            end_time_unix_nano: 2_000,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+async fn grpc_send(
+    endpoint: &str,
+    token: &str,
+    req: ExportTraceServiceRequest,
+) -> Result<ExportTraceServiceResponse, tonic::Status> {
+    let mut c = TraceServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("connect");
+    let mut req = tonic::Request::new(req);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    c.export(req).await.map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_token_cannot_write_another_tenants_spans() {
+    let sink = Sink::start().await;
+    let yaml = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+      http:
+        endpoint: 127.0.0.1:{{HTTP}}
+    auth:
+      tenants:
+        - {{tenant: team-a, token: tok-a}}
+        - {{tenant: team-b, token: tok-b}}
+      tenant_attribute: tenant
+processors:
+  join:
+    tenant: {{sdk_keys: [tenant], ebpf_keys: [df.universal_tag.pod_ns]}}
+    wait: {{min: 100ms, idle: 100ms, max: 1s}}
+exporters:
+  otlp:
+    endpoint: {}
+    tls: {{insecure: true}}
+extensions:
+  health_check:
+    endpoint: 127.0.0.1:{{HEALTH}}
+service:
+  extensions: [health_check]
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{{METRICS}}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [join]
+      exporters: [otlp]
+"#,
+        sink.endpoint()
+    );
+    let c = start(&yaml);
+    let ep = c.grpc_endpoint();
+
+    // Team A's token, spans that claim team B: refused whole, on both transports.
+    let b_claim = tenant_request(&[(Some("team-b"), &[(9, 0), (10, 9)])]);
+    let st = grpc_send(&ep, "tok-a", b_claim.clone()).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("another tenant"), "{st:?}");
+    let (status, _, body) = tokio::task::block_in_place(|| {
+        http_request(
+            &c.http_addr(),
+            "POST",
+            "/v1/traces",
+            &[
+                ("content-type", "application/x-protobuf"),
+                ("authorization", "Bearer tok-a"),
+            ],
+            &b_claim.encode_to_vec(),
+        )
+        .expect("http")
+    });
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+
+    // One request with team A's own (unclaimed) resource and a team B one: A's spans pass,
+    // B's span is refused and named in the partial success.
+    let mixed = tenant_request(&[(None, &[(1, 0), (2, 1)]), (Some("team-b"), &[(3, 1)])]);
+    let r = grpc_send(&ep, "tok-a", mixed)
+        .await
+        .expect("partial success");
+    let p = r.partial_success.expect("partial success");
+    assert_eq!(p.rejected_spans, 1, "{p:?}");
+    assert!(p.error_message.contains("another tenant"), "{p:?}");
+
+    // Team B writes into the same trace id, under span 1 of team A: the join keeps it apart.
+    let r = grpc_send(&ep, "tok-b", tenant_request(&[(None, &[(4, 1)])]))
+        .await
+        .expect("team B's own span");
+    assert!(r.partial_success.is_none(), "{r:?}");
+
+    wait_spans(&sink, 3).await;
+    let mut got: Vec<(u8, String)> = sink
+        .spans()
+        .iter()
+        .map(|s| {
+            let tenant = s
+                .resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "tenant")
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            (s.span.span_id[0], tenant)
+        })
+        .collect();
+    got.sort();
+    let t = |n: &str| {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue;
+        format!("{:?}", Some(StringValue(n.to_string())))
+    };
+    assert_eq!(
+        got,
+        vec![(1, t("team-a")), (2, t("team-a")), (4, t("team-b"))]
+    );
+    // One trace id, two tenants: two units out of the join.
+    let c2 = &c;
+    wait_for_async("two join units", Duration::from_secs(30), || {
+        let n = c2.metric("tailweave_join_units_total", &[]);
+        async move { (n == 2.0).then_some(()) }
+    })
+    .await;
+    let refused = c.metric(
+        "tailweave_receiver_refused_spans_total",
+        &[("reason", "tenant_mismatch")],
+    );
+    assert_eq!(refused, 5.0, "{}", c.metrics());
+    let denied = c.metric(
+        "tailweave_receiver_requests_total",
+        &[("outcome", "permission_denied")],
+    );
+    assert_eq!(denied, 2.0, "{}", c.metrics());
+}
