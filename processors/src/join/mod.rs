@@ -22,8 +22,8 @@
 //!   order), not the one with the stronger edge; the other trace id is still recorded.
 //! - A trace reaching `max_spans_per_trace` is emitted at once (outcome `limit`); its later spans
 //!   follow as `late` units.
-//! - Not yet: the gRPC/HTTP2 zero-duration frame merge (§3), C3 for two eBPF spans with one
-//!   header (step D places them under the header span instead), X-Request-ID tombstones (§5.5).
+//! - B4 links a c-p to an s-p of its own process by an equal trace key too (B4.2), so C3 between
+//!   two eBPF spans with one header applies to c-p rows of other processes (sidecars, proxies).
 //! - Units are written by appending fields to the encoded spans (see `output`); `Span::edit` is
 //!   used where a field must be cleared or merged.
 
@@ -55,7 +55,7 @@ pub const SPANS: &str = "tailweave_join_spans_total";
 pub const SPANS_IN: &str = "tailweave_join_incoming_spans_total";
 /// Unassociated eBPF spans, by `action` (`drop`/`passthrough`).
 pub const UNASSOCIATED: &str = "tailweave_join_unassociated_total";
-/// Request and response rows merged into one span.
+/// Request and response rows merged into one span, and HTTP/2 frame rows merged into their session.
 pub const MERGED_FRAGMENTS: &str = "tailweave_join_merged_fragments_total";
 /// Traces emitted early or unions refused because of `max_spans_per_trace`.
 pub const LIMIT: &str = "tailweave_join_limit_total";
@@ -100,6 +100,10 @@ pub struct Join {
     sys_idx: HashMap<(u32, u32, u64), IdList>,
     xreq_idx: HashMap<(u32, Arc<str>), IdList>,
     merge_idx: HashMap<(u32, u32, u64, u8), IdList>,
+    /// HTTP/2 and gRPC sessions by stream: (tenant, agent, flow_id, tap rank, request_id).
+    stream_idx: HashMap<(u32, u32, u64, u8, u64), IdList>,
+    /// Zero-duration HTTP/2 frame rows waiting for their session, same key.
+    frame_idx: HashMap<(u32, u32, u64, u8, u64), IdList>,
     deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     arrivals: VecDeque<(u32, u32)>,
     tombs: tomb::Tombs,
@@ -123,8 +127,10 @@ struct Node {
     tenant: u32,
     agent: u32,
     uf: u32,
-    /// A fragment merged into the request fragment with this id.
+    /// A fragment merged into the request fragment with this id, or a frame row into its session.
     merged_into: Option<u32>,
+    /// `merged_into` is an HTTP/2 frame merge (only the end and the merged ids change).
+    frame: bool,
     /// Arrival sequence: units keep the order spans came in.
     seq: u64,
     /// Next member of the group's list.
@@ -264,6 +270,8 @@ impl Join {
             sys_idx: HashMap::new(),
             xreq_idx: HashMap::new(),
             merge_idx: HashMap::new(),
+            stream_idx: HashMap::new(),
+            frame_idx: HashMap::new(),
             deadlines: BinaryHeap::new(),
             arrivals: VecDeque::new(),
             tombs: tomb::Tombs::default(),
@@ -470,6 +478,7 @@ impl Join {
             agent,
             uf: 0,
             merged_into: None,
+            frame: false,
             seq: self.seq,
             next: NONE,
             other_traces: Vec::new(),
@@ -632,13 +641,52 @@ impl Join {
             match partner {
                 Some(c) if self.union(id, c) => {
                     idx_remove(&mut self.merge_idx, &mk, c);
+                    if let Some(fk) = e.frame_key(tenant, agent) {
+                        idx_remove(&mut self.frame_idx, &fk, c);
+                    }
                     let req_is_me = self.model(id).expect("eBPF").is_request_only();
                     let (q, r) = if req_is_me { (id, c) } else { (c, id) };
                     self.node_mut(r).merged_into = Some(q);
                     metrics::counter!(MERGED_FRAGMENTS).increment(1);
                 }
-                _ => idx_push(&mut self.merge_idx, mk, id),
+                _ => match e.frame_key(tenant, agent) {
+                    Some(fk) if self.absorb_frame(id, &fk) => {
+                        // Absorbed: its seqs and ids are the session's (join.md §3), so
+                        // it is neither indexed nor associated on its own.
+                        self.scratch = cands;
+                        self.scratch_pass = pass;
+                        return;
+                    }
+                    Some(fk) => {
+                        idx_push(&mut self.merge_idx, mk, id);
+                        idx_push(&mut self.frame_idx, fk, id);
+                    }
+                    None => idx_push(&mut self.merge_idx, mk, id),
+                },
             }
+        }
+        // §3: a gRPC/HTTP2 session takes the frame rows of its stream that came first.
+        if let Some(sk) = e.stream_key(tenant, agent) {
+            if let Some(list) = self.frame_idx.get(&sk) {
+                cands.extend_from_slice(list.as_slice());
+            }
+            for &f in &cands {
+                let ok = {
+                    let (es, ef) = (self.model(id).expect("eBPF"), self.model(f).expect("eBPF"));
+                    self.node(f).merged_into.is_none() && rules::frame_of(es, ef)
+                };
+                if ok && self.union(id, f) {
+                    let n = self.node_mut(f);
+                    n.merged_into = Some(id);
+                    n.frame = true;
+                    idx_remove(&mut self.frame_idx, &sk, f);
+                    let mk = (tenant, agent, e.flow_id, e.rank);
+                    idx_remove(&mut self.merge_idx, &mk, f);
+                    metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                }
+            }
+            cands.clear();
+            idx_push(&mut self.stream_idx, sk, id);
         }
 
         // §4.3 tcp_seq
@@ -741,6 +789,29 @@ impl Join {
         self.scratch_pass = pass;
     }
 
+    /// Merges frame row `id` into a live session of its stream (join.md §3); `false` if none fits.
+    fn absorb_frame(&mut self, id: u32, key: &(u32, u32, u64, u8, u64)) -> bool {
+        let Some(list) = self.stream_idx.get(key) else {
+            return false;
+        };
+        // Newest session first; stream ids are not reused on one connection, so there is
+        // usually one.
+        let found = list.as_slice().iter().rev().copied().find(|&s| {
+            let (es, ef) = (self.model(s).expect("eBPF"), self.model(id).expect("eBPF"));
+            rules::frame_of(es, ef)
+        });
+        match found {
+            Some(s) if self.union(id, s) => {
+                let n = self.node_mut(id);
+                n.merged_into = Some(s);
+                n.frame = true;
+                metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn unindex(&mut self, id: u32) {
         let n = self.node(id);
         let (tenant, agent) = (n.tenant, n.agent);
@@ -758,11 +829,17 @@ impl Join {
                 idx_remove(&mut self.sys_idx, &(tenant, agent, sid), id);
             }
         }
-        for x in e.xreq.into_iter().flatten() {
-            idx_remove(&mut self.xreq_idx, &(tenant, x), id);
-        }
         if e.fragment {
             idx_remove(&mut self.merge_idx, &(tenant, agent, e.flow_id, e.rank), id);
+        }
+        if let Some(k) = e.frame_key(tenant, agent) {
+            idx_remove(&mut self.frame_idx, &k, id);
+        }
+        if let Some(k) = e.stream_key(tenant, agent) {
+            idx_remove(&mut self.stream_idx, &k, id);
+        }
+        for x in e.xreq.into_iter().flatten() {
+            idx_remove(&mut self.xreq_idx, &(tenant, x), id);
         }
     }
 
@@ -797,7 +874,7 @@ impl Join {
         // Take the nodes out; absorbed fragments go to their request fragment.
         let mut members: Vec<tree::Member> = Vec::with_capacity(ids.len());
         let mut pos: HashMap<u32, usize> = HashMap::with_capacity(ids.len());
-        let mut absorbed: Vec<(u32, Span)> = Vec::new();
+        let mut absorbed: Vec<(u32, Span, bool)> = Vec::new();
         for &id in &ids {
             self.unindex(id);
             let slot = &mut self.nodes[id as usize];
@@ -806,15 +883,16 @@ impl Join {
             self.live -= 1;
             self.bytes -= n.span.held_bytes();
             match n.merged_into {
-                Some(q) => absorbed.push((q, n.span)),
+                Some(q) => absorbed.push((q, n.span, n.frame)),
                 None => {
                     pos.insert(id, members.len());
                     members.push(tree::Member::new(n.span, n.other_traces));
                 }
             }
         }
-        for (q, r) in absorbed {
+        for (q, r, frame) in absorbed {
             match pos.get(&q) {
+                Some(&i) if frame => members[i].absorb_frame(r),
                 Some(&i) => members[i].absorb(r),
                 // Cannot happen (a merge unites the groups), but never lose a span.
                 None => members.push(tree::Member::new(r, Vec::new())),
@@ -939,6 +1017,22 @@ struct Keys {
     sys_req: u64,
     sys_resp: u64,
     xreq: [Option<Arc<str>>; 2],
+    /// A zero-duration gRPC/HTTP2 fragment (a frame row, join.md §3).
+    frame: bool,
+    /// A gRPC/HTTP2 session that takes frame rows.
+    stream: bool,
+    request_id: u64,
+}
+
+impl Keys {
+    fn frame_key(&self, tenant: u32, agent: u32) -> Option<(u32, u32, u64, u8, u64)> {
+        self.frame
+            .then_some((tenant, agent, self.flow_id, self.rank, self.request_id))
+    }
+    fn stream_key(&self, tenant: u32, agent: u32) -> Option<(u32, u32, u64, u8, u64)> {
+        self.stream
+            .then_some((tenant, agent, self.flow_id, self.rank, self.request_id))
+    }
 }
 
 trait CloneKeys {
@@ -948,8 +1042,19 @@ trait CloneKeys {
 impl CloneKeys for EbpfSpan {
     fn clone_keys(&self) -> Keys {
         let keyless = self.has(flags::NO_KEYS);
+        let fragment = (self.is_request_only() || self.is_response_only()) && !keyless;
+        let h2 = self.l7_protocol != 0 && rules::same_l7(self.l7_protocol, 21);
+        let per_stream = h2
+            && self.request_id.is_some()
+            && self.flow_id != 0
+            && self.tap_side.rank() != 0
+            && !keyless
+            && !self.has(flags::NO_TIMESTAMPS);
         Keys {
-            fragment: (self.is_request_only() || self.is_response_only()) && !keyless,
+            frame: per_stream && fragment && self.start_ns == self.end_ns,
+            stream: per_stream && !fragment && self.has(flags::SESSION),
+            request_id: self.request_id.unwrap_or(0),
+            fragment,
             flow_id: self.flow_id,
             rank: self.tap_side.rank(),
             req_seq: if keyless { 0 } else { self.req_tcp_seq },

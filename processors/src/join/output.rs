@@ -94,6 +94,7 @@ pub fn apply(
         let Member {
             mut span,
             absorbed,
+            frames,
             other_traces,
             ..
         } = m;
@@ -111,6 +112,7 @@ pub fn apply(
         let clears_parent = new_parent == Some(SpanId::ZERO) && !received_parent.is_zero();
         // DeepFlow rows never carry `tailweave.join.*`; SDK spans may (an upstream tailweave).
         let fast = absorbed.is_empty()
+            && frames.is_empty()
             && !timed_out
             && !clears_parent
             && (is_ebpf || !has_join_attrs(&span));
@@ -179,10 +181,10 @@ pub fn apply(
                     }
                     if !absorbed.is_empty() {
                         set_attr(p, kv_str("df.span.type", "session".into()));
-                        set_attr(
-                            p,
-                            kv_strs(MERGED_SPAN_IDS, absorbed.iter().map(|r| r.span_id.to_hex())),
-                        );
+                    }
+                    if !absorbed.is_empty() || !frames.is_empty() {
+                        let ids = absorbed.iter().chain(&frames).map(|r| r.span_id.to_hex());
+                        set_attr(p, kv_strs(MERGED_SPAN_IDS, ids));
                     }
                     if timed_out {
                         p.status = Some(Status {

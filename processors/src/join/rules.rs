@@ -330,6 +330,17 @@ pub fn pairs(q: &EbpfSpan, r: &EbpfSpan) -> Pair {
     Pair::Yes
 }
 
+/// Whether zero-duration frame row `f` belongs to gRPC/HTTP2 session `s` of the same stream
+/// (join.md §3; the caller matched agent, flow, tap side and request id). A frame cannot come
+/// before its stream opened, and the trace keys must not conflict.
+pub fn frame_of(s: &EbpfSpan, f: &EbpfSpan) -> bool {
+    let keys_agree = match (s.trace_key, f.trace_key) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    same_l7(s.l7_protocol, f.l7_protocol) && s.start_ns <= f.end_ns && keys_agree
+}
+
 /// The merged session of request fragment `q` and response fragment `r` (join.md §3).
 pub fn merge_models(q: &EbpfSpan, r: &EbpfSpan) -> EbpfSpan {
     let mut m = q.clone();

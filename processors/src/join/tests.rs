@@ -1858,3 +1858,420 @@ fn parentless_roots_of_extra_components_are_placed_by_trace_id() {
         "other roots follow the main tree"
     );
 }
+
+// ---------------------------------------------------------------- join.md §3: HTTP/2 frames
+
+/// A gRPC call at `c-p` as one session row (1-20 ms, stream 5 on flow 77) and a zero-duration
+/// frame row of the same stream (at `frame_ms`, with its own seqs and a fake trace id).
+fn grpc_session_and_frame(frame_rid: i64, frame_ms: f64, frame_kind: &str) -> (Span, Span, Span) {
+    let web = sdk_scope("web", "web-pod", "default");
+    let client = sdk_span(
+        &web,
+        T1,
+        W2,
+        0,
+        SpanKind::Client,
+        "pkg.Svc/Call",
+        us(0.0),
+        us(30.0),
+        vec![kv_s("rpc.system", "grpc")],
+    );
+    let mut s = DfRow::new(E1, "c-p", "web-node")
+        .trace(T1, W2)
+        .seqs(1001, 2001)
+        .sys(31, 32)
+        .pids(410, 0)
+        .pods("web-pod", "api-pod")
+        .l7("gRPC", "pkg.Svc/POST")
+        .time_us(us(1.0), us(20.0));
+    s.request_id = Some(5);
+    s.flow_id = 77;
+    s.cap_seq = [40, 41];
+    let mut f = DfRow::new(E2, "c-p", "web-node")
+        .kind(frame_kind)
+        .seqs(0, 5555)
+        .pids(410, 0)
+        .pods("web-pod", "api-pod")
+        .l7("gRPC", "pkg.Svc/POST")
+        .time_us(us(frame_ms), us(frame_ms));
+    f.request_id = Some(frame_rid);
+    f.flow_id = 77;
+    f.cap_seq = [0, 99];
+    f.status = 2;
+    (client, s.to_span(), f.to_span())
+}
+
+#[test]
+fn grpc_zero_duration_frame_rows_merge_into_their_session() {
+    for frame_first in [false, true] {
+        let mut j = join(JoinConfig::default());
+        let t0 = Instant::now();
+        let (client, session, frame) = grpc_session_and_frame(5, 25.0, "response");
+        let rows = if frame_first {
+            vec![frame, session]
+        } else {
+            vec![session, frame]
+        };
+        feed(&mut j, t0, vec![client]);
+        feed(&mut j, t0, rows);
+        let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+        assert_eq!(
+            unit.len(),
+            2,
+            "the frame row is absorbed (frame first: {frame_first})"
+        );
+        let e1 = find(&unit, E1);
+        assert_eq!(
+            str_array(e1, MERGED_SPAN_IDS),
+            vec![SpanId::from_u64(E2).to_hex()]
+        );
+        assert_eq!(
+            e1.end_ns,
+            us(25.0) * 1000,
+            "the frame extends the session's end"
+        );
+        assert_eq!(e1.start_ns, us(1.0) * 1000);
+        // Only the end and the merged ids change: seqs, cap seqs and status stay the session's.
+        assert_eq!(i_attr(e1, "df.span.syscall_cap_seq_1"), Some(41));
+        assert_eq!(
+            e1.resource()
+                .attr("df.transport.resp_tcp_seq")
+                .and_then(|v| v.as_i64()),
+            Some(2001)
+        );
+        assert_eq!(e1.status, StatusCode::Ok);
+        assert_eq!(e1.parent_span_id, SpanId::from_u64(W2));
+    }
+}
+
+#[test]
+fn grpc_frame_rows_of_another_stream_or_protocol_stay_apart() {
+    // Another stream id: not this session's frame.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (client, session, frame) = grpc_session_and_frame(6, 25.0, "response");
+    feed(&mut j, t0, vec![client, session, frame]);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert!(str_array(find(&unit, E1), MERGED_SPAN_IDS).is_empty());
+    assert_eq!(find(&unit, E1).end_ns, us(20.0) * 1000);
+
+    // HTTP/1 sessions take no frames: a zero-duration row there is a plain fragment.
+    let mut j = join(JoinConfig::default());
+    let (client, _, _) = grpc_session_and_frame(5, 25.0, "response");
+    let mut s = DfRow::new(E1, "c-p", "web-node")
+        .trace(T1, W2)
+        .seqs(1001, 2001)
+        .pids(410, 0)
+        .pods("web-pod", "api-pod")
+        .time_us(us(1.0), us(20.0));
+    s.request_id = Some(5);
+    s.flow_id = 77;
+    let mut f = DfRow::new(E2, "c-p", "web-node")
+        .kind("response")
+        .seqs(0, 5555)
+        .pids(410, 0)
+        .pods("web-pod", "api-pod")
+        .time_us(us(25.0), us(25.0));
+    f.request_id = Some(5);
+    f.flow_id = 77;
+    feed(&mut j, t0, vec![client, s.to_span(), f.to_span()]);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert!(str_array(find(&unit, E1), MERGED_SPAN_IDS).is_empty());
+}
+
+// ---------------------------------------------------------------- join.md §6 C1, C3, B4.5
+
+#[test]
+fn c1_a_client_process_leaf_takes_the_hop_that_carries_its_header() {
+    // The c-p row's seqs do not match the network copies (say a NAT rewrote them), so it is a hop
+    // of its own; the hop of the network rows has no c-p and carries the c-p's header.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, mut ebpf) = example_iii(false);
+    let mut r1 = DfRow::new(R1, "c-p", "agent-a")
+        .pods("client-pod", "server-pod")
+        .trace(T3, C1)
+        .seqs(111, 999)
+        .sys(11, 12)
+        .pids(300, 0)
+        .time_us(us(10.2), us(30.8));
+    r1.cap_seq = [40, 41];
+    r1.flow_id = 7001;
+    ebpf.push(r1.to_span());
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    let names = labels(&[
+        ("C1", C1),
+        ("R1", R1),
+        ("R2", R2),
+        ("R3", R3),
+        ("M4", R4A),
+        ("S1", S1),
+    ]);
+    assert_unit(
+        &unit,
+        &names,
+        &[
+            ("C1", "-", "-", 0),
+            ("R1", "C1", "span_id", 1),
+            ("R2", "R1", "span_id", 2),
+            ("R3", "R2", "tcp_seq", 3),
+            ("M4", "R3", "tcp_seq", 4),
+            ("S1", "M4", "span_id", 5),
+        ],
+        T3,
+    );
+}
+
+#[test]
+fn c1_a_client_process_leaf_with_a_hop_child_takes_no_second_hop() {
+    // Example (iii) with its c-p: the c-p starts its own hop; a second network hop with the same
+    // header (another call forwarded unchanged) does not hang below it.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, mut ebpf) = example_iii(true);
+    const R9: u64 = 0x6553_f100_0090_0009;
+    let mut r9 = DfRow::new(R9, "c", "agent-a")
+        .pods("client-pod", "server-pod")
+        .trace(T3, C1)
+        .seqs(5000, 6000)
+        .time_us(us(12.0), us(14.0));
+    r9.flow_id = 7100;
+    ebpf.push(r9.to_span());
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(find(&unit, R2).parent_span_id, SpanId::from_u64(R1));
+    assert_eq!(
+        find(&unit, R9).parent_span_id,
+        SpanId::from_u64(C1),
+        "one c-p starts one request"
+    );
+}
+
+#[test]
+fn c3_a_sidecar_forwarding_the_header_on_a_new_connection_links_the_process_spans() {
+    // Example (i) where the outbound call leaves through a sidecar (another process on the nginx
+    // node, pid 901) on a new connection: the inbound s-p and the outbound c-p share no syscall
+    // id, no process and no X-Request-ID, only the forwarded header.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = example_i();
+    let mut rows: Vec<Span> = ebpf
+        .into_iter()
+        .filter(|s| s.span_id.as_u64() != E3)
+        .collect();
+    rows.push(
+        DfRow::new(E3, "c-p", "nginx-node")
+            .trace(T1, W2)
+            .seqs(3001, 4001)
+            .sys(91, 92)
+            .pids(901, 0)
+            .pods("nginx-pod", "api-pod")
+            .time_us(us(9.6), us(48.0))
+            .to_span(),
+    );
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, rows);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    let names = labels(&[
+        ("W1", W1),
+        ("W2", W2),
+        ("E1", E1),
+        ("E2", E2),
+        ("E3", E3),
+        ("E4", E4),
+        ("A1", A1),
+    ]);
+    assert_unit(
+        &unit,
+        &names,
+        &[
+            ("W1", "-", "-", 0),
+            ("W2", "W1", "span_id", 1),
+            ("E1", "W2", "span_id", 2),
+            ("E2", "E1", "tcp_seq", 3),
+            ("E3", "E2", "span_id", 4),
+            ("E4", "E3", "tcp_seq", 5),
+            ("A1", "E4", "span_id", 6),
+        ],
+        T1,
+    );
+}
+
+#[test]
+fn c3_needs_the_parent_to_cover_the_child_on_one_agent() {
+    // As above, but the sidecar's c-p ends after the inbound s-p: not its child.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = example_i();
+    let mut rows: Vec<Span> = ebpf
+        .into_iter()
+        .filter(|s| s.span_id.as_u64() != E3)
+        .collect();
+    rows.push(
+        DfRow::new(E3, "c-p", "nginx-node")
+            .trace(T1, W2)
+            .seqs(3001, 4001)
+            .sys(91, 92)
+            .pids(901, 0)
+            .pods("nginx-pod", "api-pod")
+            .time_us(us(9.6), us(49.0))
+            .to_span(),
+    );
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, rows);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(
+        find(&unit, E3).parent_span_id,
+        SpanId::from_u64(W2),
+        "step D: under the span its header names"
+    );
+}
+
+#[test]
+fn b4_5_a_syscall_sibling_chain_shares_its_parent() {
+    // Example (ii) where the second query ends after the entry s-p (its response was read after
+    // the reply went out, on the same thread): the s-p does not cover it, but its sibling chain
+    // (E2.resp == E3.req) places it next to E2.
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = example_ii(true);
+    let mut rows: Vec<Span> = ebpf
+        .into_iter()
+        .filter(|s| s.span_id.as_u64() != E3 && s.span_id.as_u64() != E5)
+        .collect();
+    let mysql = |id, tap: &str, agent: &str, sys: (u64, u64), pid: (u32, u32), t: (f64, f64)| {
+        DfRow::new(id, tap, agent)
+            .seqs(7101, 8101)
+            .sys(sys.0, sys.1)
+            .pids(pid.0, pid.1)
+            .pods("orders-pod", "mysql-0")
+            .l7("MySQL", "INSERT order_items")
+            .time_us(us(t.0), us(t.1))
+            .to_span()
+    };
+    rows.push(mysql(
+        E3,
+        "c-p",
+        "orders-node",
+        (502, 504),
+        (700, 0),
+        (12.0, 29.5),
+    ));
+    rows.push(mysql(
+        E5,
+        "s-p",
+        "db-node",
+        (901, 901),
+        (0, 2500),
+        (12.3, 29.2),
+    ));
+    feed(&mut j, t0, rows);
+    feed(&mut j, t0 + Duration::from_secs(2), sdk);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(17)));
+    assert_eq!(unit.len(), 7, "nothing pruned");
+    let e3 = find(&unit, E3);
+    assert_eq!(e3.parent_span_id, SpanId::from_u64(O1));
+    assert_eq!(s_attr(e3, VIA).as_deref(), Some("syscall"));
+    assert_eq!(find(&unit, E5).parent_span_id, SpanId::from_u64(E3));
+    assert_eq!(find(&unit, E2).parent_span_id, SpanId::from_u64(O1));
+    assert!(i_attr(find(&unit, E2), ORDER) < i_attr(e3, ORDER));
+}
+
+// ---------------------------------------------------------------- join.md §5.5: X-Request-ID
+
+/// web (SDK) -> gateway (eBPF only): the gateway's inbound s-p with the X-Request-ID it
+/// injected in the response.
+fn gateway_unit() -> (Vec<Span>, Vec<Span>) {
+    let web = sdk_scope("web", "web-pod", "default");
+    let sdk = vec![sdk_span(
+        &web,
+        T1,
+        W2,
+        0,
+        SpanKind::Client,
+        "GET /api",
+        us(0.0),
+        us(50.0),
+        vec![kv_s("http.method", "GET")],
+    )];
+    let e1 = DfRow::new(E1, "c-p", "web-node")
+        .trace(T1, W2)
+        .seqs(1001, 2001)
+        .sys(31, 32)
+        .pids(410, 0)
+        .pods("web-pod", "gw-pod")
+        .time_us(us(1.0), us(49.0));
+    let mut e2 = DfRow::new(E2, "s-p", "gw-node")
+        .trace(T1, W2)
+        .seqs(1001, 2001)
+        .sys(77, 78)
+        .pids(0, 900)
+        .pods("web-pod", "gw-pod")
+        .time_us(us(2.0), us(48.0));
+    e2.xreq = [None, Some("rid-9".into())];
+    (sdk, vec![e1.to_span(), e2.to_span()])
+}
+
+/// The gateway's outbound call, without a trace header, carrying `xreq` in its request.
+fn gateway_outbound(id: u64, xreq: &str, t: (f64, f64)) -> Span {
+    let mut e = DfRow::new(id, "c-p", "gw-node")
+        .seqs(3001, 4001)
+        .sys(5, 6)
+        .pids(900, 0)
+        .pods("gw-pod", "api-pod")
+        .time_us(us(t.0), us(t.1));
+    e.xreq = [Some(xreq.into()), None];
+    e.to_span()
+}
+
+#[test]
+fn late_span_keyed_by_an_x_request_id_of_an_emitted_unit_follows_it() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = gateway_unit();
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(unit.len(), 3);
+
+    let out = feed(
+        &mut j,
+        t0 + Duration::from_secs(30),
+        vec![gateway_outbound(E3, "rid-9", (3.0, 47.0))],
+    );
+    let late = &only_unit(out)[0];
+    assert!(late.marks.late);
+    assert_eq!(late.trace_id.0, T1, "adopts the unit's trace id");
+    assert_eq!(
+        late.parent_span_id,
+        SpanId::from_u64(E2),
+        "the gateway's inbound side is upstream"
+    );
+    assert_eq!(s_attr(late, VIA).as_deref(), Some("x_request_id"));
+    assert!(s_attr(late, ORIGINAL_TRACE_ID).is_some());
+}
+
+#[test]
+fn late_x_request_id_match_keeps_the_time_guards() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (sdk, ebpf) = gateway_unit();
+    feed(&mut j, t0, sdk);
+    feed(&mut j, t0, ebpf);
+    only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    // Another value, and the same value outside the gateway span on its own agent: neither is
+    // late; both wait as unassociated spans and are dropped.
+    let out = feed(
+        &mut j,
+        t0 + Duration::from_secs(30),
+        vec![
+            gateway_outbound(E3, "rid-10", (3.0, 47.0)),
+            gateway_outbound(E4, "rid-9", (3.0, 60.0)),
+        ],
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert!(tick(&mut j, t0 + Duration::from_secs(200)).is_empty());
+}

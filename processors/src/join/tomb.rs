@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hashbrown::HashMap;
-use tailweave_core::ebpf::{flags, TapSide};
+use tailweave_core::ebpf::{flags, EbpfSpan, TapSide};
 use tailweave_core::{Span, SpanId};
 
 use super::output::VIA;
@@ -22,6 +22,8 @@ enum Key {
     Resp(u32, u32),
     Sys(u32, Arc<str>, u64),
     Frag(u32, Arc<str>, u64, u8),
+    /// An X-Request-ID value and the side it was seen on (0 request, 1 response).
+    Xreq(u32, Arc<str>, u8),
 }
 
 /// The compact copy of an emitted span that the §4 rules need, with the keys it is filed under.
@@ -46,6 +48,8 @@ struct Tomb {
     sys: [u64; 2],
     /// Request fragment filed under `Key::Frag` with this flow id (0: not).
     frag_flow: u64,
+    /// X-Request-IDs seen in the request and in the response.
+    xreq: [Option<Arc<str>>; 2],
 }
 
 impl Tomb {
@@ -61,11 +65,18 @@ impl Tomb {
             .map(move |id| Key::Sys(t, self.agent.clone(), id));
         let frag = (self.frag_flow != 0)
             .then(|| Key::Frag(t, self.agent.clone(), self.frag_flow, self.tap.rank()));
+        let xreq = (0..2u8).filter_map(move |side| {
+            let v = self.xreq[side as usize]
+                .as_ref()
+                .filter(|v| !v.is_empty())?;
+            Some(Key::Xreq(t, v.clone(), side))
+        });
         unit.into_iter()
             .chain(req)
             .chain(resp)
             .chain(sys)
             .chain(frag)
+            .chain(xreq)
     }
 }
 
@@ -165,6 +176,7 @@ impl Tombs {
             resp: 0,
             sys: [0; 2],
             frag_flow: 0,
+            xreq: [None, None],
         });
         for s in spans {
             let Some(e) = s.ebpf.as_deref() else { continue };
@@ -195,6 +207,7 @@ impl Tombs {
                 resp: e.resp_tcp_seq,
                 sys,
                 frag_flow: if request_only { e.flow_id } else { 0 },
+                xreq: e.x_request_id.clone(),
             });
         }
     }
@@ -326,6 +339,64 @@ impl Tombs {
                     }
                     _ => {}
                 }
+            }
+        }
+        self.match_xreq(tenant, e, now)
+    }
+
+    /// The x_request_id rules (join.md §4.5) against emitted spans: the newest span filed under
+    /// each (value, side) is tested.
+    fn match_xreq(&self, tenant: u32, e: &EbpfSpan, now: Instant) -> Option<LateTarget> {
+        let x = |side: usize| e.x_request_id[side].as_ref().filter(|v| !v.is_empty());
+        let found = |v: &Arc<str>, side: u8| self.live(&Key::Xreq(tenant, v.clone(), side), now);
+        let covers = |p: (u64, u64), c: (u64, u64)| p.0 <= c.0 && c.1 <= p.1;
+        let me = (e.start_ns, e.end_ns);
+        // On one agent the upstream span must cover the downstream one.
+        let may_lead = |t: &Tomb| t.agent != e.agent || covers((t.start, t.end), me);
+        let may_follow = |t: &Tomb| t.agent != e.agent || covers(me, (t.start, t.end));
+        let under = |t: &Tomb| LateTarget {
+            trace_id: t.trace_id,
+            parent: t.span_id,
+            via: Via::XRequestId,
+        };
+        let beside = |t: &Tomb| LateTarget {
+            trace_id: t.trace_id,
+            parent: t.parent,
+            via: Via::XRequestId,
+        };
+        // Inside one process: the emitted s-p above this c-p.
+        if e.tap_side == TapSide::CP {
+            for (v, side) in [(x(0), 0u8), (x(1), 1), (x(0), 1)] {
+                let Some(t) = v.and_then(|v| found(v, side)) else {
+                    continue;
+                };
+                let same_process = t.agent == e.agent && t.pid != 0 && t.pid == e.local_pid();
+                if t.tap == TapSide::SP && same_process && covers((t.start, t.end), me) {
+                    return Some(under(t));
+                }
+            }
+        }
+        // Injected: the gateway's inbound side answered with the id its outbound side sent.
+        if let Some(t) = x(0).and_then(|v| found(v, 1)) {
+            if may_lead(t) {
+                return Some(under(t));
+            }
+        }
+        if let Some(t) = x(1).and_then(|v| found(v, 0)) {
+            if may_follow(t) {
+                return Some(beside(t));
+            }
+        }
+        // Passed through: the longer span is upstream.
+        for side in 0..2u8 {
+            let Some(t) = x(side as usize).and_then(|v| found(v, side)) else {
+                continue;
+            };
+            if t.dur_us >= e.duration_us && may_lead(t) {
+                return Some(under(t));
+            }
+            if e.duration_us >= t.dur_us && may_follow(t) {
+                return Some(beside(t));
             }
         }
         None

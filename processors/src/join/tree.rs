@@ -18,6 +18,8 @@ pub struct Member {
     pub span: Span,
     /// Response fragments merged into this request fragment, as received.
     pub absorbed: Vec<Span>,
+    /// gRPC/HTTP2 frame rows merged into this session, as received (join.md §3).
+    pub frames: Vec<Span>,
     pub other_traces: Vec<[u8; 16]>,
     /// This request fragment's own model before any merge, for passthrough of originals.
     original: Option<Box<EbpfSpan>>,
@@ -28,6 +30,7 @@ impl Member {
         Member {
             span,
             absorbed: Vec::new(),
+            frames: Vec::new(),
             other_traces,
             original: None,
         }
@@ -44,6 +47,18 @@ impl Member {
         self.absorbed.push(r);
     }
 
+    /// Merges frame row `f` into this session: only the end and the merged row ids change.
+    pub fn absorb_frame(&mut self, f: Span) {
+        if let (Some(s), Some(fm)) = (self.span.ebpf.as_mut(), f.ebpf.as_deref()) {
+            if self.original.is_none() {
+                self.original = Some(s.clone());
+            }
+            s.end_ns = s.end_ns.max(fm.end_ns);
+            s.merged_row_ids.push(fm.row_id);
+        }
+        self.frames.push(f);
+    }
+
     pub fn model(&self) -> Option<&EbpfSpan> {
         self.span.ebpf.as_deref()
     }
@@ -53,9 +68,10 @@ impl Member {
         if let Some(o) = self.original.take() {
             self.span.ebpf = Some(o);
         }
-        let mut v = Vec::with_capacity(1 + self.absorbed.len());
+        let mut v = Vec::with_capacity(1 + self.absorbed.len() + self.frames.len());
         v.push(self.span);
         v.extend(self.absorbed);
+        v.extend(self.frames);
         v
     }
 }
@@ -573,28 +589,31 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
         let set: Vec<usize> = (0..n)
             .filter(|&i| is_sdk[i] && proc_of(&c, i) == Some(k))
             .collect();
-        let client = set
-            .iter()
-            .copied()
-            .filter(|&s| {
-                matches!(c.ms[s].span.kind, SpanKind::Client | SpanKind::Producer)
-                    && !cp_child_of_sdk[s]
-                    && c.sdk_covers(s, cp)
-                    && protocol_matches(&c.ms[s].span, ecp.l7_protocol)
-            })
-            .min_by_key(|&s| (c.dur_us(s).abs_diff(ecp.duration_us), s));
-        let target = client.or_else(|| {
+        // Each CLIENT span takes at most one c-p (`taken`).
+        let client_of = |c: &Ctx<'_>, taken: &[bool], x: usize| {
+            let ex = c.e(x)?;
             set.iter()
                 .copied()
                 .filter(|&s| {
-                    matches!(
-                        c.ms[s].span.kind,
-                        SpanKind::Server | SpanKind::Consumer | SpanKind::Internal
-                    ) && c.sdk_covers(s, cp)
+                    matches!(c.ms[s].span.kind, SpanKind::Client | SpanKind::Producer)
+                        && !taken[s]
+                        && c.sdk_covers(s, x)
+                        && protocol_matches(&c.ms[s].span, ex.l7_protocol)
                 })
-                .max_by_key(|&s| (depth(&c, s), std::cmp::Reverse(s)))
-        });
-        match target {
+                .min_by_key(|&s| (c.dur_us(s).abs_diff(ex.duration_us), s))
+        };
+        let client = client_of(&c, &cp_child_of_sdk, cp);
+        let deepest = set
+            .iter()
+            .copied()
+            .filter(|&s| {
+                matches!(
+                    c.ms[s].span.kind,
+                    SpanKind::Server | SpanKind::Consumer | SpanKind::Internal
+                ) && c.sdk_covers(s, cp)
+            })
+            .max_by_key(|&s| (depth(&c, s), std::cmp::Reverse(s)));
+        match client.or(deepest) {
             Some(s) => {
                 if client == Some(s) {
                     cp_child_of_sdk[s] = true;
@@ -603,16 +622,58 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
             }
             None => c.set(cp, k, via),
         }
+        // B4.5: the rest of its syscall sibling chain shares the parent (one thread's calls
+        // belong to one request), unless a member has its own SDK CLIENT span. The shared parent
+        // is never a CLIENT span: that one belongs to its own call.
+        let shared = deepest.unwrap_or(k);
+        for &o in &cps {
+            if o == cp || chain_id[o] != chain_id[cp] || !c.unplaced(o) {
+                continue;
+            }
+            match client_of(&c, &cp_child_of_sdk, o) {
+                Some(s) => {
+                    cp_child_of_sdk[s] = true;
+                    c.set(o, s, Via::Syscall);
+                }
+                None => c.set(o, shared, Via::Syscall),
+            }
+        }
     }
 
     // ---- Step C: connecting sets.
+    let mut cp_took_hop = vec![false; n];
     for h in 0..hops.len() {
         let root = hops[h].root();
         if !c.unplaced(root) || tap(&c, root) == TapSide::CP {
             continue;
         }
-        // C1: SDK leaf whose id is the hop header.
+        // C1: the process-set leaf whose header (a c-p that starts no hop of its own) or whose
+        // id (an SDK span) is the hop header. The c-p is the deeper of the two.
         if let Some(hd) = hops[h].header {
+            let er = c.e(root).expect("e");
+            let leaf_cp = cps
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    hop_of[k] != h
+                        && !cp_took_hop[k]
+                        && hops[hop_of[k]].leaf() == k
+                        && c.e(k)
+                            .is_some_and(|ek| ek.header_span_id == Some(hd) && c_guard(ek, er))
+                        && !is_ancestor(&c.parent, root, k)
+                })
+                .min_by_key(|&k| {
+                    (
+                        c.deviation(k, root),
+                        c.dur_us(k).abs_diff(c.dur_us(root)),
+                        k,
+                    )
+                });
+            if let Some(k) = leaf_cp {
+                c.set(root, k, Via::SpanId);
+                cp_took_hop[k] = true;
+                continue;
+            }
             if let Some(&s) = sdk_by_id.get(&SpanId(hd)) {
                 let e = c.e(root).expect("e");
                 if inst_match(&insts[s], e, &c.ms[root].span, 0) != Some(false) {
@@ -656,6 +717,41 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
     for i in 0..n {
         if let Some(p) = provisional[i] {
             c.set(i, p, Via::SpanId);
+        }
+    }
+    // C3 between eBPF spans: a c-p that starts a process set of its own (no syscall or
+    // X-Request-ID link to its s-p) hangs under the s-p that received the header it forwards,
+    // e.g. a worker that broke the syscall chain, or a sidecar that opened a new connection.
+    // The nearest s-p wins: same agent, same process, smallest time deviation, latest start.
+    for &r in &cps {
+        if !c.unplaced(r) {
+            continue;
+        }
+        let er = c.e(r).expect("e");
+        let Some(hd) = er.header_span_id else {
+            continue;
+        };
+        let best = sps
+            .iter()
+            .copied()
+            .filter(|&p| {
+                hop_of[p] != hop_of[r]
+                    && c.e(p)
+                        .is_some_and(|ep| ep.header_span_id == Some(hd) && c_guard(ep, er))
+                    && !is_ancestor(&c.parent, r, p)
+            })
+            .min_by_key(|&p| {
+                let ep = c.e(p).expect("e");
+                (
+                    ep.agent != er.agent,
+                    !rules::same_process(ep, er),
+                    c.deviation(p, r),
+                    std::cmp::Reverse(ep.start_ns),
+                    p,
+                )
+            });
+        if let Some(p) = best {
+            c.set(r, p, Via::SpanId);
         }
     }
     // C4: hop leaf -> hop root through X-Request-ID or an equal hop header.
@@ -967,6 +1063,15 @@ fn chain_hop(c: &mut Ctx<'_>, members: &[usize], hops: &mut Vec<Hop>) {
             header: c.e(s).and_then(|e| e.header_span_id),
         });
     }
+}
+
+/// The guards of every step-C rule between two eBPF spans, `p` the parent: on one agent `p`
+/// covers `c`; with both durations known, `p` lasts at least as long.
+fn c_guard(p: &EbpfSpan, c: &EbpfSpan) -> bool {
+    if p.agent == c.agent && !rules::covers(p, c) {
+        return false;
+    }
+    p.duration_us == 0 || c.duration_us == 0 || p.duration_us >= c.duration_us
 }
 
 fn protocol_matches(s: &Span, l7: u8) -> bool {
