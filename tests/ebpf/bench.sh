@@ -67,6 +67,8 @@ for r in $(seq $rounds); do
   echo "  tailweave CPU during the run: $(echo "$cpu1 - $cpu0" | bc) s"
   echo "  idle 2s:  $idle"
   echo "  wrk run:  $busy (cumulative)"
+  # The program's cost during the wrk run alone: every syscall on the machine runs it.
+  echo "$idle $busy" | awk '{t=$6-$2; n=$8-$4; if (n>0) printf "  BPF during the run: %d runs, %.0f ns/run, %.2f s total\n", n, t/n, t/1e9}'
   echo "  events: $(metric tailweave_ebpf_receiver_events_total) dropped: $(metric tailweave_ebpf_receiver_dropped_events_total) spans: $(metric tailweave_receiver_accepted_spans_total) refused: $(metric tailweave_receiver_refused_spans_total)"
   sysctl -qw kernel.bpf_stats_enabled=0
   kill $tw; wait $tw 2>/dev/null || true
