@@ -12,9 +12,11 @@
 //!   receiver left `span.ebpf` empty, over the DeepFlow attributes read from the bytes.
 //!
 //! With no settings the rules come from [`SelfInfo`] (the running config): tailweave's listening
-//! ports, its exporter endpoints, its pid and process name, its host and pod name and its own
-//! service name. Config adds rules by port, CIDR, process name, service name and resource
-//! attribute. Every drop is counted by rule in [`DROPPED_SPANS`].
+//! ports, its exporter endpoints, its pid and process name, its host, pod and node name, and its
+//! own service name. The node name is read from `NODE_NAME` (or `K8S_NODE_NAME`), which a pod gets
+//! from the downward API: the DeepFlow agent runs once per node, so the host of an eBPF span is the
+//! node's name, not the pod's. Config adds rules by port, CIDR, process name, service name and
+//! resource attribute. Every drop is counted by rule in [`DROPPED_SPANS`].
 
 pub mod rules;
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub struct Rules {
     pid: u32,
     /// Truncated as the kernel keeps it.
     process_name: String,
-    /// Names this host or pod goes by in DeepFlow's `host`/`chost`/`pod_node`/`pod` tags.
+    /// Names this host, pod or node goes by in DeepFlow's `host`/`chost`/`pod_node`/`pod` tags.
     self_names: Vec<String>,
     service_name: String,
     ports: Vec<u16>,
@@ -183,8 +183,28 @@ fn same_comm(a: &str, b: &str) -> bool {
     !a.is_empty() && comm(a) == comm(b)
 }
 
+/// Environment variables naming the Kubernetes node this pod runs on (set from the downward API,
+/// `spec.nodeName`). DeepFlow's agent runs once per node, so the host of an eBPF span captured
+/// next to tailweave is the node's name, not the pod's.
+pub const NODE_NAME_VARS: [&str; 2] = ["NODE_NAME", "K8S_NODE_NAME"];
+
 impl Rules {
+    /// Compiles the rules for this process; the node name comes from [`NODE_NAME_VARS`].
     pub fn compile(cfg: &SelfFilterConfig, info: &SelfInfo) -> Result<Rules, String> {
+        Rules::compile_with_env(cfg, info, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Rules::compile`], with the environment given (for tests).
+    pub fn compile_with_env(
+        cfg: &SelfFilterConfig,
+        info: &SelfInfo,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Rules, String> {
+        let node_name = NODE_NAME_VARS.iter().find_map(|k| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        });
         let mut cidrs = Vec::new();
         for c in &cfg.cidrs {
             cidrs.push(Cidr::parse(c)?);
@@ -199,13 +219,19 @@ impl Rules {
             .collect();
         export_ports.sort_unstable();
         export_ports.dedup();
-        let mut self_names: Vec<String> = [Some(&info.host_name), info.pod_name.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .collect();
-        self_names.dedup();
+        let mut self_names: Vec<String> = Vec::new();
+        for n in [
+            Some(&info.host_name),
+            info.pod_name.as_ref(),
+            node_name.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !n.is_empty() && !self_names.iter().any(|s| s.eq_ignore_ascii_case(n)) {
+                self_names.push(n.clone());
+            }
+        }
         Ok(Rules {
             derive: cfg.derive_rules,
             any_host: cfg.any_host,

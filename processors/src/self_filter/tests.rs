@@ -208,6 +208,41 @@ fn listen_port_on_this_host() {
 }
 
 #[test]
+fn node_name_from_the_environment_counts_as_this_host() {
+    let c = SelfFilterConfig::default();
+    // DeepFlow names the server side by its node: another process on the node, not tailweave.
+    let r = Row {
+        server_port: 4317,
+        host: ["node-a", "worker-7"],
+        comm: ["frontend", "otelcol"],
+        pid: [310, 99],
+        ..ordinary()
+    };
+    let with = |env: &'static [(&'static str, &'static str)]| {
+        let rules = Rules::compile_with_env(&c, &info(), |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        let a = rules.matches(&attrs_span(&r), &mut rules::ResourceCache::default());
+        let m = rules.matches(&model_span(&r), &mut rules::ResourceCache::default());
+        assert_eq!(a, m, "model and attribute readings disagree");
+        (a, rules.describe().join("\n"))
+    };
+    assert_eq!(with(&[]).0, None);
+    let (v, described) = with(&[("NODE_NAME", "worker-7")]);
+    assert_eq!(v, Some(Rule::ListenPort));
+    assert!(described.contains("worker-7"), "{described}");
+    assert_eq!(
+        with(&[("K8S_NODE_NAME", "WORKER-7")]).0,
+        Some(Rule::ListenPort)
+    );
+    // An empty variable names nothing.
+    assert_eq!(with(&[("NODE_NAME", " ")]).0, None);
+}
+
+#[test]
 fn own_process_calling_an_exporter_endpoint() {
     let c = SelfFilterConfig::default();
     let r = Row {
