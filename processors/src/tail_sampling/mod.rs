@@ -248,7 +248,21 @@ pub struct TailSampling {
     out_kept: Vec<Span>,
     out_late: Vec<Span>,
     scratch: Vec<TraceId>,
+    /// Per-batch scratch of `process_whole`: each trace's run of spans and what became of it.
+    runs: Vec<(u32, u32, Fate)>,
+    seen: hashbrown::HashSet<TraceId>,
     storage: Option<Storage>,
+}
+
+/// What `process_whole` did with one trace's run of spans.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    /// Buffered and decided by the general path.
+    General,
+    Kept(u32, f64),
+    Dropped,
+    /// Decided before: the spans follow that decision.
+    Late(Cached),
 }
 
 impl TailSamplingConfig {
@@ -328,6 +342,8 @@ impl TailSampling {
             out_kept: Vec::new(),
             out_late: Vec::new(),
             scratch: Vec::new(),
+            runs: Vec::new(),
+            seen: hashbrown::HashSet::new(),
             storage: None,
         }
     }
@@ -584,18 +600,45 @@ impl TailSampling {
         };
         self.span_bytes -= t.bytes;
         self.spans_held -= t.spans.len();
-        let set = self.tenant_set(&t.spans);
+        if let Some((policy, adjusted)) = self.judge(now, id, &t.spans, t.summary, t.first, why) {
+            self.keep(policy, adjusted, t.spans);
+        }
+    }
+
+    /// Annotates the spans of a kept trace and queues them for output.
+    fn keep(&mut self, policy: u32, adjusted: f64, spans: impl IntoIterator<Item = Span>) {
+        let a = Annotation::new(&self.names[policy as usize].name, adjusted);
+        for mut s in spans {
+            if !a.apply(&mut s) {
+                self.stats.annotate_failed += 1;
+            }
+            self.out_kept.push(s);
+        }
+    }
+
+    /// Votes on a trace that is no longer (or never was) held, counts the outcome and remembers
+    /// it; the policy and adjusted count when it is kept.
+    fn judge(
+        &mut self,
+        now: Instant,
+        id: &TraceId,
+        spans: &[Span],
+        summary: Summary,
+        first: Instant,
+        why: Trigger,
+    ) -> Option<(u32, f64)> {
+        let set = self.tenant_set(spans);
         let view = TraceView {
             trace_id: *id,
-            spans: &t.spans,
-            summary: t.summary,
+            spans,
+            summary,
         };
         let outcome = self.sets[set].decide(&view, &Ctx { now });
-        let n = t.spans.len() as u64;
+        let n = spans.len() as u64;
         self.stats.decided_by[why as usize] += 1;
         if self.latencies.len() < MAX_LATENCY_SAMPLES {
             self.latencies
-                .push(now.saturating_duration_since(t.first).as_secs_f64());
+                .push(now.saturating_duration_since(first).as_secs_f64());
         }
         match outcome {
             Outcome::Kept { policy, adjusted } => {
@@ -604,13 +647,6 @@ impl TailSampling {
                 let pc = &mut self.stats.per_policy[policy as usize];
                 pc.kept_traces += 1;
                 pc.kept_spans += n;
-                let a = Annotation::new(&self.names[policy as usize].name, adjusted);
-                for mut s in t.spans {
-                    if !a.apply(&mut s) {
-                        self.stats.annotate_failed += 1;
-                    }
-                    self.out_kept.push(s);
-                }
                 self.cache.remember(id, Cached::Kept { policy, adjusted });
                 if let Some(st) = &mut self.storage {
                     st.decision(
@@ -618,6 +654,7 @@ impl TailSampling {
                         Some((&self.names[policy as usize].name, adjusted)),
                     );
                 }
+                Some((policy, adjusted))
             }
             Outcome::Dropped { policy } => {
                 self.stats.traces_dropped += 1;
@@ -637,6 +674,97 @@ impl TailSampling {
                 if let Some(st) = &mut self.storage {
                     st.decision(cache::key(id), None);
                 }
+                None
+            }
+        }
+    }
+
+    /// A batch of whole traces (the join's units): each trace that is neither held nor decided
+    /// already is decided on the spot, without entering the trace table, the timers or the
+    /// arrival queue (that bookkeeping was most of the sampler's cost on the join's output).
+    /// The rest, and any batch where a trace's spans are not in one run, take the general path.
+    fn process_whole(&mut self, now: Instant, spans: Vec<Span>) {
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.clear();
+        let mut a = 0;
+        let mut contiguous = true;
+        while a < spans.len() {
+            let id = spans[a].trace_id;
+            let b = a + spans[a..].iter().take_while(|s| s.trace_id == id).count();
+            contiguous &= seen.insert(id);
+            runs.push((a as u32, b as u32, Fate::General));
+            a = b;
+        }
+        if !contiguous || self.storage.is_some() {
+            self.process_general(now, spans, true);
+        } else {
+            for r in runs.iter_mut() {
+                let run = &spans[r.0 as usize..r.1 as usize];
+                let id = run[0].trace_id;
+                let bytes: usize = run.iter().map(Span::held_bytes).sum();
+                if self.traces.contains_key(&id)
+                    || run.len() >= self.max_spans_per_trace
+                    || bytes >= self.max_trace_bytes
+                {
+                    continue;
+                }
+                if let Some(c) = self.cache.get(&id) {
+                    r.2 = Fate::Late(c);
+                    continue;
+                }
+                let mut summary = Summary::default();
+                for s in run {
+                    summary.add(s);
+                }
+                r.2 = match self.judge(now, &id, run, summary, now, Trigger::Whole) {
+                    Some((policy, adjusted)) => Fate::Kept(policy, adjusted),
+                    None => Fate::Dropped,
+                };
+            }
+            let mut it = spans.into_iter();
+            for &(a, b, what) in runs.iter() {
+                let run = it.by_ref().take((b - a) as usize);
+                match what {
+                    Fate::Kept(policy, adjusted) => self.keep(policy, adjusted, run),
+                    // `run` borrows the one iterator over the batch: it must be used up.
+                    Fate::Dropped => run.for_each(drop),
+                    Fate::Late(c) => run.for_each(|s| self.late(s, c)),
+                    Fate::General => {
+                        let mut id = None;
+                        for s in run {
+                            id = Some(s.trace_id);
+                            self.ingest(now, s);
+                        }
+                        if let Some(id) = id {
+                            self.decide(now, &id, Trigger::Whole);
+                        }
+                    }
+                }
+            }
+        }
+        self.runs = runs;
+        self.seen = seen;
+    }
+
+    /// Buffers every span; with `whole`, then decides each trace the batch touched.
+    fn process_general(&mut self, now: Instant, spans: Vec<Span>, whole: bool) {
+        if whole {
+            let mut touched = std::mem::take(&mut self.scratch);
+            for s in spans {
+                if touched.last() != Some(&s.trace_id) {
+                    touched.push(s.trace_id);
+                }
+                self.ingest(now, s);
+            }
+            for id in touched.drain(..) {
+                self.decide(now, &id, Trigger::Whole);
+            }
+            self.scratch = touched;
+        } else {
+            for s in spans {
+                self.ingest(now, s);
             }
         }
     }
@@ -925,21 +1053,9 @@ impl<'a> Annotation<'a> {
 impl Processor for TailSampling {
     fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
         if batch.whole {
-            let mut touched = std::mem::take(&mut self.scratch);
-            for s in batch.spans {
-                if touched.last() != Some(&s.trace_id) {
-                    touched.push(s.trace_id);
-                }
-                self.ingest(now, s);
-            }
-            for id in touched.drain(..) {
-                self.decide(now, &id, Trigger::Whole);
-            }
-            self.scratch = touched;
+            self.process_whole(now, batch.spans);
         } else {
-            for s in batch.spans {
-                self.ingest(now, s);
-            }
+            self.process_general(now, batch.spans, false);
         }
         self.persist(false);
         self.emit(now, out);

@@ -351,6 +351,122 @@ fn whole_batches_are_decided_without_waiting() {
     assert_eq!(r.p.traces_held(), 0);
 }
 
+/// The whole-batch fast path decides exactly as buffering every span and then deciding each
+/// touched trace did: same kept spans (bytes and all), same counts, on batches that mix new
+/// traces, traces already buffering, traces decided earlier, interleaved traces and a trace
+/// over the size limit.
+#[test]
+fn whole_fast_path_agrees_with_buffering_every_span() {
+    const CFG: &str = r#"
+max_spans_per_trace: 6
+policies:
+  - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+  - {name: vip, type: string_attribute, string_attribute: {key: tier, values: [vip]}}
+  - {name: half, type: probabilistic, probabilistic: {sampling_percentage: 50}}
+"#;
+    let mut fast = Run::new(CFG);
+    let mut slow = Run::new(CFG);
+    let mut rnd = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rnd = splitmix(rnd);
+        rnd % n
+    };
+    let (mut out_fast, mut out_slow) = (Vec::new(), Vec::new());
+    let mut paths = [0usize; 4];
+    for round in 0..200u64 {
+        let ms = round * 10;
+        let mut batch: Vec<B> = Vec::new();
+        for k in 0..(1 + next(6)) {
+            // Ids repeat across rounds, so some traces were decided already.
+            let t = tid(next(400));
+            let n = 1 + next(8);
+            let mut spans: Vec<B> = (0..n)
+                .map(|i| {
+                    let b = if i == 0 { root(t, 5) } else { child(t, i + 1) };
+                    match next(10) {
+                        0 => b.error(),
+                        1 => b.attr("tier", s("vip")),
+                        _ => b,
+                    }
+                })
+                .collect();
+            if k == 0 && next(8) == 0 {
+                // A trace that already has a span buffered.
+                let first = spans.remove(0);
+                out_fast.extend(fast.send(ms, vec![first.clone()]));
+                out_slow.extend(slow.send(ms, vec![first]));
+                paths[0] += 1;
+            }
+            batch.extend(spans);
+        }
+        if next(10) == 0 && batch.len() > 2 {
+            // Interleave: the last span moves to the front.
+            let last = batch.pop().expect("non-empty");
+            batch.insert(0, last);
+            paths[1] += 1;
+        }
+        paths[2] += usize::from(batch.len() >= 6);
+        out_fast.extend(fast.send_whole(ms, batch.clone()));
+        let now = slow.at(ms);
+        slow.p
+            .process_general(now, batch.into_iter().map(B::build).collect(), true);
+        let mut o = Vec::new();
+        slow.p.emit(now, &mut o);
+        out_slow.extend(flat(o));
+        out_fast.extend(fast.tick(ms + 5));
+        out_slow.extend(slow.tick(ms + 5));
+    }
+    paths[3] = fast.p.stats().late_spans_kept as usize + fast.p.stats().late_spans_dropped as usize;
+    assert!(
+        paths.iter().all(|&n| n > 0),
+        "every path exercised: {paths:?}"
+    );
+    let key = |v: &[Span]| {
+        let mut k: Vec<(TraceId, u64, Vec<u8>)> = v
+            .iter()
+            .map(|s| (s.trace_id, s.span_id.as_u64(), s.raw.to_vec()))
+            .collect();
+        k.sort();
+        k
+    };
+    assert!(!out_fast.is_empty());
+    let (kf, ks) = (key(&out_fast), key(&out_slow));
+    let only = |a: &[(TraceId, u64, Vec<u8>)], b: &[(TraceId, u64, Vec<u8>)]| {
+        a.iter()
+            .filter(|x| !b.contains(x))
+            .map(|x| (x.0, x.1))
+            .take(4)
+            .collect::<Vec<_>>()
+    };
+    let first_diff = (only(&kf, &ks), only(&ks, &kf));
+    assert!(
+        kf == ks,
+        "{} kept spans on the fast path, {} buffering; first difference {first_diff:?}",
+        kf.len(),
+        ks.len()
+    );
+    let (f, w) = (fast.p.stats(), slow.p.stats());
+    assert_eq!(
+        (
+            f.traces_kept,
+            f.spans_kept,
+            f.traces_dropped,
+            f.spans_dropped
+        ),
+        (
+            w.traces_kept,
+            w.spans_kept,
+            w.traces_dropped,
+            w.spans_dropped
+        )
+    );
+    assert_eq!(
+        (f.late_spans_kept, f.late_spans_dropped, f.decided_by),
+        (w.late_spans_kept, w.late_spans_dropped, w.decided_by)
+    );
+    assert_eq!(fast.p.traces_held(), slow.p.traces_held());
+}
+
 #[test]
 fn whole_batch_completes_a_trace_that_was_already_buffering() {
     let mut r = Run::new(ALWAYS);
