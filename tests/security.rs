@@ -600,9 +600,35 @@ async fn wait_spans(sink: &Sink, n: usize) {
 async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
     let pki = Pki::new();
     let sink = Sink::start().await;
-    let c = start(&tls_receiver(&server_tls_yaml(&pki, ""), &sink));
+    let c = start(&tls_receiver(
+        &server_tls_yaml(&pki, ", handshake_timeout: 1s"),
+        &sink,
+    ));
     let ca = pki.path("ca.pem");
     let body = request(2).encode_to_vec();
+
+    // A client that connects and never says hello holds only its own handshake: others are
+    // served meanwhile, and it is dropped (and counted) at handshake_timeout.
+    let silent = TcpStream::connect(("127.0.0.1", c.ports.grpc))
+        .await
+        .unwrap();
+    grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 1)
+        .await
+        .expect("served next to a stalled handshake");
+    let c2 = &c;
+    wait_for_async(
+        "the stalled handshake timed out",
+        Duration::from_secs(30),
+        || {
+            let n = c2.metric(
+                "tailweave_receiver_tls_handshake_failures_total",
+                &[("reason", "timeout")],
+            );
+            async move { (n == 1.0).then_some(()) }
+        },
+    )
+    .await;
+    drop(silent);
 
     // Plaintext clients get no service, on either protocol.
     let e = grpc_plain_export(&c.grpc_endpoint()).await.unwrap_err();
@@ -624,7 +650,7 @@ async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
     );
 
     // TLS clients with the right CA: accepted (HTTP/1.1 and, for gRPC, h2) and delivered.
-    grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 3)
+    grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 2)
         .await
         .expect("gRPC over TLS");
     let st = https_post(
@@ -639,12 +665,12 @@ async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
 
     // Every failed handshake was counted, and the listeners kept serving through them.
     let failed = c.metric("tailweave_receiver_tls_handshake_failures_total", &[]);
-    assert!(failed >= 3.0, "{failed}\n{}", c.metrics());
+    assert!(failed >= 4.0, "{failed}\n{}", c.metrics());
     let grpc_failed = c.metric(
         "tailweave_receiver_tls_handshake_failures_total",
         &[("transport", "grpc")],
     );
-    assert!(grpc_failed >= 2.0, "{}", c.metrics());
+    assert!(grpc_failed >= 3.0, "{}", c.metrics());
     grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 1)
         .await
         .expect("still serving");
@@ -797,7 +823,10 @@ service:
 
 /// One resource per entry: its `tenant` claim (none when `None`) and its spans as
 /// `(span id, parent id)` (parent 0: a root), all in trace `[0x42; 16]`.
-fn tenant_request(resources: &[(Option<&str>, &[(u8, u8)])]) -> ExportTraceServiceRequest {
+/// A resource's tenant claim and its `(span id, parent id)` pairs.
+type ClaimedSpans<'a> = (Option<&'a str>, &'a [(u8, u8)]);
+
+fn tenant_request(resources: &[ClaimedSpans<'_>]) -> ExportTraceServiceRequest {
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     ExportTraceServiceRequest {
         resource_spans: resources
