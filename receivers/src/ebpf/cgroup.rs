@@ -165,7 +165,18 @@ pub fn resolve_all(entries: &[String]) -> Vec<(usize, Result<Cgroup, CgroupError
             .enumerate()
             .map(|(i, e)| (i, resolve(e, &mounts)))
             .collect(),
-        Err(e) => vec![(0, Err(e))],
+        // Every entry fails alike; io::Error is not Clone, so each gets its own copy.
+        Err(e) => (0..entries.len())
+            .map(|i| {
+                let e = match &e {
+                    CgroupError::MountTable(io) => {
+                        CgroupError::MountTable(io::Error::new(io.kind(), io.to_string()))
+                    }
+                    _ => CgroupError::NoCgroup2,
+                };
+                (i, Err(e))
+            })
+            .collect(),
     }
 }
 

@@ -405,6 +405,29 @@ mod tests {
     }
 
     #[test]
+    fn cgroups_are_checked_with_their_key_paths() {
+        let c = cfg("cgroups: ['', 'a/../b']");
+        let paths: Vec<String> = c.validate_settings().into_iter().map(|i| i.path).collect();
+        assert_eq!(paths, ["cgroups[0]", "cgroups[1]"]);
+        // A cgroup that does not exist on this host is named with its index, whatever the host
+        // (no cgroup v2 at all is reported there too).
+        let c = cfg("comm: [nginx]\ncgroups: [system.slice, tailweave-no-such-cgroup/x]");
+        let issues = c.validate();
+        let bad: Vec<_> = issues
+            .iter()
+            .filter(|i| i.path.starts_with("cgroups"))
+            .collect();
+        assert!(!bad.is_empty(), "{issues:?}");
+        assert!(
+            bad.iter().any(|i| i.path == "cgroups[1]"
+                && (i.message.contains("tailweave-no-such-cgroup")
+                    || i.message.contains("no cgroup v2"))),
+            "{issues:?}"
+        );
+        assert!(c.validate_settings().is_empty());
+    }
+
+    #[test]
     fn own_ports_are_skipped() {
         let ctx = BuildContext {
             id: "ebpf".into(),
