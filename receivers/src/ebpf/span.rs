@@ -227,22 +227,14 @@ impl SpanBuilder {
                 b
             }
         };
-        let mut ra = vec![i("df.flow_info.id", row_id as i64)];
-        if req_seq != 0 {
-            ra.push(i("df.transport.req_tcp_seq", req_seq as i64));
-        }
-        if resp_seq != 0 {
-            ra.push(i("df.transport.resp_tcp_seq", resp_seq as i64));
-        }
-        let mut raw = BytesMut::with_capacity(fixed.len() + 96);
+        // Resource.attributes is field 1.
+        let mut ra = Attrs::new(1, 96);
+        ra.i("df.flow_info.id", row_id as i64);
+        ra.opt_i("df.transport.req_tcp_seq", req_seq as u64);
+        ra.opt_i("df.transport.resp_tcp_seq", resp_seq as u64);
+        let mut raw = BytesMut::with_capacity(fixed.len() + ra.buf.len());
         raw.extend_from_slice(&fixed);
-        raw.extend_from_slice(
-            &ProtoResource {
-                attributes: ra,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        );
+        raw.extend_from_slice(&ra.buf);
         let resource = Resource::new(raw.freeze(), Bytes::new());
         let scope = Scope::new(resource, self.scope.clone(), Bytes::new());
         let span_type = if f & flags::SESSION != 0 {
@@ -252,71 +244,52 @@ impl SpanBuilder {
         } else {
             "response"
         };
-        let mut sa = vec![s("df.span.type", span_type)];
-        let opt_i = |sa: &mut Vec<KeyValue>, k: &str, v: u64| {
-            if v != 0 {
-                sa.push(i(k, v as i64));
-            }
-        };
-        opt_i(&mut sa, "df.span.syscall_trace_id_request", m.syscall_req);
-        opt_i(&mut sa, "df.span.syscall_trace_id_response", m.syscall_resp);
-        opt_i(
-            &mut sa,
-            "df.span.syscall_thread_0",
-            m.syscall_thread[0] as u64,
-        );
-        opt_i(
-            &mut sa,
-            "df.span.syscall_thread_1",
-            m.syscall_thread[1] as u64,
-        );
-        opt_i(
-            &mut sa,
-            "df.span.syscall_cap_seq_0",
-            m.syscall_cap_seq[0] as u64,
-        );
-        opt_i(
-            &mut sa,
-            "df.span.syscall_cap_seq_1",
-            m.syscall_cap_seq[1] as u64,
-        );
-        opt_i(&mut sa, "df.metrics.response_duration_us", duration_us);
+        // Span.attributes is field 9.
+        let mut sa = Attrs::new(9, 1024);
+        sa.s("df.span.type", span_type);
+        sa.opt_i("df.span.syscall_trace_id_request", m.syscall_req);
+        sa.opt_i("df.span.syscall_trace_id_response", m.syscall_resp);
+        sa.opt_i("df.span.syscall_thread_0", m.syscall_thread[0] as u64);
+        sa.opt_i("df.span.syscall_thread_1", m.syscall_thread[1] as u64);
+        sa.opt_i("df.span.syscall_cap_seq_0", m.syscall_cap_seq[0] as u64);
+        sa.opt_i("df.span.syscall_cap_seq_1", m.syscall_cap_seq[1] as u64);
+        sa.opt_i("df.metrics.response_duration_us", duration_us);
         if let Some(ep) = &endpoint {
-            sa.push(s("df.span.endpoint", ep));
+            sa.s("df.span.endpoint", ep);
         }
         if let Some((tid, sid)) = tp {
-            sa.push(s("df.span.native.trace_id", &hex(&tid)));
-            sa.push(s("df.span.native.span_id", &hex(&sid)));
+            sa.s("df.span.native.trace_id", &hex(&tid));
+            sa.s("df.span.native.span_id", &hex(&sid));
         }
         if let Some(x) = &x_req {
-            sa.push(s("df.span.x_request_id_0", x));
+            sa.s("df.span.x_request_id_0", x);
         }
         if let Some(x) = &x_resp {
-            sa.push(s("df.span.x_request_id_1", x));
+            sa.s("df.span.x_request_id_1", x);
         }
         let name = match (c.l7, req) {
             (L7::Http1, Some((_, r))) => {
-                sa.push(s("http.method", &r.method));
-                sa.push(s("df.http.path", &r.resource));
+                sa.s("http.method", &r.method);
+                sa.s("df.http.path", &r.resource);
                 if !r.version.is_empty() {
-                    sa.push(s("http.flavor", &r.version));
+                    sa.s("http.flavor", &r.version);
                 }
                 if let Some(ts) = &r.tracestate {
-                    sa.push(s("df.http.tracestate", ts));
+                    sa.s("df.http.tracestate", ts);
                 }
                 format!("{} {}", r.method, endpoint.as_deref().unwrap_or(""))
             }
             (L7::Redis, Some((_, r))) => {
-                sa.push(s("db.system", "redis"));
-                sa.push(s("db.operation", &r.method));
-                sa.push(s("db.statement", &r.statement));
+                sa.s("db.system", "redis");
+                sa.s("db.operation", &r.method);
+                sa.s("db.statement", &r.statement);
                 r.method.clone()
             }
             (L7::Mysql, Some((_, r))) => {
-                sa.push(s("db.system", "mysql"));
-                sa.push(s("df.mysql.request_type", &r.method));
+                sa.s("db.system", "mysql");
+                sa.s("df.mysql.request_type", &r.method);
                 if !r.statement.is_empty() {
-                    sa.push(s("db.statement", &r.statement));
+                    sa.s("db.statement", &r.statement);
                 }
                 sql_name(&r.method, &r.statement)
             }
@@ -329,10 +302,10 @@ impl SpanBuilder {
                 } else {
                     "df.response_code"
                 };
-                sa.push(i(key, code as i64));
+                sa.i(key, code as i64);
             }
             if let Some(ra_) = r.affected_rows {
-                opt_i(&mut sa, "df.metrics.sql_affected_rows", ra_);
+                sa.opt_i("df.metrics.sql_affected_rows", ra_);
             }
         }
         let mut events = Vec::new();
@@ -359,7 +332,7 @@ impl SpanBuilder {
             kind: kind as i32,
             start_time_unix_nano: start_ns,
             end_time_unix_nano: end_ns,
-            attributes: sa,
+            attributes: Vec::new(),
             events,
             status: Some(Status {
                 code: status as i32,
@@ -367,7 +340,16 @@ impl SpanBuilder {
             }),
             ..Default::default()
         };
-        let mut span = Span::from_proto(scope, &p);
+        // Fields may come in any order: the attributes follow the rest, encoded without building
+        // a KeyValue (two Strings) per attribute.
+        let mut buf = Vec::with_capacity(p.encoded_len() + sa.buf.len());
+        p.encode_raw(&mut buf);
+        buf.extend_from_slice(&sa.buf);
+        let mut span = match Span::from_raw(scope.clone(), Bytes::from(buf)) {
+            Ok(span) => span,
+            // Unreachable with prost's output plus well-formed attributes; stay total anyway.
+            Err(_) => Span::from_proto(scope, &p),
+        };
         span.source = SpanSource::Ebpf;
         span.marks.timed_out = m.has(flags::TIMED_OUT);
         m.otlp_trace_id = trace_id;
@@ -396,6 +378,77 @@ fn sql_name(method: &str, sql: &str) -> String {
             t.trim_matches(|c: char| c == '`' || c == '(' || c == ';' || c == ',')
         ),
         None => verb,
+    }
+}
+
+/// Repeated `KeyValue` attributes of one field, encoded straight into bytes as prost would
+/// encode them.
+struct Attrs {
+    field: u32,
+    buf: Vec<u8>,
+}
+
+enum AttrVal<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+impl Attrs {
+    fn new(field: u32, capacity: usize) -> Attrs {
+        Attrs {
+            field,
+            buf: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn s(&mut self, k: &str, v: &str) {
+        self.put(k, AttrVal::Str(v));
+    }
+
+    fn i(&mut self, k: &str, v: i64) {
+        self.put(k, AttrVal::Int(v));
+    }
+
+    /// Zero means absent for these counters and ids.
+    fn opt_i(&mut self, k: &str, v: u64) {
+        if v != 0 {
+            self.put(k, AttrVal::Int(v as i64));
+        }
+    }
+
+    fn put(&mut self, k: &str, v: AttrVal<'_>) {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+        // AnyValue: string_value = 1, int_value = 3.
+        let value_len = match v {
+            AttrVal::Str(s) => key_len(1) + encoded_len_varint(s.len() as u64) + s.len(),
+            AttrVal::Int(n) => key_len(3) + encoded_len_varint(n as u64),
+        };
+        // KeyValue: key = 1, value = 2.
+        let kv_len = key_len(1)
+            + encoded_len_varint(k.len() as u64)
+            + k.len()
+            + key_len(2)
+            + encoded_len_varint(value_len as u64)
+            + value_len;
+        let b = &mut self.buf;
+        encode_key(self.field, WireType::LengthDelimited, b);
+        encode_varint(kv_len as u64, b);
+        encode_key(1, WireType::LengthDelimited, b);
+        encode_varint(k.len() as u64, b);
+        b.extend_from_slice(k.as_bytes());
+        encode_key(2, WireType::LengthDelimited, b);
+        encode_varint(value_len as u64, b);
+        match v {
+            AttrVal::Str(s) => {
+                encode_key(1, WireType::LengthDelimited, b);
+                encode_varint(s.len() as u64, b);
+                b.extend_from_slice(s.as_bytes());
+            }
+            AttrVal::Int(n) => {
+                encode_key(3, WireType::Varint, b);
+                encode_varint(n as u64, b);
+            }
+        }
     }
 }
 
@@ -567,6 +620,33 @@ mod tests {
             "Table 'shop.orders' doesn't exist"
         );
         assert_matches_normalizer(&sp);
+    }
+
+    #[test]
+    fn attrs_encode_as_prost_does() {
+        let long = "x".repeat(300);
+        let key = "k".repeat(130);
+        let mut a = Attrs::new(9, 0);
+        a.s("http.method", "GET");
+        a.s(&key, &long);
+        a.s("empty", "");
+        a.i("n", -5);
+        a.i("big", i64::MAX);
+        a.opt_i("zero", 0);
+        a.opt_i("seq", 4_000_000_000);
+        let want = ProtoSpan {
+            attributes: vec![
+                s("http.method", "GET"),
+                s(&key, &long),
+                s("empty", ""),
+                i("n", -5),
+                i("big", i64::MAX),
+                i("seq", 4_000_000_000),
+            ],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(a.buf, want);
     }
 
     #[test]
