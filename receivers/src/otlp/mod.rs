@@ -535,6 +535,22 @@ mod tests {
         assert!(cfg("protocols: {grpc: {tls: {cert_file: c, key_file: k, ca_file: x}}}").is_err());
     }
 
+    #[test]
+    fn the_deepflow_receiver_takes_the_same_tls_and_tenant_keys() {
+        let c: crate::deepflow::DeepflowReceiverConfig = parse(
+            serde_yaml::from_str(
+                "protocols: {grpc: {tls: {cert_file: /nonexistent/c.pem}}}\nauth: {tenants: [{tenant: a}]}",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            vec!["protocols.grpc.tls.key_file", "auth.tenants[0].token"]
+        );
+    }
+
     #[tokio::test]
     async fn a_certificate_that_does_not_load_fails_the_build_before_binding() {
         let dir = std::env::temp_dir().join(format!("tailweave-tls-build-{}", std::process::id()));
