@@ -27,8 +27,7 @@
 //! - Units are written by appending fields to the encoded spans (see `output`); `Span::edit` is
 //!   used where a field must be cleared or merged.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,7 +103,9 @@ pub struct Join {
     stream_idx: HashMap<(u32, u32, u64, u8, u64), IdList>,
     /// Zero-duration HTTP/2 frame rows waiting for their session, same key.
     frame_idx: HashMap<(u32, u32, u64, u8, u64), IdList>,
-    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Group deadlines, one FIFO per wait class (see [`Timers`]).
+    timers: Timers,
+    m: Handles,
     arrivals: VecDeque<(u32, u32)>,
     tombs: tomb::Tombs,
     /// Tenant lookups by resource: spans of one ResourceSpans share it.
@@ -150,7 +151,108 @@ struct Group {
     tail: u32,
     count: usize,
     bytes: usize,
-    scheduled: Instant,
+    /// The `min`/`max` timers of the first SDK span are queued.
+    sdk_timed: bool,
+    /// The `orphan_ttl` timer is queued.
+    orphan_timed: bool,
+    /// The `last_seen` whose `idle` timer is queued last.
+    idle_at: Option<Instant>,
+}
+
+/// Wait classes of [`Timers`]: each adds a fixed wait to the instant that starts it.
+const T_MIN: usize = 0;
+const T_IDLE: usize = 1;
+const T_MAX: usize = 2;
+const T_ORPHAN: usize = 3;
+
+/// Group deadlines without a heap. A group is due at `max(first_sdk + min, last_seen + idle)`,
+/// at `first_sdk + max`, or (no SDK span) at `first_any + orphan_ttl`: each term is an arrival
+/// instant plus a constant of its class, and arrival instants only grow, so each class is a FIFO
+/// whose deadlines are already in order. A timer names a member node (with its slot generation);
+/// when it fires, the node's current group is checked against its real deadline, so timers of
+/// groups that merged or moved on are harmless.
+#[derive(Default)]
+struct Timers {
+    q: [VecDeque<(Instant, u32, u32)>; 4],
+}
+
+impl Timers {
+    fn push(&mut self, class: usize, due: Instant, node: u32, gen: u32) {
+        let q = &mut self.q[class];
+        // A clock that stepped back must not break the order: such a timer fires a little late.
+        let due = q.back().map_or(due, |b| b.0.max(due));
+        q.push_back((due, node, gen));
+    }
+    /// The earliest timer due at `now`, removed.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, u32, u32)> {
+        let mut best: Option<(usize, Instant)> = None;
+        for (c, q) in self.q.iter().enumerate() {
+            if let Some(&(t, _, _)) = q.front() {
+                if t <= now && best.is_none_or(|(_, b)| t < b) {
+                    best = Some((c, t));
+                }
+            }
+        }
+        self.q[best?.0].pop_front()
+    }
+    fn clear(&mut self) {
+        self.q.iter_mut().for_each(|q| q.clear());
+    }
+}
+
+/// Metric handles, resolved once at build: a lookup per span showed in the profile (issue 6).
+struct Handles {
+    spans_in: [metrics::Counter; 2],
+    unknown_tenant: metrics::Counter,
+    late: metrics::Counter,
+    limit: metrics::Counter,
+    forced: metrics::Counter,
+    merged: metrics::Counter,
+    refused: metrics::Counter,
+    unassociated_drop: metrics::Counter,
+    unassociated_passthrough: metrics::Counter,
+    /// By `Outcome`.
+    units: [metrics::Counter; 5],
+    /// By source (sdk, ebpf), then by `VIA_LABELS`.
+    spans: [[metrics::Counter; 6]; 2],
+    /// SDK spans of units with no eBPF span (`via` = `none`).
+    spans_sdk_only: metrics::Counter,
+    pending_spans: metrics::Gauge,
+    pending_bytes: metrics::Gauge,
+    pending_groups: metrics::Gauge,
+    tombstones: metrics::Gauge,
+}
+
+impl Handles {
+    fn new() -> Handles {
+        let src = ["sdk", "ebpf"];
+        let outcomes = [
+            Outcome::Complete,
+            Outcome::Expired,
+            Outcome::Forced,
+            Outcome::Limit,
+            Outcome::Shutdown,
+        ];
+        Handles {
+            spans_in: src.map(|s| metrics::counter!(SPANS_IN, "source" => s)),
+            unknown_tenant: metrics::counter!(DROPPED, "reason" => "unknown_tenant"),
+            late: metrics::counter!(LATE),
+            limit: metrics::counter!(LIMIT),
+            forced: metrics::counter!(FORCED_FLUSH),
+            merged: metrics::counter!(MERGED_FRAGMENTS),
+            refused: metrics::counter!(REFUSED_UNIONS),
+            unassociated_drop: metrics::counter!(UNASSOCIATED, "action" => "drop"),
+            unassociated_passthrough: metrics::counter!(UNASSOCIATED, "action" => "passthrough"),
+            units: outcomes.map(|o| metrics::counter!(UNITS, "outcome" => o.as_str())),
+            spans: src
+                .map(|s| VIA_LABELS.map(|v| metrics::counter!(SPANS, "source" => s, "via" => v))),
+            spans_sdk_only: metrics::counter!(SPANS, "source" => "sdk", "via" => "none"),
+            pending_spans: metrics::gauge!(PENDING_SPANS),
+            pending_bytes: metrics::gauge!(PENDING_BYTES),
+            pending_groups: metrics::gauge!(PENDING_GROUPS),
+            tombstones: metrics::gauge!(TOMBSTONES),
+        }
+    }
 }
 
 /// A few node ids per key, inline for the common single entry.
@@ -272,7 +374,8 @@ impl Join {
             merge_idx: HashMap::new(),
             stream_idx: HashMap::new(),
             frame_idx: HashMap::new(),
-            deadlines: BinaryHeap::new(),
+            timers: Timers::default(),
+            m: Handles::new(),
             arrivals: VecDeque::new(),
             tombs: tomb::Tombs::default(),
             last_tenant: None,
@@ -410,15 +513,31 @@ impl Join {
         }
     }
 
-    fn schedule(&mut self, root: u32) {
-        let Some(g) = self.groups.get(&root) else {
+    /// Queues the timers the group of `root` does not have yet (see [`Timers`]).
+    fn arm(&mut self, root: u32) {
+        let gen = self.nodes[root as usize].gen;
+        let w = &self.cfg.wait;
+        let Some(g) = self.groups.get_mut(&root) else {
             return;
         };
-        let d = self.deadline(g);
-        if d < g.scheduled {
-            let gen = self.nodes[root as usize].gen;
-            self.groups.get_mut(&root).expect("group").scheduled = d;
-            self.deadlines.push(Reverse((d, root, gen)));
+        match g.first_sdk {
+            Some(f) => {
+                if !g.sdk_timed {
+                    g.sdk_timed = true;
+                    self.timers.push(T_MIN, f + w.min, root, gen);
+                    self.timers.push(T_MAX, f + w.max, root, gen);
+                }
+                if g.idle_at != Some(g.last_seen) {
+                    g.idle_at = Some(g.last_seen);
+                    self.timers.push(T_IDLE, g.last_seen + w.idle, root, gen);
+                }
+            }
+            None if !g.orphan_timed => {
+                g.orphan_timed = true;
+                self.timers
+                    .push(T_ORPHAN, g.first_any + w.orphan_ttl(), root, gen);
+            }
+            None => {}
         }
     }
 
@@ -431,7 +550,7 @@ impl Join {
         let (ga, gb) = (&self.groups[&ra], &self.groups[&rb]);
         if let (Some(ka), Some(kb)) = (ga.trace_key, gb.trace_key) {
             if ka != kb && !self.cfg.allow_multiple_trace_ids {
-                metrics::counter!(REFUSED_UNIONS).increment(1);
+                self.m.refused.increment(1);
                 // The arriving span `a` bridges to another trace: say so on it.
                 let other = if self.find(a) == ra { kb } else { ka };
                 let n = self.node_mut(a);
@@ -442,7 +561,7 @@ impl Join {
             }
         }
         if ga.count + gb.count > self.cfg.max_spans_per_trace {
-            metrics::counter!(LIMIT).increment(1);
+            self.m.limit.increment(1);
             return false;
         }
         let (keep, gone) = if ga.count >= gb.count {
@@ -466,7 +585,9 @@ impl Join {
         };
         g.first_any = g.first_any.min(g2.first_any);
         g.last_seen = g.last_seen.max(g2.last_seen);
-        self.schedule(keep);
+        g.sdk_timed |= g2.sdk_timed;
+        g.orphan_timed |= g2.orphan_timed;
+        g.idle_at = g.idle_at.max(g2.idle_at);
         true
     }
 
@@ -508,7 +629,6 @@ impl Join {
         };
         self.live += 1;
         self.bytes += held;
-        let far = now + self.cfg.wait.max.max(self.cfg.wait.orphan_ttl()) + Duration::from_secs(1);
         self.groups.insert(
             id,
             Group {
@@ -522,20 +642,20 @@ impl Join {
                 tail: id,
                 count: 1,
                 bytes: held,
-                scheduled: far,
+                sdk_timed: false,
+                orphan_timed: false,
+                idle_at: None,
             },
         );
-        self.schedule(id);
         let gen = self.nodes[id as usize].gen;
         self.arrivals.push_back((id, gen));
         id
     }
 
     fn add(&mut self, now: Instant, span: Span, out: &mut Vec<SpanBatch>) {
-        let source = if span.ebpf.is_some() { "ebpf" } else { "sdk" };
-        metrics::counter!(SPANS_IN, "source" => source).increment(1);
+        self.m.spans_in[usize::from(span.ebpf.is_some())].increment(1);
         let Some(tenant) = self.tenant_of(&span) else {
-            metrics::counter!(DROPPED, "reason" => "unknown_tenant").increment(1);
+            self.m.unknown_tenant.increment(1);
             return;
         };
         let key = match span.ebpf.as_deref() {
@@ -547,7 +667,7 @@ impl Join {
         // Late arrivals (join.md §5.5): the unit has gone, a tombstone remembers it.
         if live_group.is_none() {
             if let Some(late) = self.tombs.match_late(tenant, key, &span, &self.tol, now) {
-                metrics::counter!(LATE).increment(1);
+                self.m.late.increment(1);
                 out.push(SpanBatch::whole(vec![output::late_span(span, &late)]));
                 return;
             }
@@ -580,12 +700,12 @@ impl Join {
         if let Some(g) = self.groups.get_mut(&root) {
             g.last_seen = now;
         }
-        self.schedule(root);
-        metrics::gauge!(PENDING_SPANS).set(self.live as f64);
+        self.arm(root);
+        self.m.pending_spans.set(self.live as f64);
 
         let size = self.groups.get(&root).map_or(0, |g| g.count);
         if size >= self.cfg.max_spans_per_trace {
-            metrics::counter!(LIMIT).increment(1);
+            self.m.limit.increment(1);
             self.flush(root, now, Outcome::Limit, out);
         }
         while self.live > self.cfg.max_pending_spans {
@@ -597,7 +717,7 @@ impl Join {
                 continue;
             }
             let r = self.find(oldest);
-            metrics::counter!(FORCED_FLUSH).increment(1);
+            self.m.forced.increment(1);
             self.flush(r, now, Outcome::Forced, out);
         }
     }
@@ -647,7 +767,7 @@ impl Join {
                     let req_is_me = self.model(id).expect("eBPF").is_request_only();
                     let (q, r) = if req_is_me { (id, c) } else { (c, id) };
                     self.node_mut(r).merged_into = Some(q);
-                    metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                    self.m.merged.increment(1);
                 }
                 _ => match e.frame_key(tenant, agent) {
                     Some(fk) if self.absorb_frame(id, &fk) => {
@@ -682,7 +802,7 @@ impl Join {
                     idx_remove(&mut self.frame_idx, &sk, f);
                     let mk = (tenant, agent, e.flow_id, e.rank);
                     idx_remove(&mut self.merge_idx, &mk, f);
-                    metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                    self.m.merged.increment(1);
                 }
             }
             cands.clear();
@@ -805,7 +925,7 @@ impl Join {
                 let n = self.node_mut(id);
                 n.merged_into = Some(s);
                 n.frame = true;
-                metrics::counter!(MERGED_FRAGMENTS).increment(1);
+                self.m.merged.increment(1);
                 true
             }
             _ => false,
@@ -848,10 +968,10 @@ impl Join {
         let n = spans.len() as u64;
         match self.cfg.unassociated_ebpf {
             Unassociated::Drop => {
-                metrics::counter!(UNASSOCIATED, "action" => "drop").increment(n);
+                self.m.unassociated_drop.increment(n);
             }
             Unassociated::Passthrough => {
-                metrics::counter!(UNASSOCIATED, "action" => "passthrough").increment(n);
+                self.m.unassociated_passthrough.increment(n);
                 out.extend(spans.into_iter().map(|s| SpanBatch::whole(vec![s])));
             }
         }
@@ -898,9 +1018,9 @@ impl Join {
                 None => members.push(tree::Member::new(r, Vec::new())),
             }
         }
-        metrics::gauge!(PENDING_SPANS).set(self.live as f64);
-        metrics::gauge!(PENDING_BYTES).set(self.bytes as f64);
-        metrics::gauge!(PENDING_GROUPS).set(self.groups.len() as f64);
+        self.m.pending_spans.set(self.live as f64);
+        self.m.pending_bytes.set(self.bytes as f64);
+        self.m.pending_groups.set(self.groups.len() as f64);
 
         if !g.has_sdk {
             let spans = members
@@ -910,12 +1030,11 @@ impl Join {
             self.unassociated(spans, out);
             return;
         }
-        metrics::counter!(UNITS, "outcome" => outcome.as_str()).increment(1);
+        self.m.units[outcome as usize].increment(1);
         let unit_trace = g.trace_key.unwrap_or_default();
         if members.iter().all(|m| m.model().is_none()) {
             // SDK-only: unchanged.
-            metrics::counter!(SPANS, "source" => "sdk", "via" => "none")
-                .increment(members.len() as u64);
+            self.m.spans_sdk_only.increment(members.len() as u64);
             let spans: Vec<Span> = members.into_iter().map(|m| m.span).collect();
             self.tombs
                 .record(g.tenant, unit_trace, &spans, now + self.cfg.wait.late_ttl);
@@ -939,9 +1058,7 @@ impl Join {
         for (src, row) in counts.iter().enumerate() {
             for (v, &n) in row.iter().enumerate() {
                 if n > 0 {
-                    let source = if src == 1 { "ebpf" } else { "sdk" };
-                    metrics::counter!(SPANS, "source" => source, "via" => VIA_LABELS[v])
-                        .increment(n);
+                    self.m.spans[src][v].increment(n);
                 }
             }
         }
@@ -957,36 +1074,28 @@ impl Join {
     }
 
     fn due(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
-        while let Some(Reverse((t, root, gen))) = self.deadlines.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.deadlines.pop();
-            let slot = &self.nodes[root as usize];
+        while let Some((_, node, gen)) = self.timers.pop_due(now) {
+            let slot = &self.nodes[node as usize];
             if slot.gen != gen || slot.node.is_none() {
                 continue;
             }
+            let root = self.find(node);
             let Some(g) = self.groups.get(&root) else {
                 continue;
             };
-            if g.scheduled != t {
+            // Not due yet: a later timer of the group (idle, or min) covers it.
+            if self.deadline(g) > now {
                 continue;
             }
-            let d = self.deadline(g);
-            if d <= now {
-                let w = &self.cfg.wait;
-                let outcome = match g.first_sdk {
-                    Some(f) if now >= (f + w.min).max(g.last_seen + w.idle) => Outcome::Complete,
-                    _ => Outcome::Expired,
-                };
-                self.flush(root, now, outcome, out);
-            } else {
-                self.groups.get_mut(&root).expect("group").scheduled = d;
-                self.deadlines.push(Reverse((d, root, gen)));
-            }
+            let w = &self.cfg.wait;
+            let outcome = match g.first_sdk {
+                Some(f) if now >= (f + w.min).max(g.last_seen + w.idle) => Outcome::Complete,
+                _ => Outcome::Expired,
+            };
+            self.flush(root, now, outcome, out);
         }
         self.tombs.expire(now);
-        metrics::gauge!(TOMBSTONES).set(self.tombs.len() as f64);
+        self.m.tombstones.set(self.tombs.len() as f64);
         if self.arrivals.len() > 2 * self.live + 1024 {
             let nodes = &self.nodes;
             self.arrivals.retain(|&(id, gen)| {
@@ -1077,8 +1186,8 @@ impl Processor for Join {
             self.add(now, span, out);
         }
         self.last_tenant = None;
-        metrics::gauge!(PENDING_BYTES).set(self.bytes as f64);
-        metrics::gauge!(PENDING_GROUPS).set(self.groups.len() as f64);
+        self.m.pending_bytes.set(self.bytes as f64);
+        self.m.pending_groups.set(self.groups.len() as f64);
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
@@ -1100,7 +1209,7 @@ impl Processor for Join {
             self.flush(r, now, Outcome::Shutdown, out);
         }
         self.tombs = tomb::Tombs::default();
-        self.deadlines.clear();
+        self.timers.clear();
         self.arrivals.clear();
     }
 }

@@ -78,6 +78,7 @@ pub fn apply(
     let ids: Vec<SpanId> = members.iter().map(|m| m.span.span_id).collect();
     let mut unit: Vec<(u32, Span)> = Vec::with_capacity(members.len());
     let mut dropped = Vec::new();
+    let mut hexbuf = [0u8; 32];
     for (i, m) in members.into_iter().enumerate() {
         if !plan.kept[i] {
             dropped.extend(m.into_original_spans());
@@ -105,7 +106,8 @@ pub fn apply(
             .ebpf
             .as_deref()
             .is_some_and(|e| e.has(flags::TIMED_OUT));
-        let tap = span.ebpf.as_deref().map(|e| e.tap_side.code().to_string());
+        // Cloning the tap side shares its name: no allocation per span.
+        let tap = span.ebpf.as_deref().map(|e| e.tap_side.clone());
         let merged_end = span.ebpf.as_deref().map(|e| e.end_ns);
         let received_parent = span.parent_span_id;
         let received_trace = span.trace_id;
@@ -120,7 +122,7 @@ pub fn apply(
             let mut f = Appender::new(&span);
             if is_ebpf {
                 if received_trace.0 != trace_id {
-                    f.attr_str(ORIGINAL_TRACE_ID, &hex(&received_trace.0));
+                    f.attr_str(ORIGINAL_TRACE_ID, hex16(&received_trace.0, &mut hexbuf));
                     f.trace_id(trace_id);
                     span.trace_id = tailweave_core::TraceId(trace_id);
                 }
@@ -129,7 +131,7 @@ pub fn apply(
                     span.parent_span_id = np;
                 }
                 if let Some(t) = &tap {
-                    f.attr_str(TAP_SIDE, t);
+                    f.attr_str(TAP_SIDE, t.code());
                 }
                 if emit_offset && offset != 0 {
                     f.attr_int(CLOCK_OFFSET, offset);
@@ -171,7 +173,7 @@ pub fn apply(
                         };
                     }
                     if let Some(t) = &tap {
-                        set_attr(p, kv_str(TAP_SIDE, t.clone()));
+                        set_attr(p, kv_str(TAP_SIDE, t.code().to_string()));
                     }
                     for r in &absorbed {
                         merge_response(p, r);
@@ -275,6 +277,17 @@ pub fn late_span(mut span: Span, t: &LateTarget) -> Span {
     span
 }
 
+/// Lower-case hex of a trace id into `buf` (the fast path writes it without a `String`).
+fn hex16<'a>(id: &[u8; 16], buf: &'a mut [u8; 32]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in id.iter().enumerate() {
+        buf[2 * i] = DIGITS[(b >> 4) as usize];
+        buf[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(buf).unwrap_or_default()
+}
+
 /// Whether the span already carries `tailweave.join.*` attributes (appending would duplicate keys).
 fn has_join_attrs(span: &Span) -> bool {
     span.attrs().any(|(k, _)| k.starts_with("tailweave.join."))
@@ -342,6 +355,13 @@ mod tests {
     use super::*;
     use tailweave_core::proto::tonic::trace::v1::Span as ProtoSpan;
     use tailweave_core::Scope;
+
+    #[test]
+    fn hex16_matches_the_core_hex() {
+        let id: [u8; 16] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xa5);
+        let mut buf = [0u8; 32];
+        assert_eq!(hex16(&id, &mut buf), hex(&id));
+    }
 
     #[test]
     fn appended_fields_decode_as_a_rewrite() {

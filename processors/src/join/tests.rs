@@ -2275,3 +2275,67 @@ fn late_x_request_id_match_keeps_the_time_guards() {
     assert!(out.is_empty(), "{out:?}");
     assert!(tick(&mut j, t0 + Duration::from_secs(200)).is_empty());
 }
+
+// ---------------------------------------------------------------- timers (join.md §5.4)
+
+#[test]
+fn timers_follow_min_idle_and_the_first_sdk_span_after_merges() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let s = |n: u64| Duration::from_secs(n);
+    let (sdk, ebpf) = example_i();
+    // eBPF rows first: their orphan timer (60 s) must not decide an SDK group.
+    feed(&mut j, t0, ebpf);
+    feed(&mut j, t0 + s(10), sdk[..1].to_vec());
+    // A later span keeps the trace idle-waiting past `min` (10 + 15 s): due at 22 + 5 s.
+    feed(&mut j, t0 + s(22), sdk[1..].to_vec());
+    assert!(tick(&mut j, t0 + s(24)).is_empty());
+    assert!(tick(&mut j, t0 + s(26)).is_empty());
+    let out = tick(&mut j, t0 + s(27));
+    assert_eq!(only_unit(out).len(), 7);
+    assert_eq!(j.pending_spans(), 0);
+    assert_eq!(j.pending_groups(), 0);
+    // Stale timers of the flushed group fire later and do nothing.
+    assert!(tick(&mut j, t0 + s(200)).is_empty());
+}
+
+#[test]
+fn timers_expire_a_busy_trace_at_max_wait_and_orphans_at_their_ttl() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let web = sdk_scope("web", "web-pod", "default");
+    let span = |id: u64, parent: u64| {
+        sdk_span(
+            &web,
+            T1,
+            id,
+            parent,
+            SpanKind::Internal,
+            "x",
+            us(0.0),
+            us(1.0),
+            vec![],
+        )
+    };
+    feed(&mut j, t0, vec![span(W1, 0)]);
+    // A lone eBPF row of another trace: an orphan, dropped at 60 s.
+    let orphan = DfRow::new(E5, "c-p", "n")
+        .trace(T2, 7)
+        .time_us(us(0.0), us(1.0));
+    feed(
+        &mut j,
+        t0 + Duration::from_millis(500),
+        vec![orphan.to_span()],
+    );
+    for k in 1..=59u64 {
+        // A span every second: never idle for 5 s.
+        let out = feed(&mut j, t0 + Duration::from_secs(k), vec![span(W1 + k, W1)]);
+        assert!(out.is_empty(), "at {k} s");
+    }
+    assert!(tick(&mut j, t0 + Duration::from_millis(59_999)).is_empty());
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(60)));
+    assert_eq!(unit.len(), 60, "expired at first_sdk + max");
+    assert_eq!(j.pending_groups(), 1, "the orphan waits until 60.5 s");
+    assert!(tick(&mut j, t0 + Duration::from_millis(60_500)).is_empty());
+    assert_eq!(j.pending_groups(), 0);
+}

@@ -285,10 +285,12 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
     let is_sdk: Vec<bool> = (0..n).map(|i| c.e(i).is_none()).collect();
     // SDK spans of one service share their resource: read each resource once.
     let mut by_resource: HashMap<usize, usize> = HashMap::new();
-    let mut insts: Vec<Inst> = Vec::with_capacity(n);
+    // Shared, so spans of one resource (and all eBPF spans) cost no allocation each.
+    let no_inst = std::rc::Rc::new(Inst::default());
+    let mut insts: Vec<std::rc::Rc<Inst>> = Vec::with_capacity(n);
     for i in 0..n {
         if !is_sdk[i] {
-            insts.push(Inst::default());
+            insts.push(no_inst.clone());
             continue;
         }
         let key = c.ms[i].span.resource() as *const tailweave_core::Resource as usize;
@@ -296,7 +298,7 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
             Some(&j) => insts.push(insts[j].clone()),
             None => {
                 by_resource.insert(key, i);
-                insts.push(sdk_inst(&c.ms[i].span));
+                insts.push(std::rc::Rc::new(sdk_inst(&c.ms[i].span)));
             }
         }
     }
@@ -826,8 +828,9 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
 
     // ---- Step E: components, main root, pruning.
     let mut top = vec![usize::MAX; n];
+    let mut path = Vec::new();
     for i in 0..n {
-        let mut path = Vec::new();
+        path.clear();
         let mut x = i;
         loop {
             if top[x] != usize::MAX {
@@ -840,7 +843,7 @@ pub fn build(ms: &mut [Member], unit_trace: [u8; 16], tol: &Tol, allow_multiple:
             }
         }
         let t = if top[x] != usize::MAX { top[x] } else { x };
-        for p in path {
+        for &p in &path {
             top[p] = t;
         }
     }
@@ -1110,8 +1113,9 @@ fn is_ancestor(parent: &[Parent], anc: usize, mut x: usize) -> bool {
 fn break_cycles(parent: &mut [Parent], via: &mut [Option<Via>]) {
     let n = parent.len();
     let mut state = vec![0u8; n]; // 0 new, 1 on path, 2 done
+    let mut path = Vec::new();
     for i in 0..n {
-        let mut path = Vec::new();
+        path.clear();
         let mut x = i;
         while state[x] == 0 {
             state[x] = 1;
@@ -1135,7 +1139,7 @@ fn break_cycles(parent: &mut [Parent], via: &mut [Option<Via>]) {
                 }
             }
         }
-        for p in path {
+        for &p in &path {
             state[p] = 2;
         }
     }
