@@ -538,6 +538,37 @@ async fn https_post(
         .ok_or_else(|| format!("no status line in {line:?}"))
 }
 
+/// An OTLP/HTTP protobuf POST over HTTP/2 on TLS (ALPN `h2`); the status code.
+async fn https_post_h2(
+    port: u16,
+    cfg: Arc<tailweave_core::tls::rustls::ClientConfig>,
+    body: Vec<u8>,
+) -> Result<u16, String> {
+    let s = tls_connect(port, cfg)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let negotiated = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    if negotiated.as_deref() != Some(ALPN_H2) {
+        return Err(format!("ALPN {negotiated:?}"));
+    }
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .map_err(|e| format!("h2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("https://localhost/v1/traces")
+        .header("content-type", "application/x-protobuf")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("h2 request: {e}"))?;
+    Ok(resp.status().as_u16())
+}
+
 /// A plaintext POST to a TLS port: the status when an HTTP answer came back at all.
 fn plain_post(addr: &str, body: &[u8]) -> Option<u16> {
     tokio::task::block_in_place(|| {
@@ -661,7 +692,15 @@ async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
     )
     .await;
     assert_eq!(st, Ok(200));
-    wait_spans(&sink, 5).await;
+    // HTTP/2 on the HTTP port too (ALPN h2 offered next to http/1.1).
+    let st = https_post_h2(
+        c.ports.http,
+        client_config(&ca, None, ALPN_H2),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(st, Ok(200));
+    wait_spans(&sink, 7).await;
 
     // Every failed handshake was counted, and the listeners kept serving through them.
     let failed = c.metric("tailweave_receiver_tls_handshake_failures_total", &[]);
@@ -674,7 +713,7 @@ async fn tls_receivers_refuse_plaintext_and_deliver_what_tls_clients_send() {
     grpc_tls_export(c.ports.grpc, client_config(&ca, None, ALPN_H2), 1)
         .await
         .expect("still serving");
-    wait_spans(&sink, 6).await;
+    wait_spans(&sink, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
