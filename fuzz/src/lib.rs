@@ -1,6 +1,10 @@
 //! The fuzz targets of tailweave, as plain functions: `fuzz_targets/*.rs` hand them libFuzzer's
-//! input, and `tests/replay.rs` runs them over the seed corpus (`corpus/<target>/`) under plain
-//! `cargo test`, so the corpus is checked without nightly.
+//! input, and [`replay`] runs them over the seed corpus (`corpus/<target>/`) and deterministic
+//! mutations of it without libFuzzer or nightly: from `tests/replay.rs` here, and from the root
+//! package's `tests/fuzz_smoke.rs`, which includes this file by `#[path]` so CI's
+//! `cargo test --workspace` runs the smoke without building a second dependency tree. So this
+//! file names its own items by relative paths only (no `crate::`), and needs nothing beyond the
+//! root package's dev-dependencies.
 //!
 //! Each function must not panic on any input; where a property holds for every input (a decoded
 //! request re-encodes to one that decodes to the same spans) it is asserted, so a violation is a
@@ -12,6 +16,7 @@
 //! - [`otlp_decode`], [`otlp_json`], [`config_load`]: the parsers of untrusted input.
 //! - [`deepflow_normalize`], [`join`], [`tail_sampling`]: the eBPF normalizer and the two state
 //!   machines, fed span sequences built from the input.
+//! - [`replay`]: the target table, the seed reader and the deterministic mutator.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,8 @@ use tailweave_processors::join::testkit::DfRow;
 use tailweave_processors::join::{Join, JoinConfig};
 use tailweave_processors::tail_sampling::{TailSampling, TailSamplingConfig};
 use tailweave_receivers::deepflow::normalize::{normalize_spans, Role};
+
+pub mod replay;
 
 /// Limits small enough that the fuzzer reaches them.
 fn limits() -> DecodeLimits {
@@ -144,7 +151,7 @@ impl<'a> Input<'a> {
     }
     /// A short string: one of `common`, or raw bytes (possibly not UTF-8, lossily converted).
     pub fn text(&mut self, common: &[&str]) -> String {
-        if self.byte() % 4 != 0 {
+        if !self.byte().is_multiple_of(4) {
             return self.pick(common).to_string();
         }
         let n = usize::from(self.below(24));
@@ -224,7 +231,7 @@ fn attrs(input: &mut Input, max: u8) -> Vec<KeyValue> {
 fn trace_id(input: &mut Input) -> [u8; 16] {
     let mut t = [0u8; 16];
     t[15] = input.below(6);
-    if input.byte() % 8 == 0 {
+    if input.byte().is_multiple_of(8) {
         t[0] = input.byte();
     }
     t

@@ -16,123 +16,38 @@ use tailweave_core::proto::tonic::common::v1::{
 use tailweave_core::proto::tonic::resource::v1::Resource;
 use tailweave_core::proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
-type Target = fn(&[u8]);
+use tailweave_fuzz::replay::{self, Rng, TARGETS};
 
-const TARGETS: &[(&str, Target)] = &[
-    ("otlp_decode", tailweave_fuzz::otlp_decode),
-    ("otlp_json", tailweave_fuzz::otlp_json),
-    ("config_load", tailweave_fuzz::config_load),
-    ("deepflow_normalize", tailweave_fuzz::deepflow_normalize),
-    ("join", tailweave_fuzz::join),
-    ("tail_sampling", tailweave_fuzz::tail_sampling),
-];
+fn corpus_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
+}
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
-        .join(target)
-}
-
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(corpus_dir(target))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().is_file())
-                .map(|e| (e.path(), fs::read(e.path()).expect("read corpus file")))
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
-/// xorshift64*: deterministic mutations, the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
-
-fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for _ in 0..=rng.below(4) {
-        match rng.below(5) {
-            0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
-            }
-            1 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
-            }
-            2 => {
-                let cut = rng.below(v.len() + 1);
-                v.truncate(cut);
-            }
-            3 if !v.is_empty() => {
-                let (a, b) = (rng.below(v.len()), rng.below(v.len()));
-                let (lo, hi) = (a.min(b), a.max(b));
-                let chunk = v[lo..hi].to_vec();
-                let at = rng.below(v.len());
-                v.splice(at..at, chunk);
-            }
-            _ => v.push(rng.next() as u8),
-        }
-    }
-    v
+    replay::corpus_dir(&corpus_root(), target)
 }
 
 #[test]
 fn every_target_has_a_seed_corpus_and_survives_it() {
     for (name, f) in TARGETS {
-        let files = corpus(name);
-        assert!(
-            !files.is_empty(),
-            "no seed corpus in {:?}",
-            corpus_dir(name)
-        );
-        for (path, data) in files {
-            let r = std::panic::catch_unwind(|| f(&data));
-            assert!(r.is_ok(), "{name} crashed on {}", path.display());
-        }
+        let r = replay::replay(&corpus_root(), name, *f, 0, &std::env::temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.seeds > 0);
     }
 }
 
 #[test]
 fn every_target_survives_mutations_of_its_corpus() {
-    let rounds: usize = std::env::var("FUZZ_REPLAY_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let rounds = replay::rounds_from_env(replay::DEFAULT_ROUNDS);
     for (name, f) in TARGETS {
-        let seeds = corpus(name);
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
-        for i in 0..rounds {
-            let (path, seed) = &seeds[i % seeds.len()];
-            let input = mutate(seed, &mut rng);
-            let r = std::panic::catch_unwind(|| f(&input));
-            if r.is_err() {
-                let out = std::env::temp_dir().join(format!("crash-{name}-{i}"));
-                let _ = fs::write(&out, &input);
-                panic!(
-                    "{name} crashed on a mutation of {} (written to {})",
-                    path.display(),
-                    out.display()
-                );
-            }
-        }
+        let r = replay::replay(&corpus_root(), name, *f, rounds, &std::env::temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "replay: {name}: {} executions ({} seeds, {} mutations) in {:.1}s, 0 crashes",
+            r.executions(),
+            r.seeds,
+            r.mutations,
+            r.elapsed.as_secs_f64()
+        );
     }
 }
 
