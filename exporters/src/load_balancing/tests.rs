@@ -945,3 +945,55 @@ fn sending_queue_on_disk_is_checked_under_protocol_otlp() {
     );
     assert_eq!(d.child("10.0.0.1:4317").max_bytes, 64 << 20);
 }
+
+#[tokio::test]
+async fn a_backend_back_while_its_old_queue_drains_gets_a_directory_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let fakes = Arc::new(Fakes::default());
+    let s = on_disk(dir.path());
+    let root = s.disk.clone().unwrap();
+    let mut d = Driver {
+        id: "loadbalancing".into(),
+        router: Router::new(&[], AssociationConfig::default()),
+        backends: Vec::new(),
+        retired: Vec::new(),
+        settings: s.export,
+        make: make(&fakes),
+        reroute_after: Duration::ZERO,
+        published: RouterStats::default(),
+        disk: s.disk,
+        orphans_checked: true,
+    };
+    let name = names(1)[0].clone();
+    let first = d.start_backend(&name).unwrap();
+    assert_eq!(first.queue_dir, Some(root.child(&name).directory));
+    // Removed while its queue still drains (a task that does not end stands for the drain).
+    drop(first.input);
+    let draining = tokio::spawn(std::future::pending::<()>());
+    d.retired.push((first.queue_dir.clone(), draining));
+    let again = d.start_backend(&name).unwrap();
+    assert_eq!(
+        again.queue_dir,
+        Some(root.child(&format!("{name}#1")).directory)
+    );
+    // Both name the backend, so a restart drains both to it.
+    for q in [&first.queue_dir, &again.queue_dir] {
+        let f = q.as_ref().unwrap().join(backend::NAME_FILE);
+        assert_eq!(std::fs::read_to_string(f).unwrap(), name);
+    }
+    // Once the old queue has drained, its directory is used again.
+    first.done.await.unwrap();
+    let (_, h) = d.retired.pop().unwrap();
+    h.abort();
+    let _ = h.await;
+    d.retired
+        .push((first.queue_dir.clone(), tokio::spawn(async {})));
+    tokio::task::yield_now().await;
+    while !d.retired.iter().all(|(_, h)| h.is_finished()) {
+        tokio::task::yield_now().await;
+    }
+    drop(again.input);
+    again.done.await.unwrap();
+    let third = d.start_backend(&name).unwrap();
+    assert_eq!(third.queue_dir, Some(root.child(&name).directory));
+}
