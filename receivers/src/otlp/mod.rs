@@ -17,19 +17,26 @@
 //!     protocols:
 //!       grpc:                        # null: defaults (127.0.0.1:4317, 4 MiB messages)
 //!       http:
-//!         endpoint: 0.0.0.0:4318     # open to the network: consider `auth`
+//!         endpoint: 0.0.0.0:4318     # open to the network: consider `tls` and `auth`
 //!         traces_url_path: /v1/traces
 //!         max_request_body_size: 20971520
+//!         tls:                       # also on grpc; client_ca_file turns on mTLS
+//!           cert_file: /etc/tailweave/server.pem
+//!           key_file: /etc/tailweave/server.key
 //!     source: auto                   # auto | sdk | ebpf
 //!     auth:
-//!       bearer_tokens: ["${env:OTLP_TOKEN}"]
+//!       bearer_tokens: ["${env:OTLP_TOKEN}"]     # may write any tenant
+//!       tenants:                                 # pin the tenant of what they write
+//!         - {tenant: team-a, token: "${env:TEAM_A_TOKEN}"}
+//!       tenant_attribute: tenant
 //! ```
 //!
 //! Answers: success or `partial_success` (spans with invalid ids are refused one by one);
 //! `INVALID_ARGUMENT` / 400 for an unreadable body; `UNAVAILABLE` / 503 when the pipeline is
 //! full or shutting down and `RESOURCE_EXHAUSTED` / 429 above the memory limit, both with a
 //! retry delay (gRPC `RetryInfo`, HTTP `Retry-After`); `UNAUTHENTICATED` / 401 without a valid
-//! token. Every refusal is counted ([`ingest::REFUSED_SPANS`], [`ingest::REQUESTS`]).
+//! token; `PERMISSION_DENIED` / 403 when a tenant token sent only another tenant's resources
+//! (some of them: partial success). Every refusal is counted ([`ingest::REFUSED_SPANS`], [`ingest::REQUESTS`]).
 //!
 //! `build` binds every socket first (a port in use fails start-up, before anything serves);
 //! `run` serves until shutdown, then closes the listeners and lets in-flight requests finish.
