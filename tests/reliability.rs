@@ -8,7 +8,16 @@
 //! distinct spans the sink saw. Each test prints its numbers on `reliability:` lines.
 //!
 //! Durations are the by default: a 60 s outage (`TAILWEAVE_OUTAGE_SECS`) and 60 s of
-//! load at ten times the measured capacity (`TAILWEAVE_OVERLOAD_SECS`, `TAILWEAVE_OVERLOAD_FACTOR`).
+//! load at ten times the capacity measured first (`TAILWEAVE_OVERLOAD_SECS`,
+//! `TAILWEAVE_OVERLOAD_FACTOR`, `TAILWEAVE_CALIBRATE_SECS`, default 12 s). The whole file takes
+//! about 90 s on two cores (the three tests overlap).
+//!
+//! Known failure (not a test bug): the memory limit compares RSS with the soft limit, and the
+//! allocator keeps freed memory, so after an overload RSS can stay above the soft limit with
+//! the pipeline empty; the collector then accepts nothing during the load (after the backlog
+//! first fills) and may refuse for good afterwards. With
+//! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072` in the
+//! environment RSS falls back (47 MiB) and the collector keeps accepting about its capacity.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
