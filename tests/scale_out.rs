@@ -4,7 +4,10 @@
 //!   and the Kubernetes workloads around them match them (memory limit above the memory cap,
 //!   probes on the health endpoint's port).
 //! - `scale_out_*`: sidecar-mode instances -> one load-balancing instance -> three gateways -> a
-//!   sink, on loopback, the real binary throughout.
+//!   sink, on loopback, the real binary throughout; the game workload (SDK spans and DeepFlow rows,
+//!   with ground truth) through join and tail sampling, also across a gateway restart.
+//! - `load_balancer_queues_on_disk_survive_kill_9`: the load balancer's per-backend queues with
+//!   `sending_queue.storage: file`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
