@@ -9,6 +9,11 @@ use tailweave_collector::config::{self, Config, ConfigErrors};
 use tailweave_collector::{loadgen, service, telemetry};
 use tailweave_core::config::BuildContext;
 
+/// Every span passes through a few short-lived allocations (request buffers, batches); mimalloc's
+/// per-thread free lists make those cheap where the system allocator zeroed pages and locked arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a config that does not load (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
