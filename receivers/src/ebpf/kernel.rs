@@ -1,7 +1,9 @@
 //! The kernel side: load the committed BPF object with aya, fill its filter maps, attach it to
 //! the raw `sys_exit` tracepoint, and read its ring buffer in batches.
 //!
-//! The kernel wakes the reader only when the unread data passes `wakeup_bytes`; the reader also
+//! The kernel wakes the reader only when the unread data crosses a multiple of `wakeup_bytes`
+//! (a reader still draining is not woken again per record: that cost the watched process an
+//! IPI per record and tripled the program's time per run); the reader also
 //! drains every `poll_interval`, so a quiet system still delivers within one interval and a busy
 //! one costs a wake-up per batch rather than per event. Every drain turns events into calls
 //! (session), calls into spans (span) and hands them on in batches of at most `max_batch`.

@@ -25,7 +25,7 @@
 //!     all: false                    # true: every process but tailweave
 //!     capture_bytes: 512            # payload prefix copied per syscall (max 1024)
 //!     ring_buffer_size: 8388608     # bytes, a power of two
-//!     wakeup_bytes: 262144          # the kernel wakes the reader once this much is unread
+//!     wakeup_bytes: 262144          # the kernel wakes the reader per this much unread
 //!     poll_interval: 50ms           # ... and the reader polls at least this often
 //!     request_timeout: 60s          # a request unanswered this long leaves request-only
 //! ```
@@ -113,7 +113,8 @@ pub struct EbpfReceiverConfig {
     /// Ring buffer size in bytes: a power of two, at least 64 KiB. Default 8 MiB.
     #[serde(default = "default_ring_buffer_size")]
     pub ring_buffer_size: u32,
-    /// Unread bytes at which the kernel wakes the reader, below `ring_buffer_size`. Default 256 KiB.
+    /// The kernel wakes the reader each time the unread data crosses a multiple of this many
+    /// bytes; below `ring_buffer_size`. Default 256 KiB.
     #[serde(default = "default_wakeup_bytes")]
     pub wakeup_bytes: u32,
     /// The reader drains the ring buffer at least this often. Default 50ms.
