@@ -1,5 +1,6 @@
 //! Writing a unit (join.md §7): adopted trace ids, rebuilt parents, provenance attributes.
 
+use bytes::BytesMut;
 use tailweave_core::ebpf::flags;
 use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use tailweave_core::proto::tonic::trace::v1::{status, Span as ProtoSpan, Status};
@@ -79,6 +80,11 @@ pub fn apply(
     let mut unit: Vec<(u32, Span)> = Vec::with_capacity(members.len());
     let mut dropped = Vec::new();
     let mut hexbuf = [0u8; 32];
+    let room: usize = members
+        .iter()
+        .map(|m| m.span.raw.len() + APPEND_SLACK)
+        .sum();
+    let mut out_buf = BytesMut::with_capacity(room);
     for (i, m) in members.into_iter().enumerate() {
         if !plan.kept[i] {
             dropped.extend(m.into_original_spans());
@@ -119,7 +125,7 @@ pub fn apply(
             && !clears_parent
             && (is_ebpf || !has_join_attrs(&span));
         if fast {
-            let mut f = Appender::new(&span);
+            let mut f = Appender::new(&span, &mut out_buf);
             if is_ebpf {
                 if received_trace.0 != trace_id {
                     f.attr_str(ORIGINAL_TRACE_ID, hex16(&received_trace.0, &mut hexbuf));
@@ -298,13 +304,20 @@ fn has_join_attrs(span: &Span) -> bool {
 /// appended `attributes` entry, `trace_id` or non-empty `parent_span_id` gives the same message
 /// as a rewrite (prost, Go and Java decoders all follow that rule). Used only when no attribute
 /// key is duplicated and no field is cleared; everything else goes through `Span::edit`.
-struct Appender {
-    buf: Vec<u8>,
+///
+/// The spans of a unit are written one after another into one buffer (`apply` sizes it), and
+/// each is split off frozen: one allocation per unit instead of one per span. The unit travels
+/// and is decided as one piece, so its spans also live about as long as each other.
+struct Appender<'a> {
+    buf: &'a mut BytesMut,
 }
 
-impl Appender {
-    fn new(span: &Span) -> Appender {
-        let mut buf = Vec::with_capacity(span.raw.len() + 160);
+/// Room for the fields a unit appends to one span (ids, order, via, tap side).
+const APPEND_SLACK: usize = 160;
+
+impl<'a> Appender<'a> {
+    fn new(span: &Span, buf: &'a mut BytesMut) -> Appender<'a> {
+        buf.reserve(span.raw.len() + APPEND_SLACK);
         buf.extend_from_slice(&span.raw);
         Appender { buf }
     }
@@ -346,7 +359,7 @@ impl Appender {
         put_len_field(&mut self.buf, 5, &arr);
     }
     fn finish(self) -> bytes::Bytes {
-        bytes::Bytes::from(self.buf)
+        self.buf.split().freeze()
     }
 }
 
@@ -374,7 +387,8 @@ mod tests {
             ..Default::default()
         };
         let span = Span::from_proto(std::sync::Arc::new(Scope::default()), &p);
-        let mut f = Appender::new(&span);
+        let mut buf = BytesMut::new();
+        let mut f = Appender::new(&span, &mut buf);
         f.trace_id([9; 16]);
         f.parent(SpanId([7; 8]));
         f.attr_str(VIA, "tcp_seq");
