@@ -219,6 +219,11 @@ impl Resource {
     pub fn attrs(&self) -> AttrIter<'_> {
         AttrIter::new(&self.raw, 1)
     }
+    /// Iterates over every resource attribute as raw key bytes and encoded value, for scans that
+    /// compare keys and parse only the values they want.
+    pub fn raw_attrs(&self) -> RawAttrIter<'_> {
+        RawAttrIter::new(&self.raw, 1)
+    }
     pub fn service_name(&self) -> Option<&str> {
         self.attr("service.name").and_then(|v| v.as_str())
     }
@@ -453,6 +458,12 @@ impl Span {
         AttrIter::new(&self.raw, 9)
     }
 
+    /// Iterates over every span attribute as raw key bytes and encoded value (see
+    /// [`RawAttrIter`]).
+    pub fn raw_attrs(&self) -> RawAttrIter<'_> {
+        RawAttrIter::new(&self.raw, 9)
+    }
+
     /// A span attribute, else the resource attribute of the same key.
     pub fn attr_or_resource(&self, key: &str) -> Option<AttrValue<'_>> {
         self.attr(key).or_else(|| self.resource().attr(key))
@@ -600,6 +611,48 @@ impl<'a> Iterator for AttrIter<'a> {
     }
 }
 
+/// Iterates over the `KeyValue`s in repeated field `field` as `(key bytes, encoded AnyValue)`,
+/// without checking that keys are UTF-8 or parsing values: most scans look for a few keys, and
+/// validating every key and value was most of their cost. `AttrValue::parse` reads a value.
+/// A missing value is empty bytes (it parses as [`AttrValue::Empty`]); the walk ends at the first
+/// malformed field, as [`AttrIter`]'s does.
+pub struct RawAttrIter<'a> {
+    r: Reader<'a>,
+    field: u32,
+}
+
+impl<'a> RawAttrIter<'a> {
+    pub fn new(msg: &'a [u8], field: u32) -> Self {
+        RawAttrIter {
+            r: Reader::new(msg),
+            field,
+        }
+    }
+}
+
+impl<'a> Iterator for RawAttrIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (f, v, _) = self.r.next_field()?.ok()?;
+            let (true, Value::Len(kv)) = (f == self.field, v) else {
+                continue;
+            };
+            let mut key: &[u8] = &[];
+            let mut val: &[u8] = &[];
+            for e in Reader::new(kv) {
+                match e {
+                    Ok((1, Value::Len(k), _)) => key = k,
+                    Ok((2, Value::Len(a), _)) => val = a,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            return Some((key, val));
+        }
+    }
+}
+
 fn find_attr<'a>(msg: &'a [u8], field: u32, key: &str) -> Option<AttrValue<'a>> {
     if key.is_empty() {
         // A key that is not UTF-8 reads as "": only the general walk gets that right.
@@ -710,6 +763,30 @@ mod tests {
         let odd = Span::from_raw(Arc::new(Scope::default()), Bytes::from(raw)).unwrap();
         assert_eq!(odd.attr(""), Some(AttrValue::Empty));
         assert_eq!(odd.attr("x"), None);
+    }
+
+    #[test]
+    fn raw_attrs_agree_with_attrs() {
+        let p = ProtoSpan {
+            attributes: vec![
+                kv("a", any_value::Value::StringValue("1".into())),
+                kv("i", any_value::Value::IntValue(7)),
+                KeyValue {
+                    key: "novalue".into(),
+                    value: None,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let s = Span::from_proto(Arc::new(Scope::default()), &p);
+        let raw: Vec<(&str, AttrValue<'_>)> = s
+            .raw_attrs()
+            .map(|(k, v)| (std::str::from_utf8(k).unwrap(), AttrValue::parse(v)))
+            .collect();
+        let parsed: Vec<(&str, AttrValue<'_>)> = s.attrs().collect();
+        assert_eq!(raw, parsed);
+        assert_eq!(raw.len(), 3);
     }
 
     #[test]

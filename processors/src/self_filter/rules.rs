@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use tailweave_core::config::SelfInfo;
 use tailweave_core::ebpf::EbpfSpan;
-use tailweave_core::{Resource, Span, SpanKind, SpanSource};
+use tailweave_core::{AttrValue, Resource, Span, SpanKind, SpanSource};
 
 use super::SelfFilterConfig;
 
@@ -457,13 +457,16 @@ impl Rules {
     fn resource_verdict(&self, r: &Resource) -> ResourceVerdict {
         let mut is_ebpf = false;
         let mut service: Option<&str> = None;
-        for (k, v) in r.attrs() {
-            if k.starts_with("df.") || (k == "telemetry.sdk.name" && v.as_str() == Some("deepflow"))
+        // Keys compared as bytes, only the two values we read parsed: most resources are SDK
+        // resources whose other attributes no rule looks at.
+        for (k, v) in r.raw_attrs() {
+            if k.starts_with(b"df.")
+                || (k == b"telemetry.sdk.name" && AttrValue::parse(v).as_str() == Some("deepflow"))
             {
                 is_ebpf = true;
             }
-            if k == "service.name" {
-                service = v.as_str();
+            if k == b"service.name" {
+                service = AttrValue::parse(v).as_str();
             }
         }
         let own_service =

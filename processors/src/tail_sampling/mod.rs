@@ -1019,8 +1019,8 @@ impl<'a> Annotation<'a> {
     /// `Span::edit` so that the old values are replaced, not duplicated.
     fn apply(&self, span: &mut Span) -> bool {
         let marked = span
-            .attrs()
-            .any(|(k, _)| k == ATTR_POLICY || k == ATTR_ADJUSTED_COUNT);
+            .raw_attrs()
+            .any(|(k, _)| k == ATTR_POLICY.as_bytes() || k == ATTR_ADJUSTED_COUNT.as_bytes());
         if !marked {
             let mut b = BytesMut::with_capacity(span.raw.len() + self.encoded.len());
             b.extend_from_slice(&span.raw);

@@ -71,17 +71,18 @@ pub fn normalize_spans(spans: &mut [Span], role: Role) {
         let ebpf = match role {
             Role::Ebpf => true,
             Role::Shared => {
-                span.attr("df.span.type").is_some() || {
-                    let ptr: *const Resource = span.resource();
-                    match last_res {
-                        Some((p, v)) if p == ptr => v,
-                        _ => {
-                            let v = resource_is_deepflow(span.resource());
-                            last_res = Some((ptr, v));
-                            v
-                        }
+                // The resource's verdict first: it is cached for the run of spans sharing it,
+                // while the span's own marker costs a walk of its attributes.
+                let ptr: *const Resource = span.resource();
+                let res = match last_res {
+                    Some((p, v)) if p == ptr => v,
+                    _ => {
+                        let v = resource_is_deepflow(span.resource());
+                        last_res = Some((ptr, v));
+                        v
                     }
-                }
+                };
+                res || span.attr("df.span.type").is_some()
             }
         };
         if !ebpf {
@@ -98,8 +99,11 @@ pub fn normalize_spans(spans: &mut [Span], role: Role) {
 
 /// §7.1 rule 2, resource half: `telemetry.sdk.name == deepflow` or any `df.` key.
 pub fn resource_is_deepflow(r: &Resource) -> bool {
-    r.attrs().any(|(k, v)| {
-        k.starts_with("df.") || (k == "telemetry.sdk.name" && v.as_str() == Some("deepflow"))
+    // Keys compared as bytes and only the SDK name's value parsed: this runs for every resource
+    // of a shared receiver, and SDK resources (the usual case) have no DeepFlow key at all.
+    r.raw_attrs().any(|(k, v)| {
+        k.starts_with(b"df.")
+            || (k == b"telemetry.sdk.name" && AttrValue::parse(v).as_str() == Some("deepflow"))
     })
 }
 
