@@ -863,9 +863,10 @@ async fn overload_at_ten_times_capacity_stays_under_the_memory_limit_and_recover
     eprintln!(
         "reliability: overload drained: accepted {accepted}, refused {refused} (receiver counted \
          {refused_metric}), offered {offered} ({offered_rate:.0}/s) in the load, capacity {capacity:.0}/s, \
-         peak RSS {} MiB, RSS now {} MiB",
+         peak RSS {} MiB, RSS now {} MiB, live heap now {} MiB",
         peak_rss(pid) >> 20,
         c.metric("tailweave_process_memory_rss_bytes", &[]) as u64 >> 20,
+        c.metric("tailweave_process_memory_heap_bytes", &[]) as u64 >> 20,
     );
 
     // Serves normally afterwards: a new request is accepted (once memory is back under the soft

@@ -11,8 +11,14 @@ use tailweave_core::config::BuildContext;
 
 /// Every span passes through a few short-lived allocations (request buffers, batches); mimalloc's
 /// per-thread free lists make those cheap where the system allocator zeroed pages and locked arenas.
+/// `cap` counts the live bytes (one relaxed atomic add per allocation) so that the memory budget can
+/// tell memory in use from pages the allocator merely keeps (`tailweave_core::limiter`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cap::Cap<mimalloc::MiMalloc> = cap::Cap::new(mimalloc::MiMalloc, usize::MAX);
+
+fn heap_in_use() -> u64 {
+    ALLOCATOR.allocated() as u64
+}
 
 /// Exit code for a config that does not load (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -59,6 +65,7 @@ fn load(path: &Option<PathBuf>) -> Result<(Config, String), ConfigErrors> {
 }
 
 fn main() -> ExitCode {
+    tailweave_core::limiter::set_heap_probe(heap_in_use);
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

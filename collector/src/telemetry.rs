@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tailweave_core::limiter::{current_rss, MemoryLimiter};
+use tailweave_core::limiter::{current_rss, heap_in_use, MemoryLimiter};
 use tailweave_core::names;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -129,7 +129,7 @@ async fn health_status(State(h): State<Health>) -> impl IntoResponse {
     }
 }
 
-/// Samples RSS into the gauge and the memory budget.
+/// Samples RSS and live heap bytes into their gauges and the memory budget.
 pub fn sample_rss(
     limiter: Option<Arc<MemoryLimiter>>,
     shutdown: CancellationToken,
@@ -147,9 +147,13 @@ pub fn sample_rss(
                 _ = t.tick() => {
                     if let Some(rss) = current_rss() {
                         metrics::gauge!(names::PROCESS_RSS_BYTES).set(rss as f64);
+                        let heap = heap_in_use();
+                        if let Some(h) = heap {
+                            metrics::gauge!(names::PROCESS_HEAP_BYTES).set(h as f64);
+                        }
                         if let Some(l) = &limiter {
                             let was = l.over_soft_limit();
-                            l.observe(rss);
+                            l.observe_with_heap(rss, heap);
                             if l.over_soft_limit() != was {
                                 tracing::warn!(rss_mib = rss >> 20, soft_limit_mib = l.soft_limit_bytes >> 20,
                                     refusing = !was, "memory budget {}", if was { "recovered: accepting again" } else { "exceeded: receivers refuse with retryable errors" });
