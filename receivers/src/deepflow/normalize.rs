@@ -293,8 +293,8 @@ pub fn is_fake_trace_id(trace: &[u8; 16], span_id: &[u8; 8]) -> bool {
 /// Reads one eBPF-derived span into the model; `agents` interns agent names across calls.
 pub fn read_span(span: &Span, agents: &mut AgentCache) -> Result<EbpfSpan, Malformed> {
     // One pass over each attribute list: a lookup per key would rescan the list each time.
-    let ra = Attrs::collect(span.resource().attrs(), RES_KEYS);
-    let sa = Attrs::collect(span.attrs(), SPAN_KEYS);
+    let ra = Attrs::collect(span.resource().raw_attrs(), RES_KEYS);
+    let sa = Attrs::collect(span.raw_attrs(), SPAN_KEYS);
     let mut m = EbpfSpan::default();
     let mut f = 0u16;
     match str_of(sa.attr("df.span.type")) {
@@ -511,16 +511,19 @@ struct Attrs<'a> {
 }
 
 impl<'a> Attrs<'a> {
+    /// Takes raw `(key, value)` pairs: keys are compared as bytes and only the values of wanted
+    /// keys are parsed (a DeepFlow row has dozens of attributes; validating every key as UTF-8
+    /// and parsing every value was the largest part of the relay's cost on eBPF rows).
     fn collect(
-        iter: impl Iterator<Item = (&'a str, AttrValue<'a>)>,
+        iter: impl Iterator<Item = (&'a [u8], &'a [u8])>,
         keys: &'static [&'static str],
     ) -> Self {
         let mut vals = [None; MAX_KEYS];
         for (k, v) in iter {
-            if let Some(i) = keys.iter().position(|x| *x == k) {
+            if let Some(i) = keys.iter().position(|x| x.as_bytes() == k) {
                 // The first occurrence wins, as with a lookup.
                 if vals[i].is_none() {
-                    vals[i] = Some(v);
+                    vals[i] = Some(AttrValue::parse(v));
                 }
             }
         }
