@@ -84,9 +84,18 @@ impl Decoder for RawDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        // `copy_to_bytes` of the whole frame splits tonic's buffer: no copy.
+        // Copied into a buffer of exactly the frame's size: the spans are slices of it and may
+        // wait in the join and the sampler for seconds, and a slice of tonic's own buffer would
+        // keep that buffer's whole (grown) capacity alive with them. One memcpy per request.
         let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
+        let mut frame = Vec::with_capacity(n);
+        while src.has_remaining() {
+            let chunk = src.chunk();
+            frame.extend_from_slice(chunk);
+            let len = chunk.len();
+            src.advance(len);
+        }
+        Ok(Some(Bytes::from(frame)))
     }
 }
 
