@@ -109,6 +109,10 @@ struct RunResult {
     delivered: usize,
 }
 
+/// Longer than the longest wait of the bench pipelines (join `wait.max` 5 s; the sampler decides the
+/// join's whole units at once) plus the exporter's flush.
+const HELD_WAIT: Duration = Duration::from_secs(7);
+
 fn run_once(pipeline: &str, scenario: &[&str], traces: u64, conns: u64) -> RunResult {
     let sink = Sink::start_blocking();
     let ports = Ports::new();
@@ -133,13 +137,18 @@ fn run_once(pipeline: &str, scenario: &[&str], traces: u64, conns: u64) -> RunRe
     let summary = loadgen(&args, &dir.path().join("summary.json"));
     let elapsed = t0.elapsed().as_secs_f64();
     let accepted = summary["accepted"].as_u64().unwrap_or(0) as f64;
-    // CPU while ingesting; the drain of held traces afterwards is counted too, once it settles.
+    // CPU while ingesting, and the work on held traces afterwards: the join and the sampler hold
+    // the last traces for their waits (benches/e2e/full.yaml: at most 5 s) while the process is
+    // nearly idle, so "CPU stopped moving" alone would stop counting before that work is done.
+    // Wait out the longest wait, then until neither CPU nor the sink moves.
+    std::thread::sleep(HELD_WAIT);
     let settle = Instant::now();
-    let mut last = cpu_seconds(pid);
+    let mut last = (cpu_seconds(pid), sink.span_count());
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        let now = cpu_seconds(pid);
-        if now - last < 0.01 || settle.elapsed() > Duration::from_secs(30) {
+        let now = (cpu_seconds(pid), sink.span_count());
+        if (now.0 - last.0 < 0.01 && now.1 == last.1) || settle.elapsed() > Duration::from_secs(60)
+        {
             break;
         }
         last = now;
