@@ -687,7 +687,7 @@ receivers:
 processors:
   self_filter:
   join:
-    wait: {{min: 3s, idle: 2s, max: 20s}}
+    wait: {{min: 5s, idle: 4s, max: 30s}}
   tail_sampling:
     decision_wait: 25s
     policies:
