@@ -24,7 +24,7 @@ pub mod span;
 pub mod tls;
 pub mod wire;
 
-pub use component::{Consumer, Exporter, Processor, Receiver, Refused, SpanBatch};
+pub use component::{Ack, AckWait, Consumer, Exporter, Processor, Receiver, Refused, SpanBatch};
 pub use config::{BuildContext, ConfigIssue, SelfInfo};
 pub use error::{ComponentError, ExportError};
 pub use span::{

@@ -2,7 +2,8 @@
 //!
 //! A batch is sent when it reaches `send_batch_size` spans or when `timeout` has passed since its
 //! first span; `send_batch_max_size` splits larger inputs. Batches the join marked whole are kept
-//! apart from the rest so the mark stays true. Everything held is flushed on shutdown.
+//! apart from the rest so the mark stays true. Everything held is flushed on shutdown. Spans are
+//! acknowledged to their receiver when buffered (see `holds_spans`).
 
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,7 @@ impl Batch {
         let spans = std::mem::take(&mut p.spans);
         out.push(SpanBatch {
             spans,
+            acks: Vec::new(),
             whole: i == 1,
             decided_at: p.decided_at.take(),
         });
@@ -96,6 +98,13 @@ impl Batch {
 }
 
 impl Processor for Batch {
+    /// Buffered spans are acknowledged when buffered (their acks are dropped here), as the
+    /// Collector's batch processor does: holding a client's answer for `timeout` would cap an SDK
+    /// that sends one request at a time at a few requests per second.
+    fn holds_spans(&self) -> bool {
+        true
+    }
+
     fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
         let i = usize::from(batch.whole);
         let max = match self.cfg.send_batch_max_size {
