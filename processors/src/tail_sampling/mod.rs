@@ -1052,13 +1052,26 @@ impl<'a> Annotation<'a> {
 
 impl Processor for TailSampling {
     fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
-        if batch.whole {
-            self.process_whole(now, batch.spans);
+        let SpanBatch {
+            spans, acks, whole, ..
+        } = batch;
+        if whole {
+            self.process_whole(now, spans);
         } else {
-            self.process_general(now, batch.spans, false);
+            self.process_general(now, spans, false);
         }
         self.persist(false);
+        // Whatever became of the spans (held, dropped by policy, or queued in `out`), this stage
+        // took them: in memory at once, with `storage: file` once `persist` handed the log
+        // records to the OS. A failed log write does not fail the acks: the sampler goes on in
+        // memory (counted in `storage_errors`) rather than refusing every request while the
+        // disk is full.
+        drop(acks);
         self.emit(now, out);
+    }
+
+    fn holds_spans(&self) -> bool {
+        true
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {

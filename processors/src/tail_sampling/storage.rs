@@ -270,7 +270,7 @@ impl Storage {
 }
 
 /// Reads records until the end or the first damaged one; returns them and the good length.
-fn replay(mut data: Bytes) -> (Replayed, u64) {
+pub(super) fn replay(mut data: Bytes) -> (Replayed, u64) {
     let mut out = Replayed::default();
     let mut scopes: StdHashMap<u32, Arc<Scope>> = StdHashMap::new();
     let mut good = 0u64;

@@ -1324,6 +1324,78 @@ fn a_torn_last_record_is_cut_off_and_the_rest_replayed() {
     assert_eq!(c.traces_held(), 0);
 }
 
+/// Span ids and decision keys in the log as it is on disk now (read without opening it for
+/// writing, so the processor that owns it is left alone).
+fn logged_now(dir: &TempDir) -> (Vec<(TraceId, tailweave_core::SpanId)>, Vec<u64>) {
+    let data = std::fs::read(dir.log()).expect("log");
+    let (r, _) = storage::replay(Bytes::from(data));
+    (
+        r.spans.iter().map(|s| (s.trace_id, s.span_id)).collect(),
+        r.decisions.iter().map(|d| d.key).collect(),
+    )
+}
+
+#[test]
+fn with_storage_an_ack_resolves_once_its_spans_are_in_the_log() {
+    let dir = TempDir::new("ack");
+    let y = stored(
+        &dir,
+        "policies: [{name: e, type: status_code, status_code: {status_codes: [ERROR]}}]",
+    );
+    let t0 = Instant::now();
+    let mut a = open(&y, t0);
+    assert!(a.holds_spans());
+    let (pending, kept, dropped) = (tid(1), tid(2), tid(3));
+    let mut out = Vec::new();
+
+    let (ack, mut wait) = tailweave_core::Ack::new();
+    let spans = vec![root(pending, 1).build(), child(pending, 2).build()];
+    a.process(t0, SpanBatch::new(spans).with_ack(ack), &mut out);
+    assert_eq!(wait.try_take(), Some(Ok(())));
+    let (spans, _) = logged_now(&dir);
+    assert!(spans.contains(&(pending, tailweave_core::SpanId::from_u64(1))));
+    assert!(spans.contains(&(pending, tailweave_core::SpanId::from_u64(2))));
+
+    // Whole units decided on the spot: the spans and both decisions are logged by then.
+    let (ack, mut wait) = tailweave_core::Ack::new();
+    let whole = vec![root(kept, 1).error().build(), root(dropped, 1).build()];
+    a.process(t0, SpanBatch::whole(whole).with_ack(ack), &mut out);
+    assert_eq!(wait.try_take(), Some(Ok(())));
+    let (spans, decisions) = logged_now(&dir);
+    assert!(spans.contains(&(kept, tailweave_core::SpanId::from_u64(1))));
+    assert!(spans.contains(&(dropped, tailweave_core::SpanId::from_u64(1))));
+    assert!(decisions.contains(&cache::key(&kept)));
+    assert!(decisions.contains(&cache::key(&dropped)));
+    assert!(!decisions.contains(&cache::key(&pending)));
+
+    // The kept trace went on without the input's ack: downstream stages do not hold it.
+    assert_eq!(flat_acks(&out), 0);
+    assert_eq!(flat(out).len(), 1);
+}
+
+#[test]
+fn without_storage_an_ack_resolves_when_the_spans_are_taken() {
+    let mut r = Run::new(MISSION);
+    assert!(r.p.holds_spans());
+    let (ack, mut wait) = tailweave_core::Ack::new();
+    let (ack2, mut wait2) = tailweave_core::Ack::new();
+    let mut out = Vec::new();
+    let now = r.at(0);
+    let b = SpanBatch::new(vec![child(tid(7), 2).build()]).with_ack(ack);
+    r.p.process(now, b, &mut out);
+    let b = SpanBatch::whole(vec![root(tid(8), 1).error().build()]).with_ack(ack2);
+    r.p.process(now, b, &mut out);
+    assert_eq!(r.p.traces_held(), 1);
+    assert_eq!(wait.try_take(), Some(Ok(())));
+    assert_eq!(wait2.try_take(), Some(Ok(())));
+    assert_eq!(flat_acks(&out), 0);
+    assert_eq!(flat(out).len(), 1);
+}
+
+fn flat_acks(out: &[SpanBatch]) -> usize {
+    out.iter().map(|b| b.acks.len()).sum()
+}
+
 #[test]
 fn shutdown_compacts_the_log_to_decisions() {
     let dir = TempDir::new("compact");
