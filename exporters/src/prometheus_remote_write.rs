@@ -13,6 +13,14 @@
 //!
 //! Like `prometheus`, it marks the trace ids of the spans that reach it as kept. When its input
 //! ends (shutdown) it pushes one last time, so the final counts reach the destination.
+//!
+//! # TLS
+//! An `https://` endpoint is dialled over TLS with the `tls` block of the `otlp_http` exporter
+//! (`ca_file`, else the system roots; `cert_file` + `key_file` for mTLS; `server_name_override`)
+//! and the same connector, so both exporters verify a destination the same way. A handshake that
+//! fails (an untrusted certificate, a refused client certificate) is a connection error: retried
+//! like one, then counted as a failed push. As in the OTLP exporters the files are read once, at
+//! build: a rotated client certificate takes effect at the next restart.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -24,17 +32,18 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::red::{sanitize_name, RedRegistry, SetSnapshot};
+use tailweave_core::tls::ALPN_HTTP1;
 use tailweave_core::{ComponentError, ExportError, SpanBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::otlp::{Connector, TlsConfig};
 use crate::otlp_http::parse_retry_after;
 use crate::prometheus::{check_label_names, fmt_float, label_set, note_kept, series_name};
 use crate::queue::{Backoff, RetryConfig};
@@ -131,8 +140,13 @@ fn default_retry() -> RetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusRemoteWriteExporterConfig {
-    /// The remote-write URL, e.g. `http://prometheus:9090/api/v1/write`. Required.
+    /// The remote-write URL, e.g. `http://prometheus:9090/api/v1/write`; `https://` for TLS.
+    /// Required.
     pub endpoint: String,
+    /// TLS settings for an `https://` endpoint (`ca_file`, `cert_file`, `key_file`,
+    /// `server_name_override`), as in the `otlp_http` exporter; the URL's scheme decides whether
+    /// TLS is used. Default: system roots, no client certificate.
+    pub tls: TlsConfig,
     /// Prefix added to every metric name, before the `span_metrics` namespace. Default none.
     pub namespace: String,
     /// Labels added to every series (the ones a series already has win). Default none.
@@ -160,6 +174,7 @@ impl Default for PrometheusRemoteWriteExporterConfig {
     fn default() -> Self {
         PrometheusRemoteWriteExporterConfig {
             endpoint: String::new(),
+            tls: TlsConfig::default(),
             namespace: String::new(),
             external_labels: BTreeMap::new(),
             headers: BTreeMap::new(),
@@ -183,10 +198,10 @@ impl PrometheusRemoteWriteExporterConfig {
         }
         let uri = Uri::from_str(raw)
             .map_err(|e| ConfigIssue::new("endpoint", format!("{raw:?} is not a URL: {e}")))?;
-        if uri.scheme_str() != Some("http") {
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
             return Err(ConfigIssue::new(
                 "endpoint",
-                format!("{raw:?}: only http:// is supported (no TLS yet)"),
+                format!("{raw:?}: the URL must start with http:// or https://"),
             ));
         }
         if uri.host().is_none_or(str::is_empty) {
@@ -222,10 +237,29 @@ impl PrometheusRemoteWriteExporterConfig {
         }
     }
 
+    /// Whether the endpoint is dialled over TLS (only meaningful when `url()` is valid).
+    fn encrypts(&self) -> bool {
+        self.url().is_ok_and(|u| u.scheme_str() == Some("https"))
+    }
+
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut out = Vec::new();
-        if let Err(i) = self.url() {
-            out.push(i);
+        match self.url() {
+            Err(i) => out.push(i),
+            Ok(u) => {
+                out.extend(self.tls.validate("tls"));
+                match u.scheme_str() {
+                    Some("http") if self.tls.has_tls_settings() => out.push(ConfigIssue::new(
+                        "endpoint",
+                        "http:// means plaintext, so the tls settings would be ignored; use https://",
+                    )),
+                    Some("https") if self.tls.insecure => out.push(ConfigIssue::new(
+                        "tls.insecure",
+                        "https:// needs TLS; remove insecure: true or use http://",
+                    )),
+                    _ => {}
+                }
+            }
         }
         if let Err(i) = self.header_map() {
             out.extend(i);
@@ -260,7 +294,12 @@ impl PrometheusRemoteWriteExporterConfig {
         let Some(host) = uri.host() else {
             return Vec::new();
         };
-        vec![format!("{host}:{}", uri.port_u16().unwrap_or(80))]
+        let default_port = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        vec![format!("{host}:{}", uri.port_u16().unwrap_or(default_port))]
     }
 
     pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
@@ -284,9 +323,10 @@ impl PrometheusRemoteWriteExporterConfig {
         let headers = self
             .header_map()
             .map_err(|_| ComponentError::build(&ctx.id, "headers: invalid HTTP header"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(self.timeout));
+        // Reads the TLS files now, so a missing or broken one stops the start-up with its key.
+        let connector =
+            crate::otlp::connector(&self.tls, self.encrypts(), ALPN_HTTP1, self.timeout)
+                .map_err(|m| ComponentError::build(&ctx.id, m))?;
         let pusher = Arc::new(Pusher {
             id: ctx.id.clone(),
             url,
@@ -329,6 +369,8 @@ pub struct PushStats {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
     pub retries: AtomicU64,
+    /// Why the last given-up push failed.
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl PushStats {
@@ -340,6 +382,12 @@ impl PushStats {
     }
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -476,7 +524,7 @@ struct Pusher {
     id: String,
     url: Uri,
     headers: HeaderMap,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     opts: Encoding,
     timeout: Duration,
     retry: RetryConfig,
@@ -568,6 +616,11 @@ impl Pusher {
 
     fn failed(&self, err: &ExportError, attempts: u32) {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        *self
+            .stats
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
         metrics::counter!(PUSHES, "exporter" => self.id.clone(), "outcome" => "failed")
             .increment(1);
         tracing::warn!(exporter = %self.id, error = %err, attempts, "remote write push given up");
@@ -587,7 +640,7 @@ impl Pusher {
             .client
             .request(req)
             .await
-            .map_err(|e| ExportError::retryable(format!("{}: {e}", self.url)))?;
+            .map_err(|e| ExportError::retryable(format!("{}: {}", self.url, chain(&e))))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -614,6 +667,19 @@ impl Pusher {
             Err(ExportError::permanent(message))
         }
     }
+}
+
+/// An error with its causes: hyper's own message ("client error (Connect)") hides why a TLS
+/// handshake failed (e.g. an unknown issuer), which is what an operator needs to see.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -836,6 +902,36 @@ mod tests {
         requests: Vec<(http::HeaderMap, prompb::WriteRequest)>,
     }
 
+    /// Answers the remote-write requests of one connection: records each, then answers with the
+    /// next of `answers` (204 when none is left).
+    async fn serve<IO>(io: IO, seen: Arc<Mutex<Seen>>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+                let wr = prompb::WriteRequest::decode(raw.as_slice()).unwrap();
+                let mut st = seen.lock().unwrap();
+                st.requests.push((parts.headers, wr));
+                let code = if st.answers.is_empty() {
+                    204
+                } else {
+                    st.answers.remove(0)
+                };
+                let mut r = http::Response::new(Full::new(Bytes::from_static(b"nope")));
+                *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+            .await;
+    }
+
     /// A remote-write receiver answering with `answers` in turn, then 204.
     async fn receiver(answers: Vec<u16>) -> (String, Arc<Mutex<Seen>>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -846,38 +942,8 @@ mod tests {
         }));
         let s2 = seen.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = l.accept().await else {
-                    return;
-                };
-                let seen = s2.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let seen = seen.clone();
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let body = body.collect().await.unwrap().to_bytes();
-                                let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
-                                let wr = prompb::WriteRequest::decode(raw.as_slice()).unwrap();
-                                let mut st = seen.lock().unwrap();
-                                st.requests.push((parts.headers, wr));
-                                let code = if st.answers.is_empty() {
-                                    204
-                                } else {
-                                    st.answers.remove(0)
-                                };
-                                let mut r =
-                                    http::Response::new(Full::new(Bytes::from_static(b"nope")));
-                                *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
-                                Ok::<_, std::convert::Infallible>(r)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
+            while let Ok((stream, _)) = l.accept().await {
+                tokio::spawn(serve(stream, s2.clone()));
             }
         });
         (format!("http://{addr}/api/v1/write"), seen)
@@ -979,5 +1045,260 @@ mod tests {
         running.done.await.unwrap();
         assert_eq!(stats.sent() + stats.failed(), 0);
         assert!(seen.lock().unwrap().requests.is_empty());
+    }
+
+    // ---- TLS ----------------------------------------------------------------------------------
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::path::{Path, PathBuf};
+    use tailweave_core::tls::{ServerTls, ServerTlsSettings};
+
+    /// A throwaway CA in a tempdir, and the PEM files of the leaves it signs.
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new(name: &str) -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+            Pki {
+                dir,
+                ca: Issuer::new(params, key),
+            }
+        }
+
+        fn path(&self, f: &str) -> PathBuf {
+            self.dir.path().join(f)
+        }
+
+        /// Writes `<stem>.pem` and `<stem>.key`, a leaf valid for `names`.
+        fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &self.ca)
+                .unwrap();
+            let (c, k) = (
+                self.path(&format!("{stem}.pem")),
+                self.path(&format!("{stem}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        }
+    }
+
+    /// What a TLS receiver saw besides the requests: the DER of the first certificate each
+    /// client presented (`None`: none), per finished handshake.
+    type Handshakes = Arc<Mutex<Vec<Option<Vec<u8>>>>>;
+
+    /// A remote-write receiver over TLS with `pki`'s `server` leaf (for `127.0.0.1`), asking for
+    /// client certificates signed by `client_ca` when given. Always answers 204.
+    async fn tls_receiver(
+        pki: &Pki,
+        client_ca: Option<&Path>,
+    ) -> (String, Arc<Mutex<Seen>>, Handshakes) {
+        let (c, k) = pki.leaf("server", &["127.0.0.1"]);
+        let mut settings = ServerTlsSettings::new(c, k);
+        settings.client_ca_file = client_ca.map(Path::to_path_buf);
+        let tls = Arc::new(ServerTls::new(settings, &[ALPN_HTTP1]).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let shakes = Handshakes::default();
+        let (s2, h2) = (seen.clone(), shakes.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (tls, seen, shakes) = (tls.clone(), s2.clone(), h2.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = tls.accept(tcp).await else {
+                        return;
+                    };
+                    let peer = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
+                    shakes.lock().unwrap().push(peer);
+                    serve(stream, seen).await;
+                });
+            }
+        });
+        (format!("https://{addr}/api/v1/write"), seen, shakes)
+    }
+
+    fn tls_cfg(url: String, tls: TlsConfig) -> PrometheusRemoteWriteExporterConfig {
+        let mut c = cfg(url);
+        c.tls = tls;
+        // Enough for a couple of attempts: a refused handshake is retried as a connection error.
+        c.retry_on_failure.max_elapsed_time = Duration::from_millis(30);
+        c
+    }
+
+    fn trusting(pki: &Pki) -> TlsConfig {
+        TlsConfig {
+            ca_file: Some(pki.path("ca.pem")),
+            ..Default::default()
+        }
+    }
+
+    /// Builds, lets the final push run, and returns `(sent, failed)` and the last error.
+    async fn push_err(c: &PrometheusRemoteWriteExporterConfig) -> ((u64, u64), String) {
+        let (running, stats) = c.build_with(&ctx(), registry()).unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        (
+            (stats.sent(), stats.failed()),
+            stats.last_error().unwrap_or_default(),
+        )
+    }
+
+    async fn push(c: &PrometheusRemoteWriteExporterConfig) -> (u64, u64) {
+        push_err(c).await.0
+    }
+
+    #[tokio::test]
+    async fn https_delivers_to_a_trusted_ca_and_refuses_an_untrusted_server() {
+        let pki = Pki::new("remote write ca");
+        let (url, seen, shakes) = tls_receiver(&pki, None).await;
+
+        assert_eq!(push(&tls_cfg(url.clone(), trusting(&pki))).await, (1, 0));
+        {
+            let st = seen.lock().unwrap();
+            assert_eq!(st.requests.len(), 1);
+            let (h, wr) = &st.requests[0];
+            assert_eq!(h["x-prometheus-remote-write-version"], "0.1.0");
+            assert_eq!(wr.timeseries.len(), 10);
+        }
+        assert_eq!(
+            *shakes.lock().unwrap(),
+            vec![None],
+            "no client certificate asked"
+        );
+
+        // A server whose certificate another CA signed: no handshake, nothing delivered, the push
+        // counted as failed.
+        let other = Pki::new("someone else's ca");
+        let (counts, e) = push_err(&tls_cfg(url.clone(), trusting(&other))).await;
+        assert_eq!(counts, (0, 1));
+        assert!(e.contains("UnknownIssuer"), "the cause is logged: {e}");
+        // Plaintext to the TLS port: the server sees no ClientHello and drops the connection.
+        let plain = url.replacen("https://", "http://", 1);
+        assert_eq!(push(&tls_cfg(plain, TlsConfig::default())).await, (0, 1));
+        assert_eq!(
+            seen.lock().unwrap().requests.len(),
+            1,
+            "only the trusted push"
+        );
+        assert_eq!(shakes.lock().unwrap().len(), 1);
+
+        // The name checked is the URL's host unless overridden: a certificate for 127.0.0.1
+        // does not pass as `collector.internal`.
+        let mut wrong_name = trusting(&pki);
+        wrong_name.server_name_override = Some("collector.internal".into());
+        assert_eq!(push(&tls_cfg(url, wrong_name)).await, (0, 1));
+        assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn mtls_presents_the_client_certificate_when_configured() {
+        let pki = Pki::new("remote write ca");
+        let (url, seen, shakes) = tls_receiver(&pki, Some(&pki.path("ca.pem"))).await;
+
+        // Without a client certificate the server refuses the handshake.
+        assert_eq!(push(&tls_cfg(url.clone(), trusting(&pki))).await, (0, 1));
+        assert!(seen.lock().unwrap().requests.is_empty());
+        assert!(shakes.lock().unwrap().is_empty());
+
+        // A client certificate from another CA is refused too.
+        let other = Pki::new("someone else's ca");
+        let (oc, ok) = other.leaf("client", &["client"]);
+        let foreign = TlsConfig {
+            cert_file: Some(oc),
+            key_file: Some(ok),
+            ..trusting(&pki)
+        };
+        assert_eq!(push(&tls_cfg(url.clone(), foreign)).await, (0, 1));
+        assert!(seen.lock().unwrap().requests.is_empty());
+
+        let (cc, ck) = pki.leaf("client", &["client"]);
+        let with_cert = TlsConfig {
+            cert_file: Some(cc.clone()),
+            key_file: Some(ck),
+            ..trusting(&pki)
+        };
+        assert_eq!(push(&tls_cfg(url, with_cert)).await, (1, 0));
+        assert_eq!(seen.lock().unwrap().requests.len(), 1);
+        let pem = std::fs::read(&cc).unwrap();
+        let want = tailweave_core::tls::parse_certs(&pem, &cc).unwrap();
+        assert_eq!(
+            *shakes.lock().unwrap(),
+            vec![Some(want[0].as_ref().to_vec())],
+            "the server saw our client certificate"
+        );
+    }
+
+    #[test]
+    fn tls_settings_are_validated_with_key_paths() {
+        let parse = |y: &str| -> PrometheusRemoteWriteExporterConfig {
+            tailweave_core::config::parse(serde_yaml::from_str(y).unwrap()).unwrap()
+        };
+        let paths =
+            |y: &str| -> Vec<String> { parse(y).validate().into_iter().map(|i| i.path).collect() };
+        let https = "endpoint: https://prom.example:9090/api/v1/write";
+        assert!(paths(https).is_empty());
+        assert_eq!(parse(https).endpoints(), ["prom.example:9090"]);
+        assert_eq!(
+            parse("endpoint: https://prom.example/api/v1/write").endpoints(),
+            ["prom.example:443"]
+        );
+        assert_eq!(
+            paths("endpoint: http://prom:9090/w\ntls: {ca_file: /ca.pem}"),
+            ["endpoint"],
+            "tls settings on a plaintext URL"
+        );
+        assert_eq!(
+            paths(&format!("{https}\ntls: {{insecure: true}}")),
+            ["tls.insecure"]
+        );
+        assert_eq!(
+            paths(&format!("{https}\ntls: {{cert_file: /c.pem, ca_file: ''}}")),
+            ["tls.ca_file", "tls.key_file"]
+        );
+        assert_eq!(
+            paths(&format!(
+                "{https}\ntls: {{server_name_override: 'not a name!'}}"
+            )),
+            ["tls.server_name_override"]
+        );
+        assert_eq!(paths("endpoint: ftp://prom/w"), ["endpoint"]);
+        let unknown = tailweave_core::config::parse::<PrometheusRemoteWriteExporterConfig>(
+            serde_yaml::from_str(&format!("{https}\ntls: {{ca: /x}}")).unwrap(),
+        )
+        .unwrap_err();
+        assert!(unknown.path.starts_with("tls"), "{unknown:?}");
+
+        // A CA file that is not there stops the build, naming the key and the path.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing-ca.pem");
+        let c = parse(&format!("{https}\ntls: {{ca_file: {}}}", missing.display()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(async { c.build_with(&ctx(), registry()).map(|_| ()) })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls") && e.contains("missing-ca.pem"), "{e}");
     }
 }
