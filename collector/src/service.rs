@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tailweave_core::config::{BuildContext, SelfInfo};
 use tailweave_core::limiter::MemoryLimiter;
-use tailweave_core::{names, Consumer, Processor, SpanBatch};
+use tailweave_core::{names, Ack, Consumer, Processor, SpanBatch};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -87,17 +87,50 @@ pub fn self_info(cfg: &Config) -> SelfInfo {
     }
 }
 
+/// An exporter's input, and whether the exporter keeps a batch's acks until it holds the batch
+/// durably (a sending queue on disk). An in-memory queue takes the batch when the channel takes
+/// it, so the acks are let go then.
+#[derive(Clone)]
+struct ExporterInput {
+    tx: mpsc::Sender<SpanBatch>,
+    durable: bool,
+}
+
+impl ExporterInput {
+    async fn send(&self, mut batch: SpanBatch) -> bool {
+        if self.durable {
+            return self.tx.send(batch).await.is_ok();
+        }
+        let acks = std::mem::take(&mut batch.acks);
+        let ok = self.tx.send(batch).await.is_ok();
+        if !ok {
+            for a in &acks {
+                a.fail("exporter stopped");
+            }
+        }
+        ok
+    }
+}
+
 /// Where a stage sends its output.
 enum Next {
     Stage(mpsc::Sender<SpanBatch>),
-    Exporters(Vec<mpsc::Sender<SpanBatch>>),
+    Exporters(Vec<ExporterInput>),
 }
 
 impl Next {
     /// Waits for room: a full downstream stops this stage, and so, upstream, the receivers.
     async fn send(&self, batch: SpanBatch) -> bool {
         match self {
-            Next::Stage(tx) => tx.send(batch).await.is_ok(),
+            Next::Stage(tx) => match tx.send(batch).await {
+                Ok(()) => true,
+                Err(mpsc::error::SendError(b)) => {
+                    for a in &b.acks {
+                        a.fail("pipeline stopped");
+                    }
+                    false
+                }
+            },
             Next::Exporters(txs) => {
                 let mut ok = true;
                 let n = txs.len();
@@ -108,7 +141,7 @@ impl Next {
                     } else {
                         batch.clone().unwrap_or_default()
                     };
-                    ok &= tx.send(b).await.is_ok();
+                    ok &= tx.send(b).await;
                 }
                 ok
             }
@@ -127,36 +160,36 @@ const MAX_BATCHES_PER_TURN: usize = 64;
 const MAX_MERGED_SPANS: usize = 4096;
 
 /// Merges consecutive output batches of the same kind (`whole` or not), keeping the earliest
-/// `decided_at`, and sends them. Spans keep their order.
+/// `decided_at` and every ack, and sends them. Spans keep their order. `acks` (the input acks
+/// of a stage that does not hold spans) go with every batch sent, or are let go with nothing to
+/// send (the stage dropped every span, by its rules and counted).
 async fn send_merged(
     out: &mut Vec<SpanBatch>,
+    acks: &mut Vec<Ack>,
     next: &Next,
     outgoing: &metrics::Counter,
     id: &str,
     pipeline: &str,
 ) {
-    let mut pending: Option<SpanBatch> = None;
+    let mut merged: Vec<SpanBatch> = Vec::new();
     for b in out.drain(..) {
         if b.is_empty() {
             continue;
         }
-        match &mut pending {
-            Some(p) if p.whole == b.whole && p.len() + b.len() <= MAX_MERGED_SPANS => {
-                p.decided_at = match (p.decided_at, b.decided_at) {
-                    (Some(x), Some(y)) => Some(x.min(y)),
-                    (x, y) => x.or(y),
-                };
-                p.spans.extend(b.spans);
-            }
-            _ => {
-                if let Some(p) = pending.replace(b) {
-                    send_one(p, next, outgoing, id, pipeline).await;
-                }
-            }
+        match merged.last_mut() {
+            Some(p) if p.whole == b.whole && p.len() + b.len() <= MAX_MERGED_SPANS => p.absorb(b),
+            _ => merged.push(b),
         }
     }
-    if let Some(p) = pending {
-        send_one(p, next, outgoing, id, pipeline).await;
+    let acks = std::mem::take(acks);
+    if let Some((last, rest)) = merged.split_last_mut() {
+        for b in rest {
+            b.acks.extend(acks.iter().cloned());
+        }
+        last.acks.extend(acks);
+    }
+    for b in merged {
+        send_one(b, next, outgoing, id, pipeline).await;
     }
 }
 
@@ -192,10 +225,21 @@ async fn drive(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out: Vec<SpanBatch> = Vec::new();
-    let take = |p: &mut Option<Box<dyn Processor>>, b: SpanBatch, out: &mut Vec<SpanBatch>| {
+    // The acks of this turn's input, for a stage that does not hold spans: they go on its output.
+    let mut acks: Vec<Ack> = Vec::new();
+    let holds = p.as_ref().is_some_and(|p| p.holds_spans());
+    let take = |p: &mut Option<Box<dyn Processor>>,
+                mut b: SpanBatch,
+                out: &mut Vec<SpanBatch>,
+                acks: &mut Vec<Ack>| {
         incoming.increment(b.len() as u64);
         match p.as_mut() {
-            Some(p) => p.process(Instant::now(), b, out),
+            Some(p) => {
+                if !holds {
+                    acks.append(&mut b.acks);
+                }
+                p.process(Instant::now(), b, out)
+            }
             None => out.push(b),
         }
     };
@@ -205,13 +249,13 @@ async fn drive(
             biased;
             b = rx.recv(), if accepting => match b {
                 Some(b) => {
-                    take(&mut p, b, &mut out);
+                    take(&mut p, b, &mut out, &mut acks);
                     for _ in 1..MAX_BATCHES_PER_TURN {
                         if !p.as_ref().is_none_or(|p| p.accepting()) {
                             break;
                         }
                         match rx.try_recv() {
-                            Ok(b) => take(&mut p, b, &mut out),
+                            Ok(b) => take(&mut p, b, &mut out, &mut acks),
                             Err(_) => break,
                         }
                     }
@@ -225,12 +269,12 @@ async fn drive(
                 }
             }
         }
-        send_merged(&mut out, &next, &outgoing, &id, &pipeline).await;
+        send_merged(&mut out, &mut acks, &next, &outgoing, &id, &pipeline).await;
     }
     if let Some(p) = p.as_mut() {
         p.shutdown(Instant::now(), &mut out);
     }
-    send_merged(&mut out, &next, &outgoing, &id, &pipeline).await;
+    send_merged(&mut out, &mut acks, &next, &outgoing, &id, &pipeline).await;
     tracing::debug!(processor = %id, pipeline = %pipeline, "stage drained");
 }
 
@@ -269,7 +313,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     telemetry::sample_rss(limiter.clone(), telemetry_stop.clone());
 
     // Exporters: one instance each, shared by the pipelines that name it.
-    let mut exporter_inputs: Vec<(String, mpsc::Sender<SpanBatch>)> = Vec::new();
+    let mut exporter_inputs: Vec<(String, ExporterInput)> = Vec::new();
     let mut exporters = Vec::new();
     for (pid, p) in &cfg.service.pipelines {
         for eid in &p.exporters {
@@ -288,7 +332,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
                 .config
                 .build(&ctx)
                 .with_context(|| format!("exporters.{eid}: cannot start"))?;
-            exporter_inputs.push((eid.clone(), running.input));
+            let input = ExporterInput {
+                tx: running.input,
+                durable: e.config.holds_durably(),
+            };
+            exporter_inputs.push((eid.clone(), input));
             exporters.push((eid.clone(), running.done));
         }
     }
@@ -297,7 +345,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let mut pipeline_inputs: Vec<(String, mpsc::Sender<SpanBatch>)> = Vec::new();
     let mut processors = Vec::new();
     for (pid, p) in &cfg.service.pipelines {
-        let fan: Vec<mpsc::Sender<SpanBatch>> = p
+        let fan: Vec<ExporterInput> = p
             .exporters
             .iter()
             .filter_map(|e| exporter_inputs.iter().find(|(id, _)| id == e))

@@ -94,6 +94,18 @@ impl ExporterConfig {
         }
     }
 
+    /// `true` when the exporter keeps the acks of a batch until the batch is on disk (a sending
+    /// queue with `storage: file`), so a receiver's answer means "written". Every other exporter
+    /// takes a batch when its queue's channel does.
+    pub fn holds_durably(&self) -> bool {
+        match self {
+            ExporterConfig::Otlp(c) => c.sending_queue.disk("").is_some(),
+            ExporterConfig::OtlpHttp(c) => c.sending_queue.disk("").is_some(),
+            ExporterConfig::LoadBalancing(c) => c.protocol.otlp.sending_queue.disk("").is_some(),
+            _ => false,
+        }
+    }
+
     /// Starts the exporter. Must run inside a tokio runtime.
     pub fn build(&self, ctx: &BuildContext) -> Result<RunningExporter, ComponentError> {
         match self {

@@ -615,19 +615,25 @@ async fn write_to_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, mut rx: mpsc::Rec
                 Err(_) => break,
             }
         }
-        for b in group.drain(..) {
-            if !b.is_empty() {
-                append_waiting(&shared, &q, &b).await;
+        // The receivers' answers wait for these: they go once the group is on disk.
+        let mut acks = Vec::new();
+        for mut b in group.drain(..) {
+            if !b.is_empty() && !append_waiting(&shared, &q, &b).await {
+                for a in &b.acks {
+                    a.fail("batch too large for the sending queue");
+                }
             }
+            acks.append(&mut b.acks);
         }
         sync_disk(&shared.id, &q).await;
+        drop(acks);
     }
     q.close();
 }
 
 /// Appends one batch, waiting (and so holding the pipeline) while the log is full or the disk
-/// fails. Only a batch that can never fit is given up on, and counted.
-async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) {
+/// fails. Only a batch that can never fit is given up on, and counted (`false`).
+async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) -> bool {
     let payload = encode_request(&batch.spans);
     let mut refused = false;
     loop {
@@ -639,7 +645,7 @@ async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) 
                 if refused {
                     tracing::info!(exporter = %shared.id, "sending queue has room again");
                 }
-                return;
+                return true;
             }
             Err(e @ DiskError::Full { .. }) => {
                 if !refused {
@@ -655,7 +661,7 @@ async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) 
             Err(e @ DiskError::TooLarge { .. }) => {
                 shared.count_failed(batch.len() as u64, REASON_TOO_LARGE_FOR_QUEUE);
                 tracing::warn!(exporter = %shared.id, spans = batch.len(), error = %e, "dropping batch");
-                return;
+                return false;
             }
             Err(e @ DiskError::Io { .. }) => {
                 tracing::error!(exporter = %shared.id, error = %e, "sending queue: write failed, retrying");
@@ -1433,6 +1439,43 @@ mod tests {
         running.done.await.unwrap();
         assert_eq!(stats.sent(), accepted * 200);
         assert_eq!(stats.failed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_acknowledged_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_at(dir.path(), 1 << 20);
+        // The destination never answers: only the disk write can let the ack go.
+        let stalled = Arc::new(Fake {
+            gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
+        });
+        let (running, _stats) = spawn_persistent("otlp/x", &no_jitter(), &disk, stalled).unwrap();
+        let (ack, wait) = tailweave_core::Ack::new();
+        let b = SpanBatch::new(spans(3)).with_ack(ack);
+        let on_disk = encode_request(&b.spans).len() as u64 + disk::RECORD_HEADER;
+        running.input.send(b).await.unwrap();
+        assert_eq!(wait.await, Ok(()));
+        assert_eq!(segment_bytes(&disk.directory), on_disk);
+        running.done.abort();
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_disk_queue_cannot_hold_fails_its_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_at(dir.path(), 100);
+        let fake = Fake::with(Vec::new());
+        let (running, _stats) = spawn_persistent("otlp/x", &no_jitter(), &disk, fake).unwrap();
+        let (ack, wait) = tailweave_core::Ack::new();
+        running
+            .input
+            .send(SpanBatch::new(spans(50)).with_ack(ack))
+            .await
+            .unwrap();
+        let why = wait.await.unwrap_err();
+        assert!(why.contains("too large"), "{why}");
+        drop(running.input);
+        running.done.await.unwrap();
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
-use tailweave_core::{ComponentError, Span, SpanBatch};
+use tailweave_core::{Ack, ComponentError, Span, SpanBatch};
 use tokio::sync::{mpsc, watch};
 
 use crate::otlp::OtlpExporterConfig;
@@ -607,7 +607,7 @@ impl Driver {
                             let (router, backends, after) = (&mut self.router, &self.backends, self.reroute_after);
                             router.route(now, b.spans, &|i| backends[i].b.health.is_down(now, after))
                         };
-                        self.dispatch(routed).await;
+                        self.dispatch(routed, b.acks).await;
                     }
                     None => break,
                 },
@@ -617,7 +617,7 @@ impl Driver {
                         let (router, backends, after) = (&mut self.router, &self.backends, self.reroute_after);
                         router.tick(now, &|i| backends[i].b.health.is_down(now, after))
                     };
-                    self.dispatch(routed).await;
+                    self.dispatch(routed, Vec::new()).await;
                     self.probe(now);
                     if self.backends.is_empty() && rx.is_closed() {
                         // Never had a backend: what is queued cannot go anywhere.
@@ -649,7 +649,7 @@ impl Driver {
             let now = now();
             router.flush(&|i| backends[i].b.health.is_down(now, after))
         };
-        self.dispatch(routed).await;
+        self.dispatch(routed, Vec::new()).await;
         self.publish();
         let mut handles: Vec<_> = std::mem::take(&mut self.retired)
             .into_iter()
@@ -799,7 +799,9 @@ impl Driver {
     }
 
     /// Hands each backend its spans; re-routes a down backend's batch when its queue is full.
-    async fn dispatch(&mut self, routed: router::Routed) {
+    /// `acks` (of the input the spans came from) go with every backend's batch, so a backend with
+    /// its queue on disk lets them go once written.
+    async fn dispatch(&mut self, routed: router::Routed, acks: Vec<Ack>) {
         let mut work: Vec<(usize, Vec<Span>)> = routed
             .into_iter()
             .enumerate()
@@ -808,6 +810,7 @@ impl Driver {
         while let Some((i, spans)) = work.pop() {
             let n = spans.len() as u64;
             let mut batch = SpanBatch::new(spans);
+            batch.acks.extend(acks.iter().cloned());
             loop {
                 let slot = &self.backends[i];
                 match slot.b.input.try_send(batch) {
@@ -818,6 +821,9 @@ impl Driver {
                     Err(mpsc::error::TrySendError::Closed(b)) => {
                         // Only after its task ended, which it does not while we hold the sender.
                         metrics::counter!(tailweave_core::names::EXPORTER_FAILED_SPANS, "exporter" => self.id.clone(), "reason" => REASON_PERMANENT).increment(b.spans.len() as u64);
+                        for a in &b.acks {
+                            a.fail("load balancer backend stopped");
+                        }
                         break;
                     }
                     Err(mpsc::error::TrySendError::Full(b)) => {

@@ -205,14 +205,17 @@ impl UnaryService<Bytes> for Export {
         let body = request.into_inner();
         let grant = self.grant.clone();
         Box::pin(async move {
-            answer_to_grpc(ingest.ingest_protobuf(Transport::Grpc, body, hint, &grant))
+            let answer = ingest.ingest_protobuf(Transport::Grpc, body, hint, &grant);
+            answer_to_grpc(answer.settled().await)
         })
     }
 }
 
 fn answer_to_grpc(a: Answer) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
     match a {
-        Answer::Accepted { rejected, message } => {
+        Answer::Accepted {
+            rejected, message, ..
+        } => {
             let partial_success = (rejected > 0).then(|| ExportTracePartialSuccess {
                 rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),
                 error_message: message,
@@ -223,6 +226,11 @@ fn answer_to_grpc(a: Answer) -> Result<tonic::Response<ExportTraceServiceRespons
         }
         Answer::Malformed(m) | Answer::TooManySpans(m) => Err(Status::invalid_argument(m)),
         Answer::PermissionDenied(m) => Err(Status::permission_denied(m)),
+        Answer::NotTaken(why) => Err(retryable_status(
+            Code::Unavailable,
+            format!("the pipeline could not keep the spans: {why}; retry later"),
+            Duration::from_secs(RETRY_AFTER_SECS),
+        )),
         Answer::Refused { reason, spans } => {
             let m = format!("{spans} span(s) refused: {reason}; retry later");
             let code = match reason {

@@ -344,8 +344,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         Encoding::Protobuf => ing.ingest_protobuf(Transport::Http, body, hint, &grant),
         Encoding::Json => ing.ingest_json(Transport::Http, &body, hint, &grant),
     };
-    Ok(match answer {
-        Answer::Accepted { rejected, message } => success(enc, rejected, message),
+    Ok(match answer.settled().await {
+        Answer::Accepted {
+            rejected, message, ..
+        } => success(enc, rejected, message),
+        Answer::NotTaken(why) => {
+            let m = format!("the pipeline could not keep the spans: {why}; retry later");
+            let mut r = status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                tonic::Code::Unavailable,
+                enc,
+                m,
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            r
+        }
         Answer::Malformed(m) => status(
             StatusCode::BAD_REQUEST,
             tonic::Code::InvalidArgument,

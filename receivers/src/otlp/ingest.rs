@@ -9,7 +9,7 @@ use tailweave_core::names;
 use tailweave_core::otlp::{
     decode_json_request, decode_request, DecodeError, DecodeLimits, Decoded,
 };
-use tailweave_core::{Consumer, Refused, SpanBatch};
+use tailweave_core::{Ack, AckWait, Consumer, Refused, SpanBatch};
 
 use std::collections::HashMap;
 
@@ -55,10 +55,18 @@ impl Transport {
 }
 
 /// The result of one request, independent of the transport.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Answer {
-    /// Accepted; `rejected > 0` means partial success with `message`.
-    Accepted { rejected: u64, message: String },
+    /// Accepted; `rejected > 0` means partial success with `message`. `taken` resolves when the
+    /// stage that keeps the spans has them ([`Answer::settled`] waits for it).
+    Accepted {
+        rejected: u64,
+        message: String,
+        taken: Option<AckWait>,
+    },
+    /// The pipelines took the batch but a stage could not keep it (the reason says which):
+    /// retryable, like [`Answer::Refused`].
+    NotTaken(String),
     /// The body is not a readable request (the message says where).
     Malformed(String),
     /// More spans than `limits.max_spans_per_request`.
@@ -68,6 +76,29 @@ pub enum Answer {
     /// Every span was refused because the request's token may not write it (a tenant token
     /// and resources of another tenant).
     PermissionDenied(String),
+}
+
+impl Answer {
+    /// Waits until the spans of an accepted request are held by the stage that keeps them (the
+    /// end-to-end acknowledgement, see `tailweave_core::Ack`), so a client is told "accepted"
+    /// only for what a `kill -9` of a collector with storage would not lose.
+    pub async fn settled(self) -> Answer {
+        match self {
+            Answer::Accepted {
+                rejected,
+                message,
+                taken: Some(wait),
+            } => match wait.await {
+                Ok(()) => Answer::Accepted {
+                    rejected,
+                    message,
+                    taken: None,
+                },
+                Err(why) => Answer::NotTaken(why),
+            },
+            a => a,
+        }
+    }
 }
 
 /// Per-receiver state shared by every request of every transport.
@@ -231,8 +262,11 @@ impl Ingest {
             normalize::normalize_spans(&mut spans, role);
         }
         let n = spans.len() as u64;
+        let mut taken = None;
         if n > 0 {
-            if let Err(reason) = self.consumer.try_send(SpanBatch::new(spans)) {
+            let (ack, wait) = Ack::new();
+            taken = Some(wait);
+            if let Err(reason) = self.consumer.try_send(SpanBatch::new(spans).with_ack(ack)) {
                 tracing::debug!(receiver = %self.id, transport = transport.as_str(), spans = n,
                     %reason, "batch refused");
                 self.count_refused(transport, reason.as_str(), n);
@@ -251,7 +285,11 @@ impl Ingest {
                 "success"
             },
         );
-        Answer::Accepted { rejected, message }
+        Answer::Accepted {
+            rejected,
+            message,
+            taken,
+        }
     }
 }
 
@@ -460,7 +498,9 @@ mod tests {
             None,
             &Grant::Any,
         ) {
-            Answer::Accepted { rejected, message } => {
+            Answer::Accepted {
+                rejected, message, ..
+            } => {
                 assert_eq!(rejected, 1);
                 assert!(message.contains("invalid_trace_id"), "{message}");
             }
@@ -479,6 +519,38 @@ mod tests {
         assert!(rx.try_recv().is_err());
     }
 
+    #[tokio::test]
+    async fn accepted_is_answered_once_the_keeping_stage_lets_the_ack_go() {
+        let (ing, mut rx) = ingest(4);
+        let answer = ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any);
+        let settled = tokio::spawn(answer.settled());
+        let batch = rx.recv().await.unwrap();
+        assert_eq!(batch.acks.len(), 1);
+        tokio::task::yield_now().await;
+        assert!(
+            !settled.is_finished(),
+            "answered while a stage holds the ack"
+        );
+        drop(batch);
+        assert!(matches!(
+            settled.await.unwrap(),
+            Answer::Accepted { rejected: 0, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_cannot_keep_the_spans_turns_the_answer_retryable() {
+        let (ing, mut rx) = ingest(4);
+        let answer = ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any);
+        let batch = rx.recv().await.unwrap();
+        batch.acks[0].fail("sending queue: disk full");
+        drop(batch);
+        match answer.settled().await {
+            Answer::NotTaken(why) => assert!(why.contains("disk full"), "{why}"),
+            a => panic!("expected NotTaken, got {a:?}"),
+        }
+    }
+
     #[test]
     fn full_and_closed_are_refused_with_count() {
         let (ing, rx) = ingest(1);
@@ -486,7 +558,7 @@ mod tests {
             ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any),
             Answer::Accepted { .. }
         ));
-        assert_eq!(
+        assert!(matches!(
             ing.ingest_protobuf(
                 Transport::Grpc,
                 request(&[(1, 1), (1, 2)]),
@@ -497,15 +569,15 @@ mod tests {
                 reason: Refused::Full,
                 spans: 2
             }
-        );
+        ));
         drop(rx);
-        assert_eq!(
+        assert!(matches!(
             ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any),
             Answer::Refused {
                 reason: Refused::Closed,
                 spans: 1
             }
-        );
+        ));
     }
 
     #[test]
@@ -633,7 +705,9 @@ mod tests {
             (Some(""), &[5]),
         ]);
         match ing.ingest_protobuf(Transport::Grpc, body.clone(), None, &a) {
-            Answer::Accepted { rejected, message } => {
+            Answer::Accepted {
+                rejected, message, ..
+            } => {
                 assert_eq!(rejected, 1);
                 assert!(message.contains("another tenant"), "{message}");
             }
