@@ -57,12 +57,31 @@ pub fn tailweave_bin() -> PathBuf {
     .clone()
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768-60999 by default). A port the
+/// kernel hands out for `bind(0)` can be taken by any outgoing connection's source port before
+/// the collector binds it (CI saw "Address already in use" so); ports here are only ever taken by
+/// an explicit bind.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port that was free a moment ago on 127.0.0.1, never the same twice in one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    // Test processes running side by side start far apart.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = PORT_RANGE.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?} on 127.0.0.1")
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
