@@ -44,6 +44,7 @@
 pub mod config;
 
 mod cache;
+mod packed;
 mod policy;
 mod storage;
 #[cfg(test)]
@@ -63,6 +64,7 @@ use tailweave_core::{ComponentError, Processor, Span, SpanBatch, TraceId};
 pub use config::{OnFull, PolicyConfig, PolicyKind, StorageKind, TailSamplingConfig};
 
 use cache::{Cached, DecisionCache};
+use packed::{Packed, Scopes};
 use policy::{Ctx, Outcome, PolicySet, Summary, TraceView};
 use storage::Storage;
 
@@ -172,6 +174,9 @@ pub struct TailSamplingStats {
     /// Decisions read back from the log at start.
     pub restored_decisions: u64,
     pub storage_errors: u64,
+    /// Held spans whose bytes did not parse again when their trace was decided (none should:
+    /// they parsed when they arrived); they are lost, and logged.
+    pub unpack_failed: u64,
 }
 
 impl TailSamplingStats {
@@ -189,12 +194,12 @@ struct PolicyName {
 
 #[derive(Debug)]
 struct Trace {
-    spans: Vec<Span>,
+    spans: Packed,
     summary: Summary,
     first: Instant,
     last: Instant,
     root: bool,
-    /// Bytes of its spans: their `held_bytes` plus the unused capacity of `spans`.
+    /// Heap bytes of its spans (`Packed::heap_bytes`).
     bytes: usize,
     /// Arrival order, to tell a live entry of `arrivals`/`timers` from a stale one.
     seq: u64,
@@ -212,7 +217,9 @@ const PER_TRACE: usize = SLOT_SIZE
     + SLOT_SIZE / 7
     + std::mem::size_of::<TimerEntry>()
     + std::mem::size_of::<(u64, TraceId)>();
-const SPAN_SIZE: usize = std::mem::size_of::<Span>();
+/// Distinct resource + scope pairs shared by waiting traces (see `packed::Scopes`); past this
+/// a trace keeps its own copy of a new one.
+const MAX_SHARED_SCOPES: usize = 65_536;
 
 /// Most decision-latency samples kept between two ticks (the rest are not recorded).
 const MAX_LATENCY_SAMPLES: usize = 8192;
@@ -252,6 +259,7 @@ pub struct TailSampling {
     runs: Vec<(u32, u32, Fate)>,
     seen: hashbrown::HashSet<TraceId>,
     storage: Option<Storage>,
+    scopes: Scopes,
 }
 
 /// What `process_whole` did with one trace's run of spans.
@@ -345,6 +353,7 @@ impl TailSampling {
             runs: Vec::new(),
             seen: hashbrown::HashSet::new(),
             storage: None,
+            scopes: Scopes::new(MAX_SHARED_SCOPES),
         }
     }
 
@@ -471,12 +480,13 @@ impl TailSampling {
         // hashbrown keeps at least one eighth of its buckets free.
         let slots = self.traces.capacity() + self.traces.capacity() / 7;
         self.span_bytes
+            + self.scopes.heap_bytes()
             + slots * SLOT_SIZE
             + self.timers.capacity() * std::mem::size_of::<TimerEntry>()
             + self.arrivals.capacity() * std::mem::size_of::<(u64, TraceId)>()
     }
 
-    /// Bytes of buffered spans alone (their `held_bytes` and the spare room of the per-trace lists).
+    /// Bytes of buffered spans alone (each trace's packed spans and the scopes only it holds).
     pub fn buffered_bytes(&self) -> usize {
         self.span_bytes
     }
@@ -490,7 +500,7 @@ impl TailSampling {
     /// tables' spare capacity is left out (it is bounded by `num_traces`, and counting it would
     /// let an empty but once-large table stop intake or force early decisions).
     fn charged_bytes(&self) -> usize {
-        self.span_bytes + self.traces.len() * PER_TRACE
+        self.span_bytes + self.scopes.heap_bytes() + self.traces.len() * PER_TRACE
     }
 
     fn is_full(&self) -> bool {
@@ -504,7 +514,14 @@ impl TailSampling {
                 st.span(&span);
             }
             let before = t.bytes;
-            add_span(t, now, span, self.after_root, &mut self.timers);
+            add_span(
+                t,
+                now,
+                span,
+                self.after_root,
+                &mut self.timers,
+                &mut self.scopes,
+            );
             self.span_bytes += t.bytes - before;
             self.spans_held += 1;
             if t.spans.len() >= self.max_spans_per_trace || t.bytes >= self.max_trace_bytes {
@@ -524,7 +541,7 @@ impl TailSampling {
             self.next_seq += 1;
             let deadline = now + self.decision_wait;
             let mut t = Trace {
-                spans: Vec::new(),
+                spans: Packed::default(),
                 summary: Summary::default(),
                 first: now,
                 last: now,
@@ -538,7 +555,14 @@ impl TailSampling {
             if let Some(st) = &mut self.storage {
                 st.span(&span);
             }
-            add_span(&mut t, now, span, self.after_root, &mut self.timers);
+            add_span(
+                &mut t,
+                now,
+                span,
+                self.after_root,
+                &mut self.timers,
+                &mut self.scopes,
+            );
             self.span_bytes += t.bytes;
             self.spans_held += 1;
             let size_reached =
@@ -600,8 +624,13 @@ impl TailSampling {
         };
         self.span_bytes -= t.bytes;
         self.spans_held -= t.spans.len();
-        if let Some((policy, adjusted)) = self.judge(now, id, &t.spans, t.summary, t.first, why) {
-            self.keep(policy, adjusted, t.spans);
+        let (spans, failed) = t.spans.into_spans();
+        if failed > 0 {
+            self.stats.unpack_failed += failed as u64;
+            tracing::error!(processor = %self.id, trace = %id, spans = failed, "held spans no longer parse; lost");
+        }
+        if let Some((policy, adjusted)) = self.judge(now, id, &spans, t.summary, t.first, why) {
+            self.keep(policy, adjusted, spans);
         }
     }
 
@@ -942,7 +971,7 @@ fn compact(
     let spans = arrivals
         .iter()
         .filter_map(|(seq, id)| traces.get(id).filter(|t| t.seq == *seq))
-        .flat_map(|t| t.spans.iter());
+        .flat_map(|t| t.spans.entries());
     let decisions = cache
         .iter()
         .map(|(k, c)| (k, storage::logged(c, |p| names[p as usize].name.as_str())));
@@ -956,6 +985,7 @@ fn add_span(
     span: Span,
     after_root: Option<Duration>,
     timers: &mut BinaryHeap<TimerEntry>,
+    scopes: &mut Scopes,
 ) {
     t.summary.add(&span);
     t.last = now;
@@ -969,17 +999,9 @@ fn add_span(
             }
         }
     }
-    let cap = t.spans.capacity();
-    if t.spans.len() == cap {
-        // 1, 4, 7, 10, 15, 22, ... instead of doubling: a one-span trace wastes nothing and a
-        // 10-span trace no slot (doubling wastes 6, about 60 bytes per buffered span), for one
-        // more reallocation per trace.
-        t.spans
-            .reserve_exact(if cap == 0 { 1 } else { (cap / 2).max(3) });
-    }
-    t.bytes += span.held_bytes() - SPAN_SIZE;
-    t.spans.push(span);
-    t.bytes += (t.spans.capacity() - cap) * SPAN_SIZE;
+    let (scope, own) = scopes.canon(&span.scope);
+    t.spans.push(span, scope, own);
+    t.bytes = t.spans.heap_bytes();
 }
 
 /// The two sampling attributes of a kept trace, encoded once per decision as `Span.attributes`
@@ -1061,6 +1083,7 @@ impl Processor for TailSampling {
             self.process_general(now, spans, false);
         }
         self.persist(false);
+        self.scopes.end_batch();
         // Whatever became of the spans (held, dropped by policy, or queued in `out`), this stage
         // took them: in memory at once, with `storage: file` once `persist` handed the log
         // records to the OS. A failed log write does not fail the acks: the sampler goes on in
@@ -1076,6 +1099,7 @@ impl Processor for TailSampling {
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         self.expire(now);
+        self.scopes.purge();
         self.persist(true);
         self.emit(now, out);
         self.flush_metrics();

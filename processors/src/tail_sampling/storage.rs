@@ -26,6 +26,7 @@ use tailweave_core::span::SpanMarks;
 use tailweave_core::{Resource, Scope, Span, SpanSource};
 
 use super::cache::Cached;
+use super::packed::Entry;
 
 /// The log is rewritten only once it holds at least this much.
 pub(crate) const COMPACT_MIN_BYTES: u64 = 64 << 20;
@@ -178,15 +179,25 @@ impl Storage {
 
     /// Logs a span that is now buffered.
     pub fn span(&mut self, s: &Span) {
-        let scope = self.scope_id(&s.scope);
+        self.entry(Entry {
+            scope: &s.scope,
+            source: s.source,
+            marks: s.marks,
+            raw: &s.raw,
+        });
+    }
+
+    /// Logs a held span from its parts.
+    pub fn entry(&mut self, e: Entry<'_>) {
+        let scope = self.scope_id(e.scope);
         frame(&mut self.buf, TAG_SPAN, |b| {
             b.put_u32_le(scope);
-            b.put_u8(match s.source {
+            b.put_u8(match e.source {
                 SpanSource::Sdk => 0,
                 SpanSource::Ebpf => 1,
             });
-            b.put_u8(s.marks.late as u8 | (s.marks.timed_out as u8) << 1);
-            put_bytes(b, &s.raw);
+            b.put_u8(e.marks.late as u8 | (e.marks.timed_out as u8) << 1);
+            put_bytes(b, e.raw);
         });
     }
 
@@ -243,7 +254,7 @@ impl Storage {
     /// Replaces the log with `spans` and `decisions` (written to a new file, synced, renamed).
     pub fn compact<'a>(
         &mut self,
-        spans: impl Iterator<Item = &'a Span>,
+        spans: impl Iterator<Item = Entry<'a>>,
         decisions: impl Iterator<Item = (u64, Option<(&'a str, f64)>)>,
     ) -> io::Result<()> {
         self.buf.clear();
@@ -251,8 +262,8 @@ impl Storage {
         for (key, kept) in decisions {
             self.decision(key, kept);
         }
-        for s in spans {
-            self.span(s);
+        for e in spans {
+            self.entry(e);
         }
         let tmp = self.path.with_extension("log.tmp");
         let mut f = File::create(&tmp)?;

@@ -1026,6 +1026,48 @@ fn every_span_is_accounted_for() {
     assert_eq!(r.p.buffered_bytes(), 0);
 }
 
+#[test]
+fn held_traces_release_their_request_buffers_and_share_resources() {
+    let mut r = Run::new(MISSION);
+    // Two requests from one SDK: byte-identical resources and scopes, distinct buffers.
+    let spans = |t: TraceId, first: u64| -> Vec<Span> {
+        (first..first + 3)
+            .map(|i| child(t, i).res("service.name", s("shop")).build())
+            .collect()
+    };
+    let mut reqs = Vec::new();
+    let mut encoded = 0;
+    for (n, first) in [(1u64, 2u64), (2, 2), (1, 5)] {
+        let buf = tailweave_core::otlp::encode_request(&spans(tid(n), first));
+        let d = tailweave_core::otlp::decode_request(buf.clone(), &Default::default())
+            .expect("decodes");
+        encoded += d.spans.iter().map(|s| s.raw.len()).sum::<usize>();
+        let mut out = Vec::new();
+        r.p.process(r.at(0), SpanBatch::new(d.spans), &mut out);
+        assert!(out.is_empty());
+        reqs.push(buf);
+    }
+    assert_eq!((r.p.traces_held(), r.p.spans_held()), (2, 9));
+    // Nothing held points into the requests any more.
+    for b in &mut reqs {
+        assert!(b.is_unique(), "a request buffer is still referenced");
+    }
+    assert_eq!(r.p.scopes.len(), 1);
+    // Per span: its bytes and three bytes of framing; per trace, one scope pointer.
+    let scopes = 2 * std::mem::size_of::<Arc<Scope>>();
+    assert_eq!(r.p.buffered_bytes(), encoded + 9 * 3 + scopes);
+    // Decided later, the spans are what was sent.
+    let out = r.shutdown(1);
+    let st = r.p.stats();
+    assert_eq!(st.spans_kept + st.spans_dropped, 9);
+    assert_eq!(st.unpack_failed, 0);
+    for sp in &out {
+        assert_eq!(sp.resource().service_name(), Some("shop"));
+        assert_eq!(sp.name(), "op");
+    }
+    assert_eq!(r.p.buffered_bytes(), 0);
+}
+
 // ---------------------------------------------------------------- tenants
 
 #[test]
