@@ -1,5 +1,6 @@
 //! `join` configuration (`shared/docs/join.md` §8).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,6 +33,13 @@ pub struct JoinConfig {
     /// Write `tailweave.join.clock_offset_us` on spans of agents whose clock was corrected for
     /// ordering (join.md §6 F). Default `false`.
     pub emit_clock_offset: bool,
+    /// Where the spans the join holds are kept: `memory` (default; a restart loses them) or
+    /// `file`: an append-only log under `directory`, replayed at start, so a restart (even
+    /// `kill -9`) neither loses an acknowledged span nor emits a unit twice when avoidable.
+    pub storage: StorageKind,
+    /// Directory of the log with `storage: file` (one file per pipeline and processor, named
+    /// `<pipeline>_<id>.log`); required then. No default.
+    pub directory: Option<PathBuf>,
 }
 
 impl Default for JoinConfig {
@@ -46,8 +54,22 @@ impl Default for JoinConfig {
             max_spans_per_trace: 1000,
             max_pending_spans: 1_000_000,
             emit_clock_offset: false,
+            storage: StorageKind::Memory,
+            directory: None,
         }
     }
+}
+
+/// Where the join keeps the spans it holds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// In memory only (`none` is accepted too, as `tail_sampling` spells it).
+    #[default]
+    #[serde(alias = "none")]
+    Memory,
+    /// An append-only log under `directory`.
+    File,
 }
 
 /// Tenant keys (join.md §2).
@@ -282,6 +304,20 @@ impl JoinConfig {
                 ));
             }
         }
+        match (self.storage, &self.directory) {
+            (StorageKind::File, None) => out.push(ConfigIssue::new(
+                "directory",
+                "`storage: file` needs a directory for its log",
+            )),
+            (StorageKind::File, Some(d)) if d.as_os_str().is_empty() => {
+                out.push(ConfigIssue::new("directory", "empty path"))
+            }
+            (StorageKind::Memory, Some(_)) => out.push(ConfigIssue::new(
+                "directory",
+                "only read with `storage: file` (storage is `memory`)",
+            )),
+            _ => {}
+        }
         out
     }
 }
@@ -311,6 +347,7 @@ unassociated_ebpf: drop
 max_spans_per_trace: 1000
 max_pending_spans: 1000000
 emit_clock_offset: false
+storage: memory
 "#;
         let c: JoinConfig = parse(serde_yaml::from_str(y).unwrap()).unwrap();
         let mut want = JoinConfig::default();
@@ -351,5 +388,23 @@ emit_clock_offset: false
                 "tenant.ebpf_keys[1]"
             ]
         );
+    }
+
+    #[test]
+    fn storage_file_needs_a_directory_and_a_directory_needs_file() {
+        let c: JoinConfig = parse(serde_yaml::from_str("storage: file").unwrap()).unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(paths, ["directory"]);
+        let c: JoinConfig = parse(serde_yaml::from_str("directory: /tmp/x").unwrap()).unwrap();
+        let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+        assert_eq!(paths, ["directory"]);
+        let c: JoinConfig =
+            parse(serde_yaml::from_str("{storage: file, directory: /tmp/x}").unwrap()).unwrap();
+        assert!(c.validate().is_empty());
+        assert_eq!(c.storage, StorageKind::File);
+        let c: JoinConfig = parse(serde_yaml::from_str("storage: none").unwrap()).unwrap();
+        assert_eq!(c.storage, StorageKind::Memory);
+        let e = parse::<JoinConfig>(serde_yaml::from_str("storage: disk").unwrap()).unwrap_err();
+        assert_eq!(e.path, "storage");
     }
 }

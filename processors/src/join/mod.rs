@@ -9,6 +9,7 @@
 //!   late spans.
 //! - [`tree`]: builds one unit's tree at flush (join.md §6).
 //! - [`output`]: rewrites the spans of a unit (join.md §7).
+//! - `storage`: the restart-safe log of `storage: file`.
 //!
 //! Grouping happens as spans arrive (each span is tested against what is indexed, later spans
 //! against it), so no query loop is needed; placement happens once, at flush, on the merged models.
@@ -16,6 +17,41 @@
 //! Timeouts: a request row that no response row merged into keeps `marks.timed_out` and is given
 //! ERROR status in the output (with a status message saying so), so both a `status_code` policy
 //! and a policy reading `Span::is_error` keep the trace.
+//!
+//! # Acknowledgements and `storage: file`
+//! The join holds spans ([`Processor::holds_spans`]). Without storage, an input batch's acks are
+//! let go at the end of `process`: the spans are in memory. Spans that pass straight through
+//! (late spans following an emitted unit, keyless rows) carry clones of their input's acks, so
+//! their request is answered when the next stage has them.
+//!
+//! With `storage: file` every span the join holds is appended to a checked log in `directory`
+//! (`<pipeline>_<id>.log`, together with its normalized eBPF model) before `process` returns,
+//! and the log is handed to the OS then, so the input's acks are let go only once their spans
+//! would survive `kill -9`; each tick syncs it to the disk. An emitted unit carries a fresh
+//! ack; once it resolves (the sampler logged the unit, or an exporter queue took it) the next
+//! tick writes a done record for its spans. Spans dropped by rule (unassociated eBPF rows) are
+//! done at once. On start the log is read back: a torn last record is cut (with a warning),
+//! and every span without a done record is held again in arrival order, as if it had just
+//! arrived, so a unit that had not reached downstream is emitted again after the restart, and
+//! one that had is not. Whether such a re-emitted unit is kept is then the sampler's logged
+//! decision, so no trace is decided twice differently. The log is rewritten from the live
+//! state (held spans and units in flight) when it has doubled since the last compaction and
+//! is at least 64 MiB. After a graceful `shutdown` a background thread waits up to 10 s for
+//! the last units' acks and empties the log when all came back.
+//!
+//! Counted: `tailweave_join_storage_errors_total` (a failed write or compaction: the spans stay
+//! in memory and the request is still answered; they would not survive a crash),
+//! `tailweave_join_replayed_spans_total`, `tailweave_join_emit_failed_units_total` (a unit whose
+//! ack came back failed: the stage that refused it counted its spans; it is not emitted again),
+//! and the gauge `tailweave_join_unacknowledged_units`.
+//!
+//! Not kept across a restart: the waits (they restart at the replay, so a replayed trace is
+//! emitted up to `wait.min` later than it would have been) and the tombstones of emitted units,
+//! so a span arriving after the restart for a unit emitted before it is not a late span: an
+//! SDK span forms a unit of its own (the sampler follows its logged decision for the trace),
+//! an eBPF row that associates with nothing is unassociated. A unit the sampler logged but whose
+//! done record the crash cut off (up to one tick, 250 ms) is emitted again: the sampler's log
+//! treats it as late spans of a decided trace, so a kept trace's spans may be exported twice.
 //!
 //! # Where this differs from join.md
 //! - A bridging span whose keys reach two traces stays in the group it joined first (arrival
@@ -38,16 +74,17 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use tailweave_core::config::BuildContext;
 use tailweave_core::ebpf::{flags, EbpfSpan};
-use tailweave_core::{ComponentError, Processor, Span, SpanBatch, SpanId};
+use tailweave_core::{Ack, AckWait, ComponentError, Processor, Span, SpanBatch, SpanId};
 
 pub mod config;
 pub mod output;
 pub mod rules;
+mod storage;
 #[doc(hidden)]
 pub mod testkit;
 pub mod tree;
 
-pub use config::{JoinConfig, ThreadCheck, Unassociated, UnknownTenant};
+pub use config::{JoinConfig, StorageKind, ThreadCheck, Unassociated, UnknownTenant};
 use rules::{Pair, Tol, Via};
 
 /// Units emitted, by `outcome` (`complete`, `expired`, `forced`, `limit`, `shutdown`).
@@ -78,10 +115,143 @@ pub const DROPPED: &str = "tailweave_join_dropped_spans_total";
 pub const TOMBSTONES: &str = "tailweave_join_tombstones";
 /// Unions refused because the groups carry different trace ids.
 pub const REFUSED_UNIONS: &str = "tailweave_join_refused_unions_total";
+/// Failed writes (or compactions) of the `storage: file` log.
+pub const STORAGE_ERRORS: &str = "tailweave_join_storage_errors_total";
+/// Spans read back from the `storage: file` log at start and held again.
+pub const REPLAYED_SPANS: &str = "tailweave_join_replayed_spans_total";
+/// Emitted units whose acknowledgement came back failed from downstream (`storage: file`):
+/// the stage that refused them counted their spans.
+pub const EMIT_FAILED: &str = "tailweave_join_emit_failed_units_total";
+/// Emitted units downstream has not acknowledged yet (`storage: file`).
+pub const UNACKED_UNITS: &str = "tailweave_join_unacknowledged_units";
 
 impl JoinConfig {
-    pub fn build(&self, _ctx: &BuildContext) -> Result<Join, ComponentError> {
-        Ok(Join::new(self.clone()))
+    pub fn build(&self, ctx: &BuildContext) -> Result<Join, ComponentError> {
+        let issues = self.validate();
+        if !issues.is_empty() {
+            let msg = issues
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ComponentError::build(&ctx.id, msg));
+        }
+        Join::open(self.clone(), &ctx.id, &ctx.pipeline, Instant::now()).map_err(|e| {
+            let dir = self
+                .directory
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            ComponentError::build(&ctx.id, format!("storage in {}: {e}", dir.display()))
+        })
+    }
+}
+
+/// The log file's name for a processor: `<pipeline>_<id>`, with anything but ASCII letters,
+/// digits and `-` written as `_`.
+pub fn log_name(pipeline: &str, id: &str) -> String {
+    format!("{pipeline}_{id}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The `storage: file` state: the log, and the units emitted that downstream has not taken yet.
+struct Durable {
+    log: storage::Storage,
+    /// Emitted units, oldest first, with the spans they were made of as they came in: until
+    /// downstream takes a unit, a compaction must write them again.
+    waits: Vec<Unacked>,
+    /// The next log id (ids grow with arrival; 0 means "not logged").
+    next_lid: u64,
+    /// Set while the log is replayed: those spans are in the log already.
+    replaying: bool,
+    /// Units produced while replaying, handed out at the first call.
+    stash: Vec<SpanBatch>,
+    /// `shutdown` ran: on drop, the last waits are settled in the background.
+    shut: bool,
+    errors: u64,
+    id: String,
+}
+
+struct Unacked {
+    wait: AckWait,
+    originals: Vec<(u64, Span)>,
+}
+
+impl Durable {
+    fn error(&mut self, what: &str, e: &std::io::Error) {
+        self.errors += 1;
+        metrics::counter!(STORAGE_ERRORS).increment(1);
+        // The first and then every 1000th: a full disk must not flood the log.
+        if self.errors % 1000 == 1 {
+            tracing::warn!(processor = %self.id, error = %e, errors = self.errors, "join log {what} failed");
+        }
+    }
+
+    /// Writes done records for the units downstream took (or refused).
+    fn settle(&mut self) {
+        let log = &mut self.log;
+        self.waits.retain_mut(|u| match u.wait.try_take() {
+            None => true,
+            Some(r) => {
+                if r.is_err() {
+                    metrics::counter!(EMIT_FAILED).increment(1);
+                }
+                log.done(u.originals.iter().map(|(l, _)| *l));
+                false
+            }
+        });
+        metrics::gauge!(UNACKED_UNITS).set(self.waits.len() as f64);
+    }
+}
+
+impl Drop for Join {
+    /// After a graceful `shutdown` the last units are still on their way downstream; a thread
+    /// waits (bounded) for their acks so the next start does not emit them again. A drop
+    /// without `shutdown` is a crash as far as the log is concerned: nothing more is written.
+    fn drop(&mut self) {
+        let Some(d) = self.durable.take() else {
+            return;
+        };
+        if !d.shut {
+            return;
+        }
+        let id = d.id.clone();
+        let spawned = std::thread::Builder::new()
+            .name("join-log-drain".into())
+            .spawn(move || drain_after_shutdown(d));
+        if let Err(e) = spawned {
+            tracing::warn!(processor = %id, error = %e, "join log: no thread to settle the last units");
+        }
+    }
+}
+
+/// How long the thread started by `Durable::drop` waits for downstream.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+fn drain_after_shutdown(mut d: Durable) {
+    let deadline = Instant::now() + DRAIN_WAIT;
+    loop {
+        d.settle();
+        if d.waits.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = if d.waits.is_empty() {
+        // Nothing is held or in flight: the next start has nothing to replay.
+        d.log.compact(std::iter::empty())
+    } else {
+        d.log.sync()
+    };
+    if let Err(e) = r {
+        d.error("write", &e);
     }
 }
 
@@ -120,6 +290,11 @@ pub struct Join {
     scratch_pass: Vec<(u32, bool)>,
     /// (resource address, tenant); the address is only compared, never dereferenced.
     last_tenant: Option<(usize, Option<u32>)>,
+    /// `storage: file`.
+    durable: Option<Durable>,
+    /// The acks of the batch `process` is handling: spans that pass straight through (late
+    /// spans, keyless rows) carry them, so their request is answered once downstream has them.
+    input_acks: Vec<Ack>,
 }
 
 struct Slot {
@@ -141,6 +316,8 @@ struct Node {
     /// Next member of the group's list.
     next: u32,
     other_traces: Vec<[u8; 16]>,
+    /// Log id with `storage: file` (0: not logged).
+    lid: u64,
 }
 
 struct Group {
@@ -387,10 +564,102 @@ impl Join {
             default_ebpf_key: false,
             scratch: Vec::new(),
             scratch_pass: Vec::new(),
+            durable: None,
+            input_acks: Vec::new(),
         };
         j.tombs.cap = j.cfg.max_pending_spans;
         j.default_ebpf_key = j.cfg.tenant.ebpf_keys == ["df.universal_tag.pod_ns"];
         j
+    }
+
+    /// Builds the state machine and, with `storage: file`, opens its log in `cfg.directory` and
+    /// holds again every span of it that has no done record, in arrival order, as if it had
+    /// just arrived (waits restart at `now`). Units that replay emits (a trace at
+    /// `max_spans_per_trace`) are handed out at the first `process` or `tick`.
+    pub fn open(cfg: JoinConfig, id: &str, pipeline: &str, now: Instant) -> std::io::Result<Join> {
+        let dir = match (cfg.storage, cfg.directory.clone()) {
+            (StorageKind::File, Some(dir)) => dir,
+            _ => return Ok(Join::new(cfg)),
+        };
+        let mut j = Join::new(cfg);
+        let (log, replayed) = storage::Storage::open(&dir, &log_name(pipeline, id))?;
+        if replayed.truncated > 0 {
+            tracing::warn!(
+                processor = id,
+                bytes = replayed.truncated,
+                "join log ended in a torn record; cut it off"
+            );
+        }
+        j.durable = Some(Durable {
+            log,
+            waits: Vec::new(),
+            next_lid: replayed.max_lid,
+            replaying: true,
+            stash: Vec::new(),
+            shut: false,
+            errors: 0,
+            id: id.to_string(),
+        });
+        let n = replayed.spans.len();
+        let mut out = Vec::new();
+        for (lid, span) in replayed.spans {
+            j.add_logged(now, span, lid, &mut out);
+        }
+        j.last_tenant = None;
+        metrics::counter!(REPLAYED_SPANS).increment(n as u64);
+        tracing::info!(processor = id, spans = n, "join state restored");
+        let d = j.durable.as_mut().expect("durable");
+        d.replaying = false;
+        d.stash = out;
+        j.compact()?;
+        Ok(j)
+    }
+
+    /// Hands out the units replay produced.
+    fn unstash(&mut self, out: &mut Vec<SpanBatch>) {
+        if let Some(d) = &mut self.durable {
+            out.append(&mut d.stash);
+        }
+    }
+
+    /// Rewrites the log from the live state: the spans held and those of units not yet taken.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let Some(d) = &mut self.durable else {
+            return Ok(());
+        };
+        let mut spans: Vec<(u64, &Span)> = self
+            .nodes
+            .iter()
+            .filter_map(|s| s.node.as_ref())
+            .filter(|n| n.lid != 0)
+            .map(|n| (n.lid, &n.span))
+            .chain(
+                d.waits
+                    .iter()
+                    .flat_map(|u| u.originals.iter().map(|(l, s)| (*l, s))),
+            )
+            .collect();
+        spans.sort_unstable_by_key(|(l, _)| *l);
+        d.log.compact(spans.into_iter())
+    }
+
+    /// Hands the log records to the OS (`sync`: to the disk, compacting when it has grown).
+    fn persist(&mut self, sync: bool) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        let r = if sync { d.log.sync() } else { d.log.flush() };
+        if let Err(e) = r {
+            d.error("write", &e);
+            return;
+        }
+        if sync && d.log.wants_compaction() {
+            if let Err(e) = self.compact() {
+                if let Some(d) = &mut self.durable {
+                    d.error("compaction", &e);
+                }
+            }
+        }
     }
 
     /// Spans held.
@@ -607,6 +876,7 @@ impl Join {
             seq: self.seq,
             next: NONE,
             other_traces: Vec::new(),
+            lid: 0,
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -656,7 +926,31 @@ impl Join {
         id
     }
 
+    /// Logs a span about to be held (`storage: file`); its log id, or 0.
+    fn log_span(&mut self, span: &Span) -> u64 {
+        match &mut self.durable {
+            Some(d) if !d.replaying => {
+                d.next_lid += 1;
+                d.log.span(d.next_lid, span);
+                d.next_lid
+            }
+            _ => 0,
+        }
+    }
+
+    /// Gives the batches a span passed straight through in (`out[from..]`) the input's acks.
+    fn pass_acks(&self, out: &mut [SpanBatch]) {
+        for b in out {
+            b.acks.extend(self.input_acks.iter().cloned());
+        }
+    }
+
     fn add(&mut self, now: Instant, span: Span, out: &mut Vec<SpanBatch>) {
+        self.add_logged(now, span, 0, out)
+    }
+
+    /// [`Join::add`] of a span that is in the log already under `lid` (a replay), or not (0).
+    fn add_logged(&mut self, now: Instant, span: Span, lid: u64, out: &mut Vec<SpanBatch>) {
         self.m.spans_in[usize::from(span.ebpf.is_some())].increment(1);
         let Some(tenant) = self.tenant_of(&span) else {
             self.m.unknown_tenant.increment(1);
@@ -673,6 +967,8 @@ impl Join {
             if let Some(late) = self.tombs.match_late(tenant, key, &span, &self.tol, now) {
                 self.m.late.increment(1);
                 out.push(SpanBatch::whole(vec![output::late_span(span, &late)]));
+                let n = out.len();
+                self.pass_acks(&mut out[n - 1..]);
                 return;
             }
         }
@@ -683,10 +979,14 @@ impl Join {
         };
         let no_keys = span.ebpf.as_deref().is_some_and(|e| e.has(flags::NO_KEYS));
         if no_keys && key.is_none() {
+            let from = out.len();
             self.unassociated(vec![span], out);
+            self.pass_acks(&mut out[from..]);
             return;
         }
+        let lid = if lid != 0 { lid } else { self.log_span(&span) };
         let id = self.insert_node(span, tenant, agent, now);
+        self.node_mut(id).lid = lid;
         if let Some(k) = key {
             match live_group {
                 Some(other) => {
@@ -981,7 +1281,44 @@ impl Join {
         }
     }
 
+    /// Emits the group of `root`; with `storage: file` the batches carry a fresh ack, and the
+    /// spans get their done record once it resolves (see [`Durable::settle`]).
     fn flush(&mut self, root: u32, now: Instant, outcome: Outcome, out: &mut Vec<SpanBatch>) {
+        if self.durable.is_none() {
+            return self.flush_unit(root, now, outcome, out);
+        }
+        let Some(g) = self.groups.get(&root) else {
+            return;
+        };
+        let originals: Vec<(u64, Span)> = self
+            .members_of(g)
+            .into_iter()
+            .map(|m| self.node(m))
+            .filter(|n| n.lid != 0)
+            .map(|n| (n.lid, n.span.clone()))
+            .collect();
+        let from = out.len();
+        self.flush_unit(root, now, outcome, out);
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        if originals.is_empty() {
+            return;
+        }
+        let emitted = &mut out[from..];
+        if emitted.iter().all(|b| b.is_empty()) {
+            // Dropped by rule (unassociated): gone for good now.
+            d.log.done(originals.iter().map(|(l, _)| *l));
+            return;
+        }
+        let (ack, wait) = Ack::new();
+        for b in emitted.iter_mut() {
+            b.acks.push(ack.clone());
+        }
+        d.waits.push(Unacked { wait, originals });
+    }
+
+    fn flush_unit(&mut self, root: u32, now: Instant, outcome: Outcome, out: &mut Vec<SpanBatch>) {
         let Some(g) = self.groups.remove(&root) else {
             return;
         };
@@ -1186,23 +1523,38 @@ impl CloneKeys for EbpfSpan {
 
 impl Processor for Join {
     fn process(&mut self, now: Instant, batch: SpanBatch, out: &mut Vec<SpanBatch>) {
+        self.unstash(out);
+        self.input_acks = batch.acks;
         for span in batch.spans {
             self.add(now, span, out);
         }
         self.last_tenant = None;
         self.m.pending_bytes.set(self.bytes as f64);
         self.m.pending_groups.set(self.groups.len() as f64);
+        // With storage the spans are in the file from here: only now is the request taken.
+        self.persist(false);
+        self.input_acks.clear();
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        self.unstash(out);
         self.due(now, out);
+        if let Some(d) = &mut self.durable {
+            d.settle();
+        }
+        self.persist(true);
     }
 
     fn tick_interval(&self) -> Option<Duration> {
         Some(Duration::from_millis(250))
     }
 
+    fn holds_spans(&self) -> bool {
+        true
+    }
+
     fn shutdown(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        self.unstash(out);
         let roots: Vec<u32> = self.groups.keys().copied().collect();
         let mut roots: Vec<(Instant, u32)> = roots
             .into_iter()
@@ -1215,6 +1567,11 @@ impl Processor for Join {
         self.tombs = tomb::Tombs::default();
         self.timers.clear();
         self.arrivals.clear();
+        if let Some(d) = &mut self.durable {
+            d.settle();
+            d.shut = true;
+        }
+        self.persist(true);
     }
 }
 
@@ -1228,5 +1585,7 @@ pub struct LateTarget {
 
 mod tomb;
 
+#[cfg(test)]
+mod restart_tests;
 #[cfg(test)]
 mod tests;
