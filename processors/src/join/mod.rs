@@ -60,10 +60,10 @@
 //!   follow as `late` units.
 //! - B4 links a c-p to an s-p of its own process by an equal trace key too (B4.2), so C3 between
 //!   two eBPF spans with one header applies to c-p rows of other processes (sidecars, proxies).
-//! - Tombstones keep the newest emitted span per (X-Request-ID, side), so a late span is tested
-//!   against that one only (the "smallest parent dur" choice of §4.5 is not made there). A
-//!   gRPC/HTTP2 frame row arriving after its session was emitted is not merged late; it is
-//!   handled as any other late or unassociated row.
+//! - Tombstones keep the newest four emitted spans per (X-Request-ID, side), so a late span
+//!   makes §4.5's "smallest parent dur" choice among those four only. A gRPC/HTTP2 frame row
+//!   arriving after its session was emitted is not merged late; it is handled as any other late
+//!   or unassociated row.
 //! - Units are written by appending fields to the encoded spans (see `output`); `Span::edit` is
 //!   used where a field must be cleared or merged.
 

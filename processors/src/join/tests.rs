@@ -2339,3 +2339,64 @@ fn timers_expire_a_busy_trace_at_max_wait_and_orphans_at_their_ttl() {
     assert!(tick(&mut j, t0 + Duration::from_millis(60_500)).is_empty());
     assert_eq!(j.pending_groups(), 0);
 }
+
+/// Three hops that passed one X-Request-ID on (an nginx, a gateway, a proxy on other hosts),
+/// emitted in one unit, and the late span of the next hop down: join.md §4.5's nearest hop
+/// above it (the smallest duration that still covers its own) is its parent, whichever of the
+/// three was emitted last.
+#[test]
+fn a_late_x_request_id_span_takes_the_nearest_hop_above_among_several() {
+    let hops = [
+        (E1, "ngx-node", (1.0, 49.0)),
+        (E2, "gw-node", (5.0, 30.0)),
+        (E3, "px-node", (10.0, 45.0)),
+    ];
+    for order in [[0usize, 1, 2], [1, 0, 2], [2, 1, 0], [0, 2, 1]] {
+        let mut j = join(JoinConfig::default());
+        let t0 = Instant::now();
+        let web = sdk_scope("web", "web-pod", "default");
+        let sdk = vec![sdk_span(
+            &web,
+            T1,
+            W2,
+            0,
+            SpanKind::Client,
+            "GET /api",
+            us(0.0),
+            us(60.0),
+            vec![],
+        )];
+        let rows: Vec<Span> = order
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let (id, agent, t) = hops[i];
+                let mut r = DfRow::new(id, "s", agent)
+                    .trace(T1, W2)
+                    .seqs(5000 + k as u32, 6000 + k as u32)
+                    .time_us(us(t.0), us(t.1));
+                r.xreq = [Some("rid-7".into()), None];
+                r.to_span()
+            })
+            .collect();
+        feed(&mut j, t0, sdk);
+        feed(&mut j, t0, rows);
+        let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+        assert_eq!(unit.len(), 4);
+        let mut late = DfRow::new(E4, "s", "api-node")
+            .seqs(7001, 8001)
+            .time_us(us(12.0), us(32.0));
+        late.xreq = [Some("rid-7".into()), None];
+        let out = feed(&mut j, t0 + Duration::from_secs(30), vec![late.to_span()]);
+        let late = &only_unit(out)[0];
+        assert!(late.marks.late);
+        assert_eq!(late.trace_id.0, T1);
+        assert_eq!(
+            late.parent_span_id,
+            SpanId::from_u64(E2),
+            "hops fed in order {order:?}; unit order {:?}",
+            unit.iter().map(|s| s.span_id).collect::<Vec<_>>()
+        );
+        assert_eq!(s_attr(late, VIA).as_deref(), Some("x_request_id"));
+    }
+}

@@ -1,7 +1,9 @@
 //! Tombstones of emitted units, so late spans follow their unit (join.md §5.5).
 //!
 //! Entries expire after `late_ttl` and are capped in number (oldest first), so a burst of traces
-//! cannot grow them without bound.
+//! cannot grow them without bound. A key names the newest tombstone filed under it, except an
+//! X-Request-ID, which names the newest few (`XREQ_CANDIDATES`): one id passes through several
+//! hops, and a late span takes the nearest of them (join.md §4.5).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -80,13 +82,19 @@ impl Tomb {
     }
 }
 
+/// Tombstones kept per (X-Request-ID, side): the hops one id passed through (a gateway chain
+/// is a few deep); a hot id (a constant one, say) must not make a late span linear in them.
+pub(super) const XREQ_CANDIDATES: usize = 4;
+
 /// Tombstones in arrival order (which is expiry order: `late_ttl` is fixed), each stored once;
-/// the key map points into the ring by absolute position.
+/// the key maps point into the ring by absolute position.
 pub(super) struct Tombs {
     slots: VecDeque<Tomb>,
     /// Absolute position of `slots[0]`.
     base: u64,
     keys: HashMap<Key, u64>,
+    /// `Key::Xreq` only: positions, oldest first, at most `XREQ_CANDIDATES`.
+    xreq: HashMap<Key, Vec<u64>>,
     pub(super) cap: usize,
 }
 
@@ -96,6 +104,7 @@ impl Default for Tombs {
             slots: VecDeque::new(),
             base: 0,
             keys: HashMap::new(),
+            xreq: HashMap::new(),
             cap: 1_000_000,
         }
     }
@@ -120,7 +129,15 @@ impl Tombs {
     fn put(&mut self, t: Tomb) {
         let pos = self.base + self.slots.len() as u64;
         for k in t.keys() {
-            self.keys.insert(k, pos);
+            if matches!(k, Key::Xreq(..)) {
+                let v = self.xreq.entry(k).or_default();
+                if v.len() >= XREQ_CANDIDATES {
+                    v.remove(0);
+                }
+                v.push(pos);
+            } else {
+                self.keys.insert(k, pos);
+            }
         }
         self.slots.push_back(t);
         while self.slots.len() > self.cap {
@@ -135,8 +152,15 @@ impl Tombs {
         let pos = self.base;
         self.base += 1;
         for k in t.keys() {
+            if matches!(k, Key::Xreq(..)) {
+                if let Some(v) = self.xreq.get_mut(&k) {
+                    v.retain(|p| *p != pos);
+                    if v.is_empty() {
+                        self.xreq.remove(&k);
+                    }
+                }
             // A newer tombstone may have taken the key over.
-            if self.keys.get(&k) == Some(&pos) {
+            } else if self.keys.get(&k) == Some(&pos) {
                 self.keys.remove(&k);
             }
         }
@@ -218,10 +242,22 @@ impl Tombs {
         }
     }
 
-    fn live(&self, k: &Key, now: Instant) -> Option<&Tomb> {
-        let pos = *self.keys.get(k)?;
+    fn at(&self, pos: u64, now: Instant) -> Option<&Tomb> {
         let t = self.slots.get(pos.checked_sub(self.base)? as usize)?;
         (t.expires > now).then_some(t)
+    }
+
+    fn live(&self, k: &Key, now: Instant) -> Option<&Tomb> {
+        self.at(*self.keys.get(k)?, now)
+    }
+
+    /// The live tombstones filed under an X-Request-ID key, newest first.
+    fn live_xreq(&self, k: &Key, now: Instant) -> impl Iterator<Item = &Tomb> {
+        self.xreq
+            .get(k)
+            .into_iter()
+            .flat_map(|v| v.iter().rev())
+            .filter_map(move |&p| self.at(p, now))
     }
 
     /// Where a late span goes, if it matches an emitted unit.
@@ -233,7 +269,7 @@ impl Tombs {
         tol: &Tol,
         now: Instant,
     ) -> Option<LateTarget> {
-        if self.keys.is_empty() {
+        if self.slots.is_empty() {
             return None;
         }
         if let Some(k) = key {
@@ -344,11 +380,20 @@ impl Tombs {
         self.match_xreq(tenant, e, now)
     }
 
-    /// The x_request_id rules (join.md §4.5) against emitted spans: the newest span filed under
-    /// each (value, side) is tested.
+    /// The x_request_id rules (join.md §4.5) against emitted spans: the newest few filed under
+    /// each (value, side) are tested; passed through, the nearest hop above wins (the smallest
+    /// duration that covers this span's), else the nearest below.
     fn match_xreq(&self, tenant: u32, e: &EbpfSpan, now: Instant) -> Option<LateTarget> {
         let x = |side: usize| e.x_request_id[side].as_ref().filter(|v| !v.is_empty());
-        let found = |v: &Arc<str>, side: u8| self.live(&Key::Xreq(tenant, v.clone(), side), now);
+        // At most `XREQ_CANDIDATES`, newest first.
+        let found = |v: Option<&Arc<str>>, side: u8| -> Vec<&Tomb> {
+            match v {
+                Some(v) => self
+                    .live_xreq(&Key::Xreq(tenant, v.clone(), side), now)
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
         let covers = |p: (u64, u64), c: (u64, u64)| p.0 <= c.0 && c.1 <= p.1;
         let me = (e.start_ns, e.end_ns);
         // On one agent the upstream span must cover the downstream one.
@@ -367,38 +412,38 @@ impl Tombs {
         // Inside one process: the emitted s-p above this c-p.
         if e.tap_side == TapSide::CP {
             for (v, side) in [(x(0), 0u8), (x(1), 1), (x(0), 1)] {
-                let Some(t) = v.and_then(|v| found(v, side)) else {
-                    continue;
-                };
-                let same_process = t.agent == e.agent && t.pid != 0 && t.pid == e.local_pid();
-                if t.tap == TapSide::SP && same_process && covers((t.start, t.end), me) {
-                    return Some(under(t));
+                for t in found(v, side) {
+                    let same_process = t.agent == e.agent && t.pid != 0 && t.pid == e.local_pid();
+                    if t.tap == TapSide::SP && same_process && covers((t.start, t.end), me) {
+                        return Some(under(t));
+                    }
                 }
             }
         }
         // Injected: the gateway's inbound side answered with the id its outbound side sent.
-        if let Some(t) = x(0).and_then(|v| found(v, 1)) {
-            if may_lead(t) {
-                return Some(under(t));
-            }
+        if let Some(t) = found(x(0), 1).into_iter().find(|t| may_lead(t)) {
+            return Some(under(t));
         }
-        if let Some(t) = x(1).and_then(|v| found(v, 0)) {
-            if may_follow(t) {
-                return Some(beside(t));
-            }
+        if let Some(t) = found(x(1), 0).into_iter().find(|t| may_follow(t)) {
+            return Some(beside(t));
         }
-        // Passed through: the longer span is upstream.
+        // Passed through: the longer span is upstream; of several, the nearest hop.
+        let mut up: Option<&Tomb> = None;
+        let mut down: Option<&Tomb> = None;
         for side in 0..2u8 {
-            let Some(t) = x(side as usize).and_then(|v| found(v, side)) else {
-                continue;
-            };
-            if t.dur_us >= e.duration_us && may_lead(t) {
-                return Some(under(t));
-            }
-            if e.duration_us >= t.dur_us && may_follow(t) {
-                return Some(beside(t));
+            for t in found(x(side as usize), side) {
+                if t.dur_us >= e.duration_us && may_lead(t) {
+                    if up.is_none_or(|u| t.dur_us < u.dur_us) {
+                        up = Some(t);
+                    }
+                } else if e.duration_us >= t.dur_us
+                    && may_follow(t)
+                    && down.is_none_or(|d| t.dur_us > d.dur_us)
+                {
+                    down = Some(t);
+                }
             }
         }
-        None
+        up.map(under).or_else(|| down.map(beside))
     }
 }
