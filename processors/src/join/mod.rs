@@ -62,8 +62,9 @@
 //!   two eBPF spans with one header applies to c-p rows of other processes (sidecars, proxies).
 //! - Tombstones keep the newest four emitted spans per (X-Request-ID, side), so a late span
 //!   makes §4.5's "smallest parent dur" choice among those four only. A gRPC/HTTP2 frame row
-//!   arriving after its session was emitted is not merged late; it is handled as any other late
-//!   or unassociated row.
+//!   arriving after its session was emitted is not merged into it (the session is gone): it
+//!   follows as a late span beside the session (the session's trace id, parent and `via`), and
+//!   its id is not in the session's `merged_span_ids`.
 //! - Units are written by appending fields to the encoded spans (see `output`); `Span::edit` is
 //!   used where a field must be cleared or merged.
 

@@ -2400,3 +2400,36 @@ fn a_late_x_request_id_span_takes_the_nearest_hop_above_among_several() {
         assert_eq!(s_attr(late, VIA).as_deref(), Some("x_request_id"));
     }
 }
+
+/// A gRPC/HTTP2 frame row arriving after its session went out cannot be merged into it any
+/// more: it follows the session's unit as a late span, beside the session (its trace id and
+/// parent). A frame of another stream of the connection does not.
+#[test]
+fn a_grpc_frame_row_after_its_session_was_emitted_follows_the_session() {
+    let mut j = join(JoinConfig::default());
+    let t0 = Instant::now();
+    let (client, session, frame) = grpc_session_and_frame(5, 25.0, "response");
+    let (_, _, other_stream) = grpc_session_and_frame(6, 26.0, "response");
+    feed(&mut j, t0, vec![client]);
+    feed(&mut j, t0, vec![session]);
+    let unit = only_unit(tick(&mut j, t0 + Duration::from_secs(15)));
+    assert_eq!(unit.len(), 2);
+    let s = find(&unit, E1);
+    let (session_parent, session_via) = (s.parent_span_id, s_attr(s, VIA));
+    assert_eq!(session_parent, SpanId::from_u64(W2));
+
+    let late = only_unit(feed(&mut j, t0 + Duration::from_secs(20), vec![frame]));
+    let f = &late[0];
+    assert_eq!(f.span_id, SpanId::from_u64(E2));
+    assert!(f.marks.late);
+    assert_eq!(s_attr(f, LATE).as_deref(), Some("true"));
+    assert_eq!(f.trace_id.0, T1, "the session's trace id");
+    assert_eq!(f.parent_span_id, session_parent, "beside the session");
+    assert_eq!(s_attr(f, VIA), session_via);
+
+    let out = feed(&mut j, t0 + Duration::from_secs(20), vec![other_stream]);
+    assert!(
+        out.is_empty(),
+        "another stream's frame is not late: {out:?}"
+    );
+}

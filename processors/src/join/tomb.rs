@@ -14,8 +14,8 @@ use tailweave_core::ebpf::{flags, EbpfSpan, TapSide};
 use tailweave_core::{Span, SpanId};
 
 use super::output::VIA;
-use super::rules::{Tol, Via};
-use super::LateTarget;
+use super::rules::{same_l7, Tol, Via};
+use super::{CloneKeys, LateTarget};
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum Key {
@@ -26,6 +26,8 @@ enum Key {
     Frag(u32, Arc<str>, u64, u8),
     /// An X-Request-ID value and the side it was seen on (0 request, 1 response).
     Xreq(u32, Arc<str>, u8),
+    /// A gRPC/HTTP2 session by stream: agent, flow id, tap rank, request (stream) id.
+    Stream(u32, Arc<str>, u64, u8, u64),
 }
 
 /// The compact copy of an emitted span that the §4 rules need, with the keys it is filed under.
@@ -50,8 +52,12 @@ struct Tomb {
     sys: [u64; 2],
     /// Request fragment filed under `Key::Frag` with this flow id (0: not).
     frag_flow: u64,
+    flow: u64,
     /// X-Request-IDs seen in the request and in the response.
     xreq: [Option<Arc<str>>; 2],
+    /// A gRPC/HTTP2 session that takes frame rows: its stream id and its own `via`.
+    stream: Option<(u64, Via)>,
+    l7: u8,
 }
 
 impl Tomb {
@@ -73,12 +79,16 @@ impl Tomb {
                 .filter(|v| !v.is_empty())?;
             Some(Key::Xreq(t, v.clone(), side))
         });
+        let stream = self
+            .stream
+            .map(|(rid, _)| Key::Stream(t, self.agent.clone(), self.flow, self.tap.rank(), rid));
         unit.into_iter()
             .chain(req)
             .chain(resp)
             .chain(sys)
             .chain(frag)
             .chain(xreq)
+            .chain(stream)
     }
 }
 
@@ -200,7 +210,10 @@ impl Tombs {
             resp: 0,
             sys: [0; 2],
             frag_flow: 0,
+            flow: 0,
             xreq: [None, None],
+            stream: None,
+            l7: 0,
         });
         for s in spans {
             let Some(e) = s.ebpf.as_deref() else { continue };
@@ -208,6 +221,7 @@ impl Tombs {
                 continue;
             }
             let request_only = e.is_request_only();
+            let keys = e.clone_keys();
             let sys = if e.is_system() && e.syscall_req != e.syscall_resp {
                 [e.syscall_req, e.syscall_resp]
             } else {
@@ -231,7 +245,10 @@ impl Tombs {
                 resp: e.resp_tcp_seq,
                 sys,
                 frag_flow: if request_only { e.flow_id } else { 0 },
+                flow: e.flow_id,
                 xreq: e.x_request_id.clone(),
+                stream: keys.stream.then(|| (keys.request_id, via_of(s))),
+                l7: e.l7_protocol,
             });
         }
     }
@@ -307,6 +324,28 @@ impl Tombs {
                     parent: t.parent,
                     via: t.via,
                 });
+            }
+        }
+        // A zero-duration gRPC/HTTP2 frame row of an emitted session's stream (join.md §3): it
+        // cannot be merged any more, so it follows the session, beside it.
+        let keys = e.clone_keys();
+        if keys.frame {
+            let k = Key::Stream(
+                tenant,
+                e.agent.clone(),
+                e.flow_id,
+                e.tap_side.rank(),
+                keys.request_id,
+            );
+            let fits = |t: &&Tomb| same_l7(t.l7, e.l7_protocol) && t.start <= e.end_ns;
+            if let Some(t) = self.live(&k, now).filter(fits) {
+                if let Some((_, via)) = t.stream {
+                    return Some(LateTarget {
+                        trace_id: t.trace_id,
+                        parent: t.parent,
+                        via,
+                    });
+                }
             }
         }
         let dev = |t: &Tomb| {
