@@ -172,12 +172,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn hold_phase(traces: u64) -> (f64, f64, u64) {
+/// What the memory phase measured.
+struct Held {
+    spans: u64,
+    /// Encoded bytes of the held spans (their `Span` messages).
+    encoded: u64,
+    /// RSS growth while the spans went in.
+    rss: u64,
+    /// Live heap growth (`tailweave_process_memory_heap_bytes`): RSS minus this is what the
+    /// allocator keeps without it being in use.
+    heap: u64,
+    /// What the sampler itself counts (`tailweave_tail_sampling_bytes_held`).
+    counted: u64,
+}
+
+fn hold_phase(traces: u64) -> Held {
     let sink = Sink::start_blocking();
     let c = Collector::start(&template("hold.yaml", &sink), Ports::new());
     let pid = c.child.id();
     let dir = tempfile::tempdir().unwrap();
     let rss0 = status_kib(pid, "VmRSS") * 1024;
+    let heap0 = c.metric("tailweave_process_memory_heap_bytes", &[]) as u64;
     let args: Vec<String> = [
         "--scenario",
         "sdk",
@@ -201,7 +216,30 @@ fn hold_phase(traces: u64) -> (f64, f64, u64) {
     wait_for("spans held in the sampler", Duration::from_secs(60), || {
         (c.metric("tailweave_tail_sampling_spans_in_memory", &[]) as u64 >= spans).then_some(())
     });
-    let rss1 = status_kib(pid, "VmRSS") * 1024;
+    // The heap gauge is refreshed once a second and the last batches may still be moving:
+    // read until RSS and the gauge both hold still across a refresh.
+    let settle = Instant::now();
+    let read = || {
+        (
+            status_kib(pid, "VmRSS") * 1024,
+            c.metric("tailweave_process_memory_heap_bytes", &[]) as u64,
+        )
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let now = read();
+        let still = |a: u64, b: u64| a.abs_diff(b) * 200 <= a.max(b);
+        if (still(now.0, last.0) && still(now.1, last.1))
+            || settle.elapsed() > Duration::from_secs(20)
+        {
+            last = now;
+            break;
+        }
+        last = now;
+    }
+    let (rss1, heap1) = last;
+    let counted = c.metric("tailweave_tail_sampling_bytes_held", &[]) as u64;
     // The encoded size of the same seeded spans, regenerated here from the same arguments.
     #[derive(clap::Parser)]
     struct Wrap {
@@ -224,12 +262,13 @@ fn hold_phase(traces: u64) -> (f64, f64, u64) {
             }
         }
     }
-    let held = rss1.saturating_sub(rss0) as f64;
-    (
-        held / encoded.max(1) as f64,
-        held / spans.max(1) as f64,
+    Held {
         spans,
-    )
+        encoded,
+        rss: rss1.saturating_sub(rss0),
+        heap: heap1.saturating_sub(heap0),
+        counted,
+    }
 }
 
 fn main() {
@@ -302,8 +341,16 @@ fn main() {
     if hold == 0 {
         return;
     }
-    let (per_encoded, per_span, spans) = hold_phase(hold);
+    let h = hold_phase(hold);
+    let per = |b: u64, n: u64| b as f64 / n.max(1) as f64;
     println!(
-        "memory: {spans} spans held in tail_sampling: {per_span:.0} bytes of RSS per buffered span, {per_encoded:.2} bytes per encoded byte"
+        "memory: {} spans held in tail_sampling: {:.0} bytes of RSS per buffered span, {:.2} bytes per encoded byte \
+         ({:.1} encoded bytes per span; live heap {:.2}, counted by the sampler {:.2} bytes per encoded byte)",
+        h.spans,
+        per(h.rss, h.spans),
+        per(h.rss, h.encoded),
+        per(h.encoded, h.spans),
+        per(h.heap, h.encoded),
+        per(h.counted, h.encoded),
     );
 }
