@@ -197,14 +197,31 @@ struct Trace {
     spans: Packed,
     summary: Summary,
     first: Instant,
-    last: Instant,
+    /// When its latest span came, as nanoseconds after `first` (half an `Instant`: the table
+    /// holds one of these per waiting trace).
+    last_ns: u64,
     root: bool,
     /// Heap bytes of its spans (`Packed::heap_bytes`).
     bytes: usize,
     /// Arrival order, to tell a live entry of `arrivals`/`timers` from a stale one.
     seq: u64,
-    /// The deadline of the trace's current `timers` entry.
-    scheduled: Instant,
+    /// The deadline of the trace's current `timers` entry, as nanoseconds after `first`.
+    scheduled_ns: u64,
+}
+
+impl Trace {
+    fn since_first(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.first).as_nanos() as u64
+    }
+    fn last(&self) -> Instant {
+        self.first + Duration::from_nanos(self.last_ns)
+    }
+    fn scheduled(&self) -> Instant {
+        self.first + Duration::from_nanos(self.scheduled_ns)
+    }
+    fn set_scheduled(&mut self, d: Instant) {
+        self.scheduled_ns = self.since_first(d);
+    }
 }
 
 type TimerEntry = Reverse<(Instant, u64, TraceId)>;
@@ -544,11 +561,11 @@ impl TailSampling {
                 spans: Packed::default(),
                 summary: Summary::default(),
                 first: now,
-                last: now,
+                last_ns: 0,
                 root: false,
                 bytes: 0,
                 seq,
-                scheduled: deadline,
+                scheduled_ns: self.decision_wait.as_nanos() as u64,
             };
             self.timers.push(Reverse((deadline, seq, id)));
             self.arrivals.push_back((seq, id));
@@ -808,12 +825,12 @@ impl TailSampling {
             let Some(t) = self.traces.get_mut(&id) else {
                 continue;
             };
-            if t.seq != seq || t.scheduled != d {
+            if t.seq != seq || t.scheduled() != d {
                 continue;
             }
             let wait_end = t.first + self.decision_wait;
             let root_end = match (t.root, self.after_root) {
-                (true, Some(w)) => Some(t.last + w),
+                (true, Some(w)) => Some(t.last() + w),
                 _ => None,
             };
             let due = root_end.map_or(wait_end, |r| r.min(wait_end));
@@ -825,7 +842,7 @@ impl TailSampling {
                 };
                 self.decide(now, &id, why);
             } else {
-                t.scheduled = due;
+                t.set_scheduled(due);
                 self.timers.push(Reverse((due, seq, id)));
             }
         }
@@ -846,7 +863,7 @@ impl TailSampling {
             self.timers.retain(|Reverse((d, seq, id))| {
                 traces
                     .get(id)
-                    .is_some_and(|t| t.seq == *seq && t.scheduled == *d)
+                    .is_some_and(|t| t.seq == *seq && t.scheduled() == *d)
             });
             self.timers.shrink_to(3 * live + 1024);
         }
@@ -988,13 +1005,13 @@ fn add_span(
     scopes: &mut Scopes,
 ) {
     t.summary.add(&span);
-    t.last = now;
+    t.last_ns = t.since_first(now);
     if span.is_root() && !t.root {
         t.root = true;
         if let Some(w) = after_root {
             let d = now + w;
-            if d < t.scheduled {
-                t.scheduled = d;
+            if d < t.scheduled() {
+                t.set_scheduled(d);
                 timers.push(Reverse((d, t.seq, span.trace_id)));
             }
         }

@@ -42,7 +42,8 @@ pub(crate) struct Packed {
     /// with `WHOLE` and a scope index of 0 and no bytes.
     buf: Vec<u8>,
     scopes: Vec<Arc<Scope>>,
-    whole: Vec<Span>,
+    /// Boxed: rare, and the trace table holds one `Packed` per waiting trace.
+    whole: Option<Box<Vec<Span>>>,
     count: u32,
     /// Bytes of scopes that only this trace holds (not in [`Scopes`]).
     own_scope_bytes: u32,
@@ -111,8 +112,9 @@ impl Packed {
         if span.ebpf.is_some() {
             self.buf.reserve_exact(1);
             self.buf.push(flags(&span) | WHOLE);
-            self.whole.reserve_exact(1);
-            self.whole.push(span);
+            let whole = self.whole.get_or_insert_with(Default::default);
+            whole.reserve_exact(1);
+            whole.push(span);
             return;
         }
         let n = span.raw.len();
@@ -139,19 +141,20 @@ impl Packed {
     pub fn heap_bytes(&self) -> usize {
         self.buf.capacity()
             + self.scopes.capacity() * std::mem::size_of::<Arc<Scope>>()
-            + self.whole.capacity() * std::mem::size_of::<Span>()
-            + self
-                .whole
-                .iter()
-                .map(|s| s.held_bytes() - std::mem::size_of::<Span>())
-                .sum::<usize>()
+            + self.whole.as_ref().map_or(0, |w| {
+                std::mem::size_of::<Vec<Span>>()
+                    + w.capacity() * std::mem::size_of::<Span>()
+                    + w.iter()
+                        .map(|s| s.held_bytes() - std::mem::size_of::<Span>())
+                        .sum::<usize>()
+            })
             + self.own_scope_bytes as usize
     }
 
     /// Every span, in arrival order, borrowed.
     pub fn entries(&self) -> impl Iterator<Item = Entry<'_>> + '_ {
         let mut pos = 0usize;
-        let mut whole = self.whole.iter();
+        let mut whole = self.whole.iter().flat_map(|w| w.iter());
         std::iter::from_fn(move || {
             let f = *self.buf.get(pos)?;
             pos += 1;
@@ -191,7 +194,7 @@ impl Packed {
         let mut out = Vec::with_capacity(self.count as usize);
         let mut failed = 0;
         let buf = Bytes::from(self.buf);
-        let mut whole = self.whole.into_iter();
+        let mut whole = self.whole.into_iter().flat_map(|w| w.into_iter());
         let mut pos = 0usize;
         while let Some(&f) = buf.get(pos) {
             pos += 1;
