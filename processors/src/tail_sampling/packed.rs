@@ -43,7 +43,7 @@ pub(crate) struct Packed {
     buf: Vec<u8>,
     scopes: Vec<Arc<Scope>>,
     /// Boxed: rare, and the trace table holds one `Packed` per waiting trace.
-    whole: Option<Box<Vec<Span>>>,
+    whole: Option<Box<[Span]>>,
     count: u32,
     /// Bytes of scopes that only this trace holds (not in [`Scopes`]).
     own_scope_bytes: u32,
@@ -112,9 +112,10 @@ impl Packed {
         if span.ebpf.is_some() {
             self.buf.reserve_exact(1);
             self.buf.push(flags(&span) | WHOLE);
-            let whole = self.whole.get_or_insert_with(Default::default);
+            let mut whole = self.whole.take().map(Vec::from).unwrap_or_default();
             whole.reserve_exact(1);
             whole.push(span);
+            self.whole = Some(whole.into_boxed_slice());
             return;
         }
         let n = span.raw.len();
@@ -141,13 +142,10 @@ impl Packed {
     pub fn heap_bytes(&self) -> usize {
         self.buf.capacity()
             + self.scopes.capacity() * std::mem::size_of::<Arc<Scope>>()
-            + self.whole.as_ref().map_or(0, |w| {
-                std::mem::size_of::<Vec<Span>>()
-                    + w.capacity() * std::mem::size_of::<Span>()
-                    + w.iter()
-                        .map(|s| s.held_bytes() - std::mem::size_of::<Span>())
-                        .sum::<usize>()
-            })
+            + self
+                .whole
+                .as_ref()
+                .map_or(0, |w| w.iter().map(|s| s.held_bytes()).sum::<usize>())
             + self.own_scope_bytes as usize
     }
 
@@ -194,7 +192,7 @@ impl Packed {
         let mut out = Vec::with_capacity(self.count as usize);
         let mut failed = 0;
         let buf = Bytes::from(self.buf);
-        let mut whole = self.whole.into_iter().flat_map(|w| w.into_iter());
+        let mut whole = self.whole.map(Vec::from).unwrap_or_default().into_iter();
         let mut pos = 0usize;
         while let Some(&f) = buf.get(pos) {
             pos += 1;
