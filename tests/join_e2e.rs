@@ -217,8 +217,10 @@ fn an_error_seen_only_by_ebpf_makes_the_joined_trace_an_error_trace() {
     );
 }
 
-/// The join and the sampler with `storage: file`, both logs under `dir`; waits short enough that
-/// a first workload goes out before the kill and long enough that a second one is still held.
+/// The join and the sampler with `storage: file` and the exporter's sending queue on disk, all
+/// under `dir` (the queue, so that kept spans on their way to the sink when the process dies are
+/// not lost with an in-memory queue); waits short enough that a first workload goes out before
+/// the kill and long enough that a second one is still held.
 fn durable_config(sink: &Sink, dir: &Path) -> String {
     format!(
         r#"
@@ -233,7 +235,7 @@ receivers:
         endpoint: 127.0.0.1:{{EXTRA0}}
 processors:
   join:
-    wait: {{min: 8s, idle: 3s, max: 30s}}
+    wait: {{min: 10s, idle: 4s, max: 30s}}
     storage: file
     directory: {join}
   tail_sampling:
@@ -248,6 +250,7 @@ exporters:
     endpoint: {sink}
     tls:
       insecure: true
+    sending_queue: {{storage: file, directory: {queue}}}
 extensions:
   health_check:
     endpoint: 127.0.0.1:{{HEALTH}}
@@ -265,6 +268,7 @@ service:
         sink = sink.endpoint(),
         join = dir.join("join").display(),
         sampling = dir.join("sampling").display(),
+        queue = dir.join("queue").display(),
     )
 }
 
