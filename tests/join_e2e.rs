@@ -316,7 +316,7 @@ fn check_kept(
 /// restart on the same directories and ports, every acknowledged span of a kept trace reaches
 /// the sink, each kept trace whole and once, and nothing the policies drop does. A first
 /// workload went out before the kill (its units' done records keep them from coming out again);
-/// a second one was held by the join when the process died.
+/// a second one was held by the join when the process died; a third is held at a graceful stop.
 #[test]
 fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
     let sink = Sink::start_blocking();
@@ -379,13 +379,30 @@ fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
         0.0,
         "no log write failed"
     );
+    let after_restart = sink.span_count();
+
+    // A graceful stop while the join holds a third workload: it flushes the units, and once
+    // downstream took them their done records empty the log (a background thread waits for
+    // the acks; if the process exits first, the next start emits those units again).
+    let third_dir = dir.path().join("third");
+    std::fs::create_dir_all(&third_dir).unwrap();
+    let (third, _) = loadgen(&c, &third_dir, &args("33"));
+    let held_at_stop = c.metric("tailweave_join_pending_spans", &[]);
+    let mut c = c;
+    assert!(c.terminate().success());
+    let log_after_stop =
+        std::fs::metadata(state.path().join("join").join("traces_join.log")).map_or(0, |m| m.len());
+
     let got = observed(&sink);
     let kept_first = check_kept("first workload", &first, &got);
     let kept_second = check_kept("second workload", &second, &got);
+    let kept_third = check_kept("third workload (SIGTERM)", &third, &got);
     eprintln!(
         "join_e2e: kill -9: {} spans at the sink before the second workload, {at_kill} at the kill, \
-         {} after the restart; the join held {held} spans at the kill and replayed {replayed}; \
-         kept {kept_first} + {kept_second} traces whole; second workload: {summary}",
+         {after_restart} after the restart; the join held {held} spans at the kill and replayed \
+         {replayed}; SIGTERM with {held_at_stop} spans held, join log {log_after_stop} bytes after \
+         the stop, {} spans at the sink; kept {kept_first} + {kept_second} + {kept_third} traces \
+         whole; second workload: {summary}",
         before,
         got.len(),
     );
