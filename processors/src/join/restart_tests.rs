@@ -385,3 +385,37 @@ fn the_ebpf_model_survives_the_log_field_for_field() {
         assert_eq!(got.scope.raw, want.scope.raw);
     }
 }
+
+fn ctx() -> tailweave_core::BuildContext {
+    tailweave_core::BuildContext {
+        id: "join".into(),
+        pipeline: "traces".into(),
+        self_info: std::sync::Arc::new(Default::default()),
+    }
+}
+
+#[test]
+fn build_refuses_a_directory_that_cannot_hold_the_log_and_a_config_that_fails_validation() {
+    let dir = TempDir::new("notadir");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let mut c = JoinConfig {
+        storage: StorageKind::File,
+        directory: Some(file.clone()),
+        ..Default::default()
+    };
+    let e = c.build(&ctx()).err().expect("a file is no directory");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("storage in") && msg.contains("plain-file"),
+        "{msg}"
+    );
+    c.directory = None;
+    let msg = c.build(&ctx()).err().expect("no directory").to_string();
+    assert!(msg.contains("directory"), "{msg}");
+    c.directory = Some(dir.0.join("fresh"));
+    let j = c.build(&ctx()).expect("a new directory is made");
+    assert!(j.durable.is_some());
+    assert!(dir.0.join("fresh").join("traces_join.log").exists());
+}
