@@ -345,7 +345,7 @@ fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
     };
     let first_dir = dir.path().join("first");
     std::fs::create_dir_all(&first_dir).unwrap();
-    let (first, _) = loadgen(&c, &first_dir, &args("31"));
+    let (first, first_summary) = loadgen(&c, &first_dir, &args("31"));
     drained(&c, &sink);
     let before = sink.span_count();
     assert!(before > 0, "the first workload went out before the kill");
@@ -353,14 +353,18 @@ fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
     let second_dir = dir.path().join("second");
     std::fs::create_dir_all(&second_dir).unwrap();
     let (second, summary) = loadgen(&c, &second_dir, &args("32"));
-    // Every request was answered (loadgen checks no refusal, no failure), so the join or the
-    // sampler holds every span of the second workload now.
+    // Every request was answered (loadgen checks no refusal, no failure). The kill comes once
+    // the join has taken every accepted span (the receivers answer when it has; the wait only
+    // keeps this test about the join's log, not about the receivers' answers) and holds them.
+    let accepted = first_summary["accepted"].as_f64().unwrap_or(0.0)
+        + summary["accepted"].as_f64().unwrap_or(0.0);
     let held = tailweave_suite::wait_for(
-        "the join to hold the second workload",
+        "the join to take and hold the second workload",
         std::time::Duration::from_secs(30),
         || {
+            let taken = c.metric("tailweave_join_incoming_spans_total", &[]);
             let n = c.metric("tailweave_join_pending_spans", &[]);
-            (n > 0.0).then_some(n)
+            (taken >= accepted && n > 0.0).then_some(n)
         },
     );
     c.child.kill().unwrap();
