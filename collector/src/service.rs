@@ -87,11 +87,46 @@ pub fn self_info(cfg: &Config) -> SelfInfo {
     }
 }
 
+/// How long a batch whose client still waits for its answer (it carries acks) waits for room in
+/// the next stage or exporter queue before it is refused: its acks fail, its client is answered
+/// `UNAVAILABLE` / 503 and sends again, and the batch is dropped here and counted
+/// (`tailweave_processor_dropped_spans_total{reason="refused_downstream_full"}`), so a retry does
+/// not duplicate it. Batches without acks (a holding stage's output, already answered for) wait
+/// for room as long as it takes: that is the backpressure that stops the stage.
+const REFUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Sends `batch` on `tx`: waiting for room, bounded by [`REFUSE_AFTER`] when a client waits for
+/// it. `false`: not sent (refused or closed), its acks failed.
+async fn send_or_refuse(tx: &mpsc::Sender<SpanBatch>, batch: SpanBatch, at: &str) -> bool {
+    let (b, why) = if batch.acks.is_empty() {
+        match tx.send(batch).await {
+            Ok(()) => return true,
+            Err(mpsc::error::SendError(b)) => (b, "pipeline stopped"),
+        }
+    } else {
+        match tx.send_timeout(batch, REFUSE_AFTER).await {
+            Ok(()) => return true,
+            Err(mpsc::error::SendTimeoutError::Timeout(b)) => {
+                metrics::counter!(names::PROCESSOR_DROPPED_SPANS, "processor" => at.to_string(),
+                    "reason" => "refused_downstream_full")
+                .increment(b.len() as u64);
+                (b, "pipeline full")
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(b)) => (b, "pipeline stopped"),
+        }
+    };
+    for a in &b.acks {
+        a.fail(why);
+    }
+    false
+}
+
 /// An exporter's input, and whether the exporter keeps a batch's acks until it holds the batch
 /// durably (a sending queue on disk). An in-memory queue takes the batch when the channel takes
 /// it, so the acks are let go then.
 #[derive(Clone)]
 struct ExporterInput {
+    id: String,
     tx: mpsc::Sender<SpanBatch>,
     durable: bool,
 }
@@ -99,16 +134,37 @@ struct ExporterInput {
 impl ExporterInput {
     async fn send(&self, mut batch: SpanBatch) -> bool {
         if self.durable {
-            return self.tx.send(batch).await.is_ok();
+            return send_or_refuse(&self.tx, batch, &self.id).await;
         }
+        // Taken when the queue takes it; the acks still bound the wait for room.
         let acks = std::mem::take(&mut batch.acks);
-        let ok = self.tx.send(batch).await.is_ok();
-        if !ok {
-            for a in &acks {
-                a.fail("exporter stopped");
+        let bound = if acks.is_empty() {
+            None
+        } else {
+            Some(REFUSE_AFTER)
+        };
+        let r = match bound {
+            None => self.tx.send(batch).await.map_err(|_| "exporter stopped"),
+            Some(t) => match self.tx.send_timeout(batch, t).await {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::SendTimeoutError::Timeout(b)) => {
+                    metrics::counter!(names::EXPORTER_ENQUEUE_FAILED_SPANS, "exporter" => self.id.clone(),
+                        "reason" => "queue_full")
+                    .increment(b.len() as u64);
+                    Err("sending queue full")
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => Err("exporter stopped"),
+            },
+        };
+        match r {
+            Ok(()) => true,
+            Err(why) => {
+                for a in &acks {
+                    a.fail(why);
+                }
+                false
             }
         }
-        ok
     }
 }
 
@@ -119,18 +175,11 @@ enum Next {
 }
 
 impl Next {
-    /// Waits for room: a full downstream stops this stage, and so, upstream, the receivers.
-    async fn send(&self, batch: SpanBatch) -> bool {
+    /// Waits for room: a full downstream stops this stage, and so, upstream, the receivers. A
+    /// batch a client waits for is refused after [`REFUSE_AFTER`] instead.
+    async fn send(&self, batch: SpanBatch, from: &str) -> bool {
         match self {
-            Next::Stage(tx) => match tx.send(batch).await {
-                Ok(()) => true,
-                Err(mpsc::error::SendError(b)) => {
-                    for a in &b.acks {
-                        a.fail("pipeline stopped");
-                    }
-                    false
-                }
-            },
+            Next::Stage(tx) => send_or_refuse(tx, batch, from).await,
             Next::Exporters(txs) => {
                 let mut ok = true;
                 let n = txs.len();
@@ -201,8 +250,10 @@ async fn send_one(
     pipeline: &str,
 ) {
     outgoing.increment(b.len() as u64);
-    if !next.send(b).await {
-        tracing::error!(processor = %id, pipeline = %pipeline, "downstream closed early");
+    let n = b.len();
+    if !next.send(b, id).await {
+        tracing::debug!(processor = %id, pipeline = %pipeline, spans = n,
+            "downstream full or closed: batch refused, its clients answered with a retryable error");
     }
 }
 
@@ -333,6 +384,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
                 .build(&ctx)
                 .with_context(|| format!("exporters.{eid}: cannot start"))?;
             let input = ExporterInput {
+                id: eid.clone(),
                 tx: running.input,
                 durable: e.config.holds_durably(),
             };

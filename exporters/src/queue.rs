@@ -618,9 +618,16 @@ async fn write_to_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, mut rx: mpsc::Rec
         // The receivers' answers wait for these: they go once the group is on disk.
         let mut acks = Vec::new();
         for mut b in group.drain(..) {
-            if !b.is_empty() && !append_waiting(&shared, &q, &b).await {
-                for a in &b.acks {
-                    a.fail("batch too large for the sending queue");
+            if !b.is_empty() {
+                let why = match append_waiting(&shared, &q, &b).await {
+                    Appended::Written => None,
+                    Appended::TooLarge => Some("batch too large for the sending queue"),
+                    Appended::Full => Some("sending queue on disk full"),
+                };
+                if let Some(why) = why {
+                    for a in &b.acks {
+                        a.fail(why);
+                    }
                 }
             }
             acks.append(&mut b.acks);
@@ -631,9 +638,21 @@ async fn write_to_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, mut rx: mpsc::Rec
     q.close();
 }
 
+/// What became of a batch offered to the disk queue.
+enum Appended {
+    Written,
+    /// Larger than the whole queue: dropped and counted.
+    TooLarge,
+    /// The queue is full and a client waits for this batch's answer: refused and counted (the
+    /// client is answered with a retryable error and sends it again).
+    Full,
+}
+
 /// Appends one batch, waiting (and so holding the pipeline) while the log is full or the disk
-/// fails. Only a batch that can never fit is given up on, and counted (`false`).
-async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) -> bool {
+/// fails; a batch whose clients wait for their answer (it carries acks) is refused when the log
+/// is full instead, so they learn it now. A batch that can never fit is given up on. Both are
+/// counted.
+async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) -> Appended {
     let payload = encode_request(&batch.spans);
     let mut refused = false;
     loop {
@@ -645,7 +664,17 @@ async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) 
                 if refused {
                     tracing::info!(exporter = %shared.id, "sending queue has room again");
                 }
-                return true;
+                return Appended::Written;
+            }
+            Err(e @ DiskError::Full { .. }) if !batch.acks.is_empty() => {
+                metrics::counter!(EXPORTER_QUEUE_FULL, "exporter" => shared.id.clone())
+                    .increment(1);
+                metrics::counter!(tailweave_core::names::EXPORTER_ENQUEUE_FAILED_SPANS,
+                    "exporter" => shared.id.clone(), "reason" => "queue_full")
+                .increment(batch.len() as u64);
+                tracing::debug!(exporter = %shared.id, spans = batch.len(), error = %e,
+                    "sending queue full: batch refused, its clients answered with a retryable error");
+                return Appended::Full;
             }
             Err(e @ DiskError::Full { .. }) => {
                 if !refused {
@@ -661,7 +690,7 @@ async fn append_waiting(shared: &Shared, q: &Arc<DiskQueue>, batch: &SpanBatch) 
             Err(e @ DiskError::TooLarge { .. }) => {
                 shared.count_failed(batch.len() as u64, REASON_TOO_LARGE_FOR_QUEUE);
                 tracing::warn!(exporter = %shared.id, spans = batch.len(), error = %e, "dropping batch");
-                return false;
+                return Appended::TooLarge;
             }
             Err(e @ DiskError::Io { .. }) => {
                 tracing::error!(exporter = %shared.id, error = %e, "sending queue: write failed, retrying");
@@ -1476,6 +1505,37 @@ mod tests {
         assert!(why.contains("too large"), "{why}");
         drop(running.input);
         running.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_queue_refuses_a_batch_a_client_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let per_batch = encode_request(&spans(200)).len() as u64 + disk::RECORD_HEADER;
+        let disk = disk_at(dir.path(), 64 << 10);
+        let stalled = Arc::new(Fake {
+            gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
+        });
+        let (running, _stats) = spawn_persistent("otlp/x", &no_jitter(), &disk, stalled).unwrap();
+        // Answered batches until one is refused: the queue holds what it said it took.
+        let mut taken = 0u64;
+        let refused = loop {
+            let (ack, wait) = tailweave_core::Ack::new();
+            running
+                .input
+                .send(SpanBatch::new(spans(200)).with_ack(ack))
+                .await
+                .unwrap();
+            match wait.await {
+                Ok(()) => taken += 1,
+                Err(why) => break why,
+            }
+            assert!(taken * per_batch <= disk.max_bytes, "never refused");
+        };
+        assert!(refused.contains("full"), "{refused}");
+        assert!(taken > 0);
+        assert_eq!(segment_bytes(&disk.directory), taken * per_batch);
+        running.done.abort();
     }
 
     #[tokio::test]
