@@ -15,7 +15,8 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use serde_json::Value as Json;
 use tailweave_suite::{
-    hex, http_request, run_python, wait_for, wait_for_async, Collector, Ports, Sink, SinkMode,
+    hex, http_request, run_python, service_yaml, str_kv, validate_config, validate_file, wait_for,
+    wait_for_async, Collector, Ports, Sink, SinkMode,
 };
 
 /// otlp (gRPC + HTTP) -> batch -> otlp exporter to the sink.
@@ -39,21 +40,9 @@ exporters:
     tls:
       insecure: true
 {exporter_extra}
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [otlp]
-"#,
-        sink = sink.endpoint()
+{service}"#,
+        sink = sink.endpoint(),
+        service = service_yaml(&["otlp"], &["batch"], &["otlp"]),
     )
 }
 
@@ -184,16 +173,6 @@ fn python_sdk_trace_arrives_unchanged_over_grpc_and_http() {
     );
 }
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
-
 fn span(trace: u8, id: u64, name: &str) -> Span {
     Span {
         trace_id: vec![trace; 16],
@@ -202,7 +181,7 @@ fn span(trace: u8, id: u64, name: &str) -> Span {
         kind: 2,
         start_time_unix_nano: 1_700_000_000_000_000_000,
         end_time_unix_nano: 1_700_000_000_100_000_000,
-        attributes: vec![kv("k", "v")],
+        attributes: vec![str_kv("k", "v")],
         ..Default::default()
     }
 }
@@ -211,7 +190,7 @@ fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
-                attributes: vec![kv("service.name", "handmade")],
+                attributes: vec![str_kv("service.name", "handmade")],
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {
@@ -527,20 +506,11 @@ async fn sigterm_delivers_spans_held_in_batch_and_queue_then_exits_zero() {
 
 #[test]
 fn validate_reports_three_mistakes_with_paths_and_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("bad.yaml");
-    std::fs::write(
-        &p,
+    let out = validate_config(
         "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:4317\n        bogus_key: 1\nprocessors:\n  batch:\n    timeout: not-a-duration\nexporters:\n  debug:\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      processors: [batch]\n      exporters: [debug, missing]\n",
-    )
-    .unwrap();
-    let out = Command::new(tailweave_suite::tailweave_bin())
-        .args(["validate", "--config"])
-        .arg(&p)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "validate must fail:\n{err}");
+    );
+    let err = &out.stderr;
+    assert_ne!(out.code, Some(0), "validate must fail:\n{err}");
     assert!(err.contains("3 problem(s)"), "{err}");
     assert!(
         err.contains("receivers.otlp.protocols.grpc") && err.contains("line 6"),
@@ -571,16 +541,9 @@ fn every_example_and_the_default_pipeline_validate() {
     );
     let mut failures = HashMap::new();
     for f in &files {
-        let out = Command::new(tailweave_suite::tailweave_bin())
-            .args(["validate", "--config"])
-            .arg(f)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            failures.insert(
-                f.display().to_string(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            );
+        let out = validate_file(f);
+        if out.code != Some(0) {
+            failures.insert(f.display().to_string(), out.stderr);
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

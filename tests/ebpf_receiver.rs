@@ -20,33 +20,18 @@ use std::time::Duration;
 
 use tailweave_core::otlp::{decode_json_request, DecodeLimits};
 use tailweave_core::Span;
-use tailweave_suite::{free_port, python, root, wait_for, Collector, Ports};
+use tailweave_suite::{
+    build_tailweave, free_port, python, root, run_output, service_yaml, target_dir, wait_for,
+    Collector, Ports,
+};
 
 /// The binary with the `ebpf` feature, copied aside so another build of the shared target
 /// (without the feature) cannot replace it under a running test.
 fn ebpf_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "tailweave-collector",
-                "--bin",
-                "tailweave",
-            ])
-            .args(["--features", "tailweave-receivers/ebpf"])
-            .status()
-            .expect("cargo build");
-        assert!(
-            st.success(),
-            "cargo build --features tailweave-receivers/ebpf failed"
-        );
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root().join("target"));
+        build_tailweave(&["--features", "tailweave-receivers/ebpf"]);
+        let target = target_dir();
         let dir = target.join("ebpf-test");
         std::fs::create_dir_all(&dir).expect("target/ebpf-test");
         let bin = dir.join("tailweave");
@@ -266,21 +251,9 @@ processors:
 exporters:
   file:
     path: {{DIR}}/out.jsonl
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp, ebpf]
-      processors: [join]
-      exporters: [file]
-"#,
-        b_pid = b.0.id()
+{service}"#,
+        b_pid = b.0.id(),
+        service = service_yaml(&["otlp", "ebpf"], &["join"], &["file"]),
     );
     let mut col = Collector::start(&config, ports);
     let out_path = col.dir.path().join("out.jsonl");
@@ -482,24 +455,20 @@ fn without_privileges_start_up_names_the_missing_capability() {
         ),
     )
     .expect("config");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(&bin)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("setpriv");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_output(
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(&bin)
+            .arg("--config")
+            .arg(&cfg),
     );
-    assert_eq!(out.status.code(), Some(64), "{text}");
+    let text = out.text();
+    assert_eq!(out.code, Some(64), "{text}");
     assert!(
         text.contains("missing capability CAP_BPF and CAP_PERFMON"),
         "{text}"

@@ -15,7 +15,10 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tailweave_collector::loadgen::scenario::{generate, ScenarioConfig, ScenarioKind};
-use tailweave_suite::{hex, wait_for, Collector, Ports, ReceivedSpan, Sink};
+use tailweave_suite::{
+    hex, service_yaml, validate_config, wait_for, Collector, Ports, ReceivedSpan, Sink, GAME_JOIN,
+    SDK_AND_DEEPFLOW_RECEIVERS,
+};
 
 fn kv(k: &str, v: any_value::Value) -> KeyValue {
     KeyValue {
@@ -37,7 +40,7 @@ fn attr(span: &Span, k: &str) -> Option<any_value::Value> {
         .and_then(|v| v.value)
 }
 
-fn tail(sink: &Sink, what: &str) -> String {
+fn tail(sink: &Sink, receivers: &[&str], processors: &[&str]) -> String {
     format!(
         r#"
 exporters:
@@ -45,20 +48,9 @@ exporters:
     endpoint: {sink}
     tls:
       insecure: true
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-{what}
-      exporters: [otlp]
-"#,
-        sink = sink.endpoint()
+{service}"#,
+        sink = sink.endpoint(),
+        service = service_yaml(receivers, processors, &["otlp"]),
     )
 }
 
@@ -91,33 +83,13 @@ fn propagation_puts_the_player_id_on_every_span_of_a_joined_trace() {
     let sink = Sink::start_blocking();
     let yaml = format!(
         r#"
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{GRPC}}
-  deepflow:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{EXTRA0}}
-processors:
-  join:
-    tenant:
-      sdk_keys: [k8s.namespace.name]
-      ebpf_keys: [df.universal_tag.pod_ns]
-    wait:
-      min: 2s
-      idle: 1s
-      max: 20s
-  propagate:
+{SDK_AND_DEEPFLOW_RECEIVERS}processors:
+{GAME_JOIN}  propagate:
     rules:
       - attributes: [player.id]
         from: entry
 {}"#,
-        tail(
-            &sink,
-            "      receivers: [otlp, deepflow]\n      processors: [join, propagate]"
-        )
+        tail(&sink, &["otlp", "deepflow"], &["join", "propagate"])
     );
     let c = Collector::start(&yaml, Ports::new());
     let cfg = ScenarioConfig {
@@ -252,10 +224,7 @@ processors:
     policies:
       - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
 {}"#,
-        tail(
-            &sink,
-            "      receivers: [otlp]\n      processors: [extract, propagate, tail_sampling]"
-        )
+        tail(&sink, &["otlp"], &["extract", "propagate", "tail_sampling"])
     );
     let mut c = Collector::start(&yaml, Ports::new());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -302,10 +271,7 @@ processors:
 
 #[test]
 fn bad_rules_are_config_errors_with_their_key_paths() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(
-        &cfg,
+    let out = validate_config(
         r#"
 receivers:
   otlp:
@@ -334,26 +300,11 @@ service:
       processors: [extract, propagate]
       exporters: [debug]
 "#,
-    )
-    .expect("write");
-    let out = std::process::Command::new(tailweave_suite::tailweave_bin())
-        .arg("validate")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("run validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(64), "{text}");
-    for path in [
+    out.assert_config_error(&[
         "processors.extract.rules[0].regex",
         "processors.extract.rules[1].into.x",
         "processors.extract.rules[2].key_value",
         "processors.propagate.rules[0].attributes[1]",
-    ] {
-        assert!(text.contains(path), "{path} missing from:\n{text}");
-    }
+    ]);
 }

@@ -17,7 +17,10 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde_json::Value as Json;
 use tailweave_collector::loadgen::scenario::{generate, ScenarioConfig, ScenarioKind};
-use tailweave_suite::{free_port, hex, http_request, wait_for, Collector, Ports, Sink};
+use tailweave_suite::{
+    free_port, hex, http_request, service_yaml, wait_for, Collector, Ports, Sink, GAME_JOIN,
+    SDK_AND_DEEPFLOW_RECEIVERS,
+};
 
 /// A Prometheus server with the remote-write receiver on, on a free loopback port.
 struct Prometheus {
@@ -240,22 +243,14 @@ exporters:
     push_interval: 500ms
     external_labels: {{cluster: e2e}}
     send_exemplars: true
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [span_metrics, tail_sampling]
-      exporters: [otlp, prometheus, prometheus_remote_write]
-"#,
+{service}"#,
         sink = sink.endpoint(),
         prom = prom.addr,
+        service = service_yaml(
+            &["otlp"],
+            &["span_metrics", "tail_sampling"],
+            &["otlp", "prometheus", "prometheus_remote_write"],
+        ),
     )
 }
 
@@ -444,45 +439,20 @@ fn ebpf_spans_of_joined_traces_give_red_series_per_service_and_protocol() {
     let prom = Prometheus::start(&format!("127.0.0.1:{}", ports.metrics));
     let yaml = format!(
         r#"
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{GRPC}}
-  deepflow:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{EXTRA0}}
-processors:
-  join:
-    tenant:
-      sdk_keys: [k8s.namespace.name]
-      ebpf_keys: [df.universal_tag.pod_ns]
-    wait:
-      min: 2s
-      idle: 1s
-      max: 20s
-  span_metrics:
+{SDK_AND_DEEPFLOW_RECEIVERS}processors:
+{GAME_JOIN}  span_metrics:
 exporters:
   prometheus_remote_write:
     endpoint: http://{prom}/api/v1/write
     push_interval: 500ms
     external_labels: {{cluster: joined}}
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp, deepflow]
-      processors: [join, span_metrics]
-      exporters: [prometheus_remote_write]
-"#,
-        prom = prom.addr
+{service}"#,
+        prom = prom.addr,
+        service = service_yaml(
+            &["otlp", "deepflow"],
+            &["join", "span_metrics"],
+            &["prometheus_remote_write"],
+        ),
     );
     let mut c = Collector::start(&yaml, ports);
     let cfg = ScenarioConfig {

@@ -27,7 +27,9 @@ use prost::Message;
 use tailweave_core::tls::rustls::pki_types::ServerName;
 use tailweave_core::tls::tokio_rustls::server::TlsStream;
 use tailweave_core::tls::{ClientTlsSettings, ServerTls, ServerTlsSettings, ALPN_H2, ALPN_HTTP1};
-use tailweave_suite::{http_request, wait_for_async, Collector, Ports, Sink};
+use tailweave_suite::{
+    http_request, service_yaml, validate_config, wait_for_async, Collector, Ports, Sink,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -58,35 +60,29 @@ fn start(yaml: &str) -> Collector {
 }
 
 fn service(exporter: &str) -> String {
-    format!(
-        r#"
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [{exporter}]
-"#
-    )
+    service_yaml(&["otlp"], &[], &[exporter])
 }
 
-/// gRPC export with an optional `authorization` value; the gRPC code.
-async fn grpc_export(endpoint: &str, auth: Option<&str>) -> tonic::Code {
+/// gRPC export of `req` over a new connection, with an optional `authorization` value.
+async fn grpc_call(
+    endpoint: &str,
+    auth: Option<&str>,
+    req: ExportTraceServiceRequest,
+) -> Result<ExportTraceServiceResponse, tonic::Status> {
     let mut c = TraceServiceClient::connect(endpoint.to_string())
         .await
         .expect("connect");
-    let mut req = tonic::Request::new(request(3));
+    let mut req = tonic::Request::new(req);
     if let Some(a) = auth {
         req.metadata_mut()
             .insert("authorization", a.parse().expect("ascii"));
     }
-    match c.export(req).await {
+    c.export(req).await.map(|r| r.into_inner())
+}
+
+/// gRPC export of three spans with an optional `authorization` value; the gRPC code.
+async fn grpc_export(endpoint: &str, auth: Option<&str>) -> tonic::Code {
+    match grpc_call(endpoint, auth, request(3)).await {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
     }
@@ -815,10 +811,7 @@ async fn a_rotated_receiver_certificate_is_used_for_new_handshakes() {
 
 #[test]
 fn validate_reports_tls_problems_with_their_key_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(
-        &cfg,
+    let out = validate_config(
         r#"
 receivers:
   otlp:
@@ -835,27 +828,13 @@ service:
       receivers: [otlp]
       exporters: [debug]
 "#,
-    )
-    .unwrap();
-    let out = Command::new(tailweave_suite::tailweave_bin())
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("run tailweave validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(64), "{text}");
-    for key in [
+    out.assert_config_error(&[
         "receivers.otlp.protocols.grpc.tls.cert_file",
         "receivers.otlp.protocols.http.tls.cert_file",
         "receivers.otlp.protocols.http.tls.key_file",
-    ] {
-        assert!(text.contains(key), "{key} missing in:\n{text}");
-    }
-    assert!(text.contains("/nonexistent/server.pem"), "{text}");
+        "/nonexistent/server.pem",
+    ]);
 }
 
 // ---- Per-tenant tokens --------------------------------------------------------------------
@@ -914,15 +893,7 @@ async fn grpc_send(
     token: &str,
     req: ExportTraceServiceRequest,
 ) -> Result<ExportTraceServiceResponse, tonic::Status> {
-    let mut c = TraceServiceClient::connect(endpoint.to_string())
-        .await
-        .expect("connect");
-    let mut req = tonic::Request::new(req);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    c.export(req).await.map(|r| r.into_inner())
+    grpc_call(endpoint, Some(&format!("Bearer {token}")), req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -950,21 +921,9 @@ exporters:
   otlp:
     endpoint: {}
     tls: {{insecure: true}}
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:{{HEALTH}}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      address: 127.0.0.1:{{METRICS}}
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [join]
-      exporters: [otlp]
-"#,
-        sink.endpoint()
+{}"#,
+        sink.endpoint(),
+        service_yaml(&["otlp"], &["join"], &["otlp"])
     );
     let c = start(&yaml);
     let ep = c.grpc_endpoint();

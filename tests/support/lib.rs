@@ -33,28 +33,38 @@ pub fn tailweave_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let release = std::env::var("TAILWEAVE_TEST_RELEASE").is_ok();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root()).args([
+        build_tailweave(if release { &["--release"] } else { &[] });
+        target_dir()
+            .join(if release { "release" } else { "debug" })
+            .join("tailweave")
+    })
+    .clone()
+}
+
+/// `cargo build -q -p tailweave-collector --bin tailweave` with `extra` arguments (e.g.
+/// `--release`, `--features ...`), from the workspace root; panics if the build fails.
+pub fn build_tailweave(extra: &[&str]) {
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args([
             "build",
             "-q",
             "-p",
             "tailweave-collector",
             "--bin",
             "tailweave",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "cargo build of tailweave failed");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root().join("target"));
-        target
-            .join(if release { "release" } else { "debug" })
-            .join("tailweave")
-    })
-    .clone()
+        ])
+        .args(extra)
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build of tailweave {extra:?} failed");
+}
+
+/// The shared cargo target directory (`CARGO_TARGET_DIR`, else `target/` at the root).
+pub fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"))
 }
 
 /// Where [`free_port`] looks: below Linux's ephemeral range (32768-60999 by default). A port the
@@ -646,4 +656,112 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The `extensions:` and `service:` end of a test config: the health check on `{HEALTH}` that
+/// [`Collector::start`] waits for, the self-telemetry on `{METRICS}` that [`Collector::metrics`]
+/// scrapes, and one `traces` pipeline. Empty `processors` leave the key out.
+pub fn service_yaml(receivers: &[&str], processors: &[&str], exporters: &[&str]) -> String {
+    let mut out = String::from(
+        "extensions:\n  health_check:\n    endpoint: 127.0.0.1:{HEALTH}\n\
+         service:\n  extensions: [health_check]\n  telemetry:\n    metrics:\n      \
+         address: 127.0.0.1:{METRICS}\n  pipelines:\n    traces:\n",
+    );
+    out.push_str(&format!("      receivers: [{}]\n", receivers.join(", ")));
+    if !processors.is_empty() {
+        out.push_str(&format!("      processors: [{}]\n", processors.join(", ")));
+    }
+    out.push_str(&format!("      exporters: [{}]\n", exporters.join(", ")));
+    out
+}
+
+/// `receivers:` of a joining collector: SDK spans over OTLP/gRPC on `{GRPC}`, DeepFlow's spans
+/// on `{EXTRA0}` (where the loadgen scenarios send their eBPF halves).
+pub const SDK_AND_DEEPFLOW_RECEIVERS: &str = "receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{GRPC}
+  deepflow:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{EXTRA0}
+";
+
+/// A `join` entry (to put under `processors:`) for the loadgen game scenario: tenants from the
+/// namespace on both sides, and waits long enough for a trace's eBPF half sent after its SDK
+/// half on a loaded 2-core machine.
+pub const GAME_JOIN: &str = "  join:
+    tenant:
+      sdk_keys: [k8s.namespace.name]
+      ebpf_keys: [df.universal_tag.pod_ns]
+    wait:
+      min: 2s
+      idle: 1s
+      max: 20s
+";
+
+/// What a finished command printed, as text.
+#[derive(Debug)]
+pub struct Output {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// stdout then stderr, for assertions that do not care where a message went.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// Asserts a refused config: exit code 64 (EX_USAGE) and every one of `mentions` (key
+    /// paths, file names) somewhere in the output.
+    pub fn assert_config_error(&self, mentions: &[&str]) {
+        let text = self.text();
+        assert_eq!(self.code, Some(64), "{text}");
+        for m in mentions {
+            assert!(text.contains(m), "{m} missing from:\n{text}");
+        }
+    }
+}
+
+/// Runs `cmd` to the end, capturing its output.
+pub fn run_output(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run command");
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `tailweave validate --config <path>`.
+pub fn validate_file(path: &Path) -> Output {
+    run_output(
+        Command::new(tailweave_bin())
+            .args(["validate", "--config"])
+            .arg(path),
+    )
+}
+
+/// `tailweave validate` of a config given as text (written to a temporary file).
+pub fn validate_config(yaml: &str) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    validate_file(&path)
+}
+
+/// A string attribute.
+pub fn str_kv(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1::KeyValue {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
 }
