@@ -405,10 +405,9 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
         "HTTP never refused while downstream was stalled: {http_answers:?}"
     );
     let c = tokio::task::spawn_blocking(move || {
-        let refused = c.metric(
-            "tailweave_receiver_refused_spans_total",
-            &[("reason", "pipeline_full")],
-        );
+        // Refused at the receiver's door (`pipeline_full`) or, for a request already inside,
+        // by the stage that found no room behind it (`downstream_refused`).
+        let refused = c.metric("tailweave_receiver_refused_spans_total", &[]);
         assert!(
             refused >= 6.0,
             "refusals are counted on /metrics ({refused})"

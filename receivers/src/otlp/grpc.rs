@@ -206,7 +206,7 @@ impl UnaryService<Bytes> for Export {
         let grant = self.grant.clone();
         Box::pin(async move {
             let answer = ingest.ingest_protobuf(Transport::Grpc, body, hint, &grant);
-            answer_to_grpc(answer.settled().await)
+            answer_to_grpc(ingest.settle(answer).await)
         })
     }
 }

@@ -344,7 +344,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         Encoding::Protobuf => ing.ingest_protobuf(Transport::Http, body, hint, &grant),
         Encoding::Json => ing.ingest_json(Transport::Http, &body, hint, &grant),
     };
-    Ok(match answer.settled().await {
+    Ok(match ing.settle(answer).await {
         Answer::Accepted {
             rejected, message, ..
         } => success(enc, rejected, message),

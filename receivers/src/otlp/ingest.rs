@@ -11,6 +11,9 @@ use tailweave_core::otlp::{
 };
 use tailweave_core::{Ack, AckWait, Consumer, Refused, SpanBatch};
 
+/// The refusal reason of spans a stage behind the receiver could not keep (full or stopping).
+pub const DOWNSTREAM_REFUSED: &str = "downstream_refused";
+
 use std::collections::HashMap;
 
 use tailweave_core::proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
@@ -62,7 +65,7 @@ pub enum Answer {
     Accepted {
         rejected: u64,
         message: String,
-        taken: Option<AckWait>,
+        taken: Option<Taken>,
     },
     /// The pipelines took the batch but a stage could not keep it (the reason says which):
     /// retryable, like [`Answer::Refused`].
@@ -78,27 +81,12 @@ pub enum Answer {
     PermissionDenied(String),
 }
 
-impl Answer {
-    /// Waits until the spans of an accepted request are held by the stage that keeps them (the
-    /// end-to-end acknowledgement, see `tailweave_core::Ack`), so a client is told "accepted"
-    /// only for what a `kill -9` of a collector with storage would not lose.
-    pub async fn settled(self) -> Answer {
-        match self {
-            Answer::Accepted {
-                rejected,
-                message,
-                taken: Some(wait),
-            } => match wait.await {
-                Ok(()) => Answer::Accepted {
-                    rejected,
-                    message,
-                    taken: None,
-                },
-                Err(why) => Answer::NotTaken(why),
-            },
-            a => a,
-        }
-    }
+/// The spans of an accepted request on their way to the stage that keeps them.
+#[derive(Debug)]
+pub struct Taken {
+    wait: AckWait,
+    spans: u64,
+    transport: Transport,
 }
 
 /// Per-receiver state shared by every request of every transport.
@@ -163,6 +151,48 @@ impl Ingest {
             metrics::counter!(REFUSED_SPANS, "receiver" => self.id.to_string(),
                 "transport" => transport.as_str(), "reason" => reason)
             .increment(n);
+        }
+    }
+
+    /// Waits until the spans of an accepted request are held by the stage that keeps them (the
+    /// end-to-end acknowledgement, see `tailweave_core::Ack`), so a client is told "accepted"
+    /// only for what a `kill -9` of a collector with storage would not lose; counts the spans
+    /// accepted then, or refused (`downstream_refused`) when a stage could not keep them.
+    pub async fn settle(&self, answer: Answer) -> Answer {
+        let Answer::Accepted {
+            rejected,
+            message,
+            taken: Some(t),
+        } = answer
+        else {
+            return answer;
+        };
+        match t.wait.await {
+            Ok(()) => {
+                metrics::counter!(ACCEPTED_SPANS, "receiver" => self.id.to_string(),
+                    "transport" => t.transport.as_str())
+                .increment(t.spans);
+                self.count_request(
+                    t.transport,
+                    if rejected > 0 {
+                        "partial_success"
+                    } else {
+                        "success"
+                    },
+                );
+                Answer::Accepted {
+                    rejected,
+                    message,
+                    taken: None,
+                }
+            }
+            Err(why) => {
+                self.count_refused(t.transport, DOWNSTREAM_REFUSED, t.spans);
+                self.count_request(t.transport, DOWNSTREAM_REFUSED);
+                tracing::debug!(receiver = %self.id, transport = t.transport.as_str(),
+                    spans = t.spans, reason = %why, "batch refused downstream");
+                Answer::NotTaken(why)
+            }
         }
     }
 
@@ -262,10 +292,8 @@ impl Ingest {
             normalize::normalize_spans(&mut spans, role);
         }
         let n = spans.len() as u64;
-        let mut taken = None;
         if n > 0 {
             let (ack, wait) = Ack::new();
-            taken = Some(wait);
             if let Err(reason) = self.consumer.try_send(SpanBatch::new(spans).with_ack(ack)) {
                 tracing::debug!(receiver = %self.id, transport = transport.as_str(), spans = n,
                     %reason, "batch refused");
@@ -273,9 +301,16 @@ impl Ingest {
                 self.count_request(transport, reason.as_str());
                 return Answer::Refused { reason, spans: n };
             }
-            metrics::counter!(ACCEPTED_SPANS, "receiver" => self.id.to_string(),
-                "transport" => transport.as_str())
-            .increment(n);
+            // Counted as accepted (or refused) by `settle`, when the keeping stage answered.
+            return Answer::Accepted {
+                rejected,
+                message,
+                taken: Some(Taken {
+                    wait,
+                    spans: n,
+                    transport,
+                }),
+            };
         }
         self.count_request(
             transport,
@@ -288,7 +323,7 @@ impl Ingest {
         Answer::Accepted {
             rejected,
             message,
-            taken,
+            taken: None,
         }
     }
 }
@@ -523,7 +558,11 @@ mod tests {
     async fn accepted_is_answered_once_the_keeping_stage_lets_the_ack_go() {
         let (ing, mut rx) = ingest(4);
         let answer = ing.ingest_protobuf(Transport::Grpc, request(&[(1, 1)]), None, &Grant::Any);
-        let settled = tokio::spawn(answer.settled());
+        let ing = std::sync::Arc::new(ing);
+        let settled = tokio::spawn({
+            let ing = ing.clone();
+            async move { ing.settle(answer).await }
+        });
         let batch = rx.recv().await.unwrap();
         assert_eq!(batch.acks.len(), 1);
         tokio::task::yield_now().await;
@@ -545,7 +584,7 @@ mod tests {
         let batch = rx.recv().await.unwrap();
         batch.acks[0].fail("sending queue: disk full");
         drop(batch);
-        match answer.settled().await {
+        match ing.settle(answer).await {
             Answer::NotTaken(why) => assert!(why.contains("disk full"), "{why}"),
             a => panic!("expected NotTaken, got {a:?}"),
         }
