@@ -940,10 +940,27 @@ impl Join {
     }
 
     /// Gives the batches a span passed straight through in (`out[from..]`) the input's acks.
-    fn pass_acks(&self, out: &mut [SpanBatch]) {
-        for b in out {
-            b.acks.extend(self.input_acks.iter().cloned());
+    /// A span from the log (`lid` != 0, a replay) is tracked as a unit of its own instead: its
+    /// request was answered before the restart, and its done record waits for downstream.
+    fn pass_acks(&mut self, out: &mut [SpanBatch], lid: u64, original: Option<Span>) {
+        let (Some(d), Some(original)) = (&mut self.durable, original.filter(|_| lid != 0)) else {
+            for b in out {
+                b.acks.extend(self.input_acks.iter().cloned());
+            }
+            return;
+        };
+        if out.iter().all(|b| b.is_empty()) {
+            d.log.done(std::iter::once(lid));
+            return;
         }
+        let (ack, wait) = Ack::new();
+        for b in out {
+            b.acks.push(ack.clone());
+        }
+        d.waits.push(Unacked {
+            wait,
+            originals: vec![(lid, original)],
+        });
     }
 
     fn add(&mut self, now: Instant, span: Span, out: &mut Vec<SpanBatch>) {
@@ -955,6 +972,9 @@ impl Join {
         self.m.spans_in[usize::from(span.ebpf.is_some())].increment(1);
         let Some(tenant) = self.tenant_of(&span) else {
             self.m.unknown_tenant.increment(1);
+            if let (Some(d), true) = (&mut self.durable, lid != 0) {
+                d.log.done(std::iter::once(lid));
+            }
             return;
         };
         let key = match span.ebpf.as_deref() {
@@ -967,9 +987,10 @@ impl Join {
         if live_group.is_none() {
             if let Some(late) = self.tombs.match_late(tenant, key, &span, &self.tol, now) {
                 self.m.late.increment(1);
+                let original = (lid != 0).then(|| span.clone());
                 out.push(SpanBatch::whole(vec![output::late_span(span, &late)]));
                 let n = out.len();
-                self.pass_acks(&mut out[n - 1..]);
+                self.pass_acks(&mut out[n - 1..], lid, original);
                 return;
             }
         }
@@ -981,8 +1002,9 @@ impl Join {
         let no_keys = span.ebpf.as_deref().is_some_and(|e| e.has(flags::NO_KEYS));
         if no_keys && key.is_none() {
             let from = out.len();
+            let original = (lid != 0).then(|| span.clone());
             self.unassociated(vec![span], out);
-            self.pass_acks(&mut out[from..]);
+            self.pass_acks(&mut out[from..], lid, original);
             return;
         }
         let lid = if lid != 0 { lid } else { self.log_span(&span) };
