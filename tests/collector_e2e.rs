@@ -339,48 +339,82 @@ async fn bad_input_is_answered_and_good_spans_are_kept() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
+/// A relay (the config `yaml` makes for the sink) to a sink that holds every call open, started,
+/// with a gRPC client connected to it.
+async fn stalled_relay(
+    yaml: impl FnOnce(&Sink) -> String,
+) -> (
+    Sink,
+    Collector,
+    TraceServiceClient<tonic::transport::Channel>,
+) {
     let sink = Sink::start().await;
     sink.set_mode(SinkMode::Stall);
-    let yaml = relay_config(
-        &sink,
-        "",
-        "    timeout: 0s\n    send_batch_size: 1",
-        "    timeout: 120s\n    sending_queue:\n      queue_size: 2\n      num_consumers: 1",
-    )
-    .replace("service:\n", "service:\n  queue_size: 1\n");
+    let yaml = yaml(&sink);
     let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, Ports::new()))
         .await
         .unwrap();
-    let mut client = TraceServiceClient::connect(c.grpc_endpoint())
+    let client = TraceServiceClient::connect(c.grpc_endpoint())
         .await
         .unwrap();
+    (sink, c, client)
+}
+
+/// How long a request may take to be answered before it counts as held by the pipeline. Only
+/// sorts requests (a held one is awaited later), so a slow machine changes no outcome.
+const HELD_AFTER: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
+    let (sink, c, client) = stalled_relay(|sink| {
+        relay_config(
+            sink,
+            "",
+            "    timeout: 0s\n    send_batch_size: 1",
+            "    timeout: 120s\n    sending_queue:\n      queue_size: 2\n      num_consumers: 1",
+        )
+        .replace("service:\n", "service:\n  queue_size: 1\n")
+    })
+    .await;
+    // A request is answered once a stage keeps its spans (end-to-end acknowledgement): while the
+    // sink stalls, the requests behind the full exporter queue are held unanswered, so each is
+    // sent on its own stream; once every bounded buffer is full, the receiver refuses.
     let mut accepted = 0usize;
+    let mut held = Vec::new();
     let mut refused_grpc = false;
     for i in 0..2000u64 {
         let req = request((0..5).map(|j| span(9, i * 10 + j + 1, "bp")).collect());
-        match client.export(req).await {
-            Ok(_) => accepted += 5,
-            Err(s) => {
-                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-                refused_grpc = true;
-                break;
-            }
+        let mut client = client.clone();
+        let mut call = tokio::spawn(async move { client.export(req).await });
+        match tokio::time::timeout(HELD_AFTER, &mut call).await {
+            Ok(answer) => match answer.unwrap() {
+                Ok(_) => accepted += 5,
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                    refused_grpc = true;
+                    break;
+                }
+            },
+            Err(_) => held.push(call),
         }
     }
     assert!(
         refused_grpc,
         "the receiver never refused while downstream was stalled"
     );
+    assert!(
+        !held.is_empty(),
+        "no request waited for a stage to keep its spans"
+    );
     // HTTP refuses too, with Retry-After. The stages may still move a batch down between the gRPC
-    // refusal and this request, taking one more in; the pipeline is full again after a few.
+    // refusal and this request, taking one more in (held like the gRPC ones); the pipeline is
+    // full again after a few.
     let addr = c.http_addr();
     let mut http_answers = Vec::new();
     for k in 0..50u64 {
         let body = request(vec![span(9, 999_000 + k, "http bp")]).encode_to_vec();
         let addr = addr.clone();
-        let (st, hdrs, _) = tokio::task::spawn_blocking(move || {
+        let mut call = tokio::task::spawn_blocking(move || {
             http_request(
                 &addr,
                 "POST",
@@ -388,10 +422,12 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
                 &[("content-type", "application/x-protobuf")],
                 &body,
             )
-            .unwrap()
-        })
-        .await
-        .unwrap();
+        });
+        let Ok(answer) = tokio::time::timeout(HELD_AFTER, &mut call).await else {
+            // Held: its span is not among the counted ("bp") ones, so it needs no answer.
+            continue;
+        };
+        let (st, hdrs, _) = answer.unwrap().unwrap();
         http_answers.push(st);
         if st != 200 {
             assert_eq!(st, 503, "answers so far: {http_answers:?}");
@@ -416,8 +452,15 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
     })
     .await
     .unwrap();
-    // Downstream back: every accepted span arrives, exactly once.
+    // Downstream back: the held requests are answered, and every accepted span arrives, exactly
+    // once.
     sink.set_mode(SinkMode::Accept);
+    for call in held {
+        match call.await.unwrap() {
+            Ok(_) => accepted += 5,
+            Err(s) => panic!("a held request was refused once downstream was back: {s:?}"),
+        }
+    }
     wait_for_async(
         "all accepted spans downstream",
         Duration::from_secs(60),
@@ -443,20 +486,15 @@ async fn stalled_downstream_gives_backpressure_then_everything_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_delivers_spans_held_in_batch_and_queue_then_exits_zero() {
-    let sink = Sink::start().await;
-    sink.set_mode(SinkMode::Stall);
-    let yaml = relay_config(
-        &sink,
-        "",
-        "    timeout: 60s\n    send_batch_size: 100",
-        "    timeout: 120s\n    sending_queue:\n      num_consumers: 1",
-    );
-    let c = tokio::task::spawn_blocking(move || Collector::start(&yaml, Ports::new()))
-        .await
-        .unwrap();
-    let mut client = TraceServiceClient::connect(c.grpc_endpoint())
-        .await
-        .unwrap();
+    let (sink, c, mut client) = stalled_relay(|sink| {
+        relay_config(
+            sink,
+            "",
+            "    timeout: 60s\n    send_batch_size: 100",
+            "    timeout: 120s\n    sending_queue:\n      num_consumers: 1",
+        )
+    })
+    .await;
     let mut sent = 0usize;
     for i in 0..25u64 {
         let req = request((0..10).map(|j| span(5, i * 100 + j + 1, "held")).collect());
