@@ -272,6 +272,23 @@ service:
     )
 }
 
+/// Waits (bounded) until every error and slow trace of `truth` is whole at the sink: with the
+/// sending queue on disk a batch can take longer than `drained`'s two looks to arrive.
+fn wait_kept(sink: &Sink, truth: &[TraceTruth]) {
+    let kept: Vec<TraceTruth> = truth
+        .iter()
+        .filter(|t| t.error || t.slow)
+        .cloned()
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if compare(&kept, &observed(sink)).traces_complete == kept.len() as u64 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// What became of one workload: its kept traces (error or slow) must be whole and once, the
 /// others absent.
 fn check_kept(
@@ -346,6 +363,7 @@ fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
     let first_dir = dir.path().join("first");
     std::fs::create_dir_all(&first_dir).unwrap();
     let (first, first_summary) = loadgen(&c, &first_dir, &args("31"));
+    wait_kept(&sink, &first);
     drained(&c, &sink);
     let before = sink.span_count();
     assert!(before > 0, "the first workload went out before the kill");
@@ -377,6 +395,7 @@ fn kill_9_while_the_join_holds_traces_loses_no_acknowledged_span() {
     assert!(log.contains("join state restored"), "{log}");
     let replayed = c.metric("tailweave_join_replayed_spans_total", &[]);
     assert!(replayed > 0.0, "the log held spans");
+    wait_kept(&sink, &second);
     drained(&c, &sink);
     assert_eq!(
         c.metric("tailweave_join_storage_errors_total", &[]),
