@@ -1,14 +1,20 @@
 //! RED metrics end to end (issue 8): the real `tailweave` binary with `span_metrics` before
 //! `tail_sampling`, pushing to a REAL Prometheus server over remote write and serving `/metrics`
 //! with exemplars; a seeded `loadgen` workload; PromQL over Prometheus's HTTP API must return the
-//! request and error counts the ground truth (the spans sent) predicts.
+//! request and error counts the ground truth (the spans sent) predicts. Remote write also goes to
+//! a Prometheus that serves TLS and requires client certificates (issue 7): pushes with our
+//! certificate arrive, pushes without one or trusting another CA are counted as failed and never
+//! reach it.
 //!
 //! Needs the `prometheus` binary (Debian: `apt-get install -y prometheus`, see `.ci/run`). Without
 //! it the test fails and says so: a RED test that silently passes would prove nothing.
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -17,16 +23,44 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde_json::Value as Json;
 use tailweave_collector::loadgen::scenario::{generate, ScenarioConfig, ScenarioKind};
+use tailweave_core::tls::rustls;
+use tailweave_core::tls::rustls::pki_types::ServerName;
+use tailweave_core::tls::{ClientTlsSettings, ALPN_HTTP1};
+use tailweave_exporters::prometheus_remote_write::PUSHES;
 use tailweave_suite::{
-    free_port, hex, http_request, service_yaml, wait_for, Collector, Ports, Sink, GAME_JOIN,
-    SDK_AND_DEEPFLOW_RECEIVERS,
+    free_port, hex, http_exchange, http_request, service_yaml, wait_for, Collector, HttpResponse,
+    Pki, Ports, Sink, GAME_JOIN, SDK_AND_DEEPFLOW_RECEIVERS,
 };
 
 /// A Prometheus server with the remote-write receiver on, on a free loopback port.
 struct Prometheus {
     child: Child,
     addr: String,
+    port: u16,
+    /// The client side when Prometheus serves TLS (its API as well as remote write).
+    tls: Option<Arc<rustls::ClientConfig>>,
     _dir: tempfile::TempDir,
+}
+
+/// A TLS stream whose peer may close without `close_notify`: the end of the answer either way.
+struct EofIsEnd<S>(S);
+
+impl<S: Read> Read for EofIsEnd<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+            r => r,
+        }
+    }
+}
+
+impl<S: Write> Write for EofIsEnd<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 fn prometheus_bin() -> PathBuf {
@@ -44,6 +78,16 @@ impl Prometheus {
     /// Starts Prometheus receiving remote write and scraping `scrape` (the `prometheus`
     /// exporter) every second with exemplar storage on, so it parses our OpenMetrics exemplars.
     fn start(scrape: &str) -> Prometheus {
+        Prometheus::launch(scrape, None)
+    }
+
+    /// [`Prometheus::start`], serving TLS with `pki`'s `localhost` certificate and asking every
+    /// client for a certificate signed by `pki`'s CA (its web config's `tls_server_config`).
+    fn start_mtls(scrape: &str, pki: &Pki) -> Prometheus {
+        Prometheus::launch(scrape, Some(pki))
+    }
+
+    fn launch(scrape: &str, mtls: Option<&Pki>) -> Prometheus {
         let bin = prometheus_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("prometheus.yml");
@@ -57,7 +101,33 @@ impl Prometheus {
         .expect("write");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        let mut tls = None;
+        if let Some(pki) = mtls {
+            let web = dir.path().join("web.yml");
+            std::fs::write(
+                &web,
+                format!(
+                    "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  \
+                     client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+                    pki.path("server.pem").display(),
+                    pki.path("server.key").display(),
+                    pki.path("ca.pem").display(),
+                ),
+            )
+            .expect("write web config");
+            cmd.arg(format!("--web.config.file={}", web.display()));
+            let client = ClientTlsSettings {
+                ca_file: Some(pki.path("ca.pem")),
+                cert_file: Some(pki.path("client.pem")),
+                key_file: Some(pki.path("client.key")),
+                ..Default::default()
+            };
+            tls = Some(Arc::new(
+                client.client_config(&[ALPN_HTTP1]).expect("client TLS"),
+            ));
+        }
+        let child = cmd
             .arg("--web.enable-remote-write-receiver")
             .arg("--enable-feature=exemplar-storage")
             .arg(format!(
@@ -73,23 +143,36 @@ impl Prometheus {
         let p = Prometheus {
             child,
             addr,
+            port,
+            tls,
             _dir: dir,
         };
-        wait_for(
-            "prometheus /-/ready",
-            Duration::from_secs(60),
-            || match http_request(&p.addr, "GET", "/-/ready", &[], &[]) {
+        wait_for("prometheus /-/ready", Duration::from_secs(60), || {
+            match p.get("/-/ready") {
                 Ok((200, _, _)) => Some(()),
                 _ => None,
-            },
-        );
+            }
+        });
         p
+    }
+
+    /// A GET of its HTTP API, over TLS with a client certificate when it serves TLS.
+    fn get(&self, path: &str) -> io::Result<HttpResponse> {
+        let Some(cfg) = &self.tls else {
+            return http_request(&self.addr, "GET", path, &[], &[]);
+        };
+        let tcp = TcpStream::connect(&self.addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
+        let s = EofIsEnd(rustls::StreamOwned::new(conn, tcp));
+        http_exchange(s, &self.addr, "GET", path, &[], &[])
     }
 
     /// An instant query: `(labels, value)` per series of the result vector.
     fn query(&self, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
         let path = format!("/api/v1/query?query={}", urlencode(promql));
-        let (st, _, body) = http_request(&self.addr, "GET", &path, &[], &[]).expect("query");
+        let (st, _, body) = self.get(&path).expect("query");
         let j: Json = serde_json::from_slice(&body).expect("json answer");
         assert_eq!(st, 200, "query {promql}: {j}");
         j["data"]["result"]
@@ -123,7 +206,7 @@ impl Prometheus {
             "/api/v1/query_exemplars?query={}&start=2000-01-01T00:00:00Z&end=2100-01-01T00:00:00Z",
             urlencode(promql)
         );
-        let (st, _, body) = http_request(&self.addr, "GET", &path, &[], &[]).expect("query");
+        let (st, _, body) = self.get(&path).expect("query");
         let j: Json = serde_json::from_slice(&body).expect("json answer");
         assert_eq!(st, 200, "exemplar query {promql}: {j}");
         j["data"]
@@ -531,5 +614,111 @@ exporters:
     for p in ["MySQL", "Redis"] {
         assert!(protocols.contains(p), "{p} in {protocols:?}");
     }
+    assert!(c.terminate().success());
+}
+
+#[test]
+fn remote_write_over_mtls_reaches_a_real_prometheus_and_untrusted_or_anonymous_pushes_fail() {
+    let ports = Ports::new();
+    let (pki, other) = (Pki::new(), Pki::new());
+    let prom = Prometheus::start_mtls(&format!("127.0.0.1:{}", ports.metrics), &pki);
+    let url = format!("https://localhost:{}/api/v1/write", prom.port);
+    let file = |p: &Pki, f: &str| p.path(f).display().to_string();
+    let (ca, cert, key) = (
+        file(&pki, "ca.pem"),
+        file(&pki, "client.pem"),
+        file(&pki, "client.key"),
+    );
+    // The same totals pushed three ways: with our client certificate (accepted), without one
+    // (Prometheus refuses the handshake), and trusting another CA (we refuse Prometheus).
+    let yaml = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{{GRPC}}
+processors:
+  span_metrics:
+exporters:
+  prometheus_remote_write/mtls:
+    endpoint: {url}
+    push_interval: 500ms
+    external_labels: {{cluster: mtls}}
+    tls: {{ca_file: {ca}, cert_file: {cert}, key_file: {key}}}
+  prometheus_remote_write/anonymous:
+    endpoint: {url}
+    push_interval: 500ms
+    external_labels: {{cluster: anonymous}}
+    retry_on_failure: {{enabled: false}}
+    tls: {{ca_file: {ca}}}
+  prometheus_remote_write/untrusted:
+    endpoint: {url}
+    push_interval: 500ms
+    external_labels: {{cluster: untrusted}}
+    retry_on_failure: {{enabled: false}}
+    tls: {{ca_file: {other_ca}, cert_file: {cert}, key_file: {key}}}
+{service}"#,
+        other_ca = file(&other, "ca.pem"),
+        service = service_yaml(
+            &["otlp"],
+            &["span_metrics"],
+            &[
+                "prometheus_remote_write/mtls",
+                "prometheus_remote_write/anonymous",
+                "prometheus_remote_write/untrusted",
+            ],
+        ),
+    );
+    let mut c = Collector::start(&yaml, ports);
+    let truth = truth_of(&send_workload(&c, 3));
+    let total = format!(
+        "sum(traces_span_metrics_calls_total{{cluster=\"mtls\"}}) == {}",
+        truth.spans
+    );
+    wait_for(
+        "every span counted in Prometheus over mTLS",
+        Duration::from_secs(60),
+        || prom.scalar(&total),
+    );
+    let errors: u64 = truth
+        .calls
+        .iter()
+        .filter(|(k, _)| k.3 == "STATUS_CODE_ERROR")
+        .map(|(_, v)| v)
+        .sum();
+    let got_errors = prom
+        .scalar("sum(traces_span_metrics_calls_total{cluster=\"mtls\",status_code=\"STATUS_CODE_ERROR\"})")
+        .expect("error series");
+    assert_eq!(got_errors as u64, errors);
+
+    for name in ["anonymous", "untrusted"] {
+        let id = format!("prometheus_remote_write/{name}");
+        wait_for(
+            &format!("{id}'s pushes counted as failed"),
+            Duration::from_secs(30),
+            || (c.metric(PUSHES, &[("exporter", &id), ("outcome", "failed")]) >= 1.0).then_some(()),
+        );
+        assert_eq!(
+            c.metric(PUSHES, &[("exporter", &id), ("outcome", "sent")]),
+            0.0,
+            "{id} delivered"
+        );
+    }
+    let mtls_sent = c.metric(
+        PUSHES,
+        &[
+            ("exporter", "prometheus_remote_write/mtls"),
+            ("outcome", "sent"),
+        ],
+    );
+    assert!(mtls_sent >= 1.0, "{mtls_sent}");
+    assert!(
+        prom.query("traces_span_metrics_calls_total{cluster=~\"anonymous|untrusted\"}")
+            .is_empty(),
+        "a push without a good certificate reached Prometheus"
+    );
+    // Prometheus's API itself wants a client certificate: a plain client gets no answer.
+    assert!(http_request(&prom.addr, "GET", "/-/ready", &[], &[]).map_or(true, |r| r.0 != 200));
     assert!(c.terminate().success());
 }

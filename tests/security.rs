@@ -2,13 +2,12 @@
 //! receiver TLS and mTLS (plaintext and certificate-less clients refused, certificate rotation),
 //! per-tenant tokens, and the `otlp` exporter over TLS and mTLS to a destination that uses the
 //! receivers' TLS loader (`tailweave_core::tls::ServerTls`). Certificates are made at test time
-//! with the `openssl` CLI (the exporter and core tests use `rcgen`; this crate's dependencies are
-//! not ours to change).
+//! with the `openssl` CLI ([`tailweave_suite::Pki`]; the exporter and core tests use `rcgen`;
+//! this crate's dependencies are not ours to change).
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,7 +27,7 @@ use tailweave_core::tls::rustls::pki_types::ServerName;
 use tailweave_core::tls::tokio_rustls::server::TlsStream;
 use tailweave_core::tls::{ClientTlsSettings, ServerTls, ServerTlsSettings, ALPN_H2, ALPN_HTTP1};
 use tailweave_suite::{
-    http_request, service_yaml, validate_config, wait_for_async, Collector, Ports, Sink,
+    http_request, service_yaml, validate_config, wait_for_async, Collector, Pki, Ports, Sink,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -152,98 +151,6 @@ exporters:
         &[("outcome", "unauthenticated")],
     );
     assert_eq!(refused, 4.0, "{}", c.metrics());
-}
-
-/// A throwaway CA, a server certificate for `localhost` and a client certificate, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(d)
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=tailweave test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        for (stem, ext) in [
-            (
-                "server",
-                "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
-            ),
-            (
-                "client",
-                "subjectAltName=DNS:client\nextendedKeyUsage=clientAuth",
-            ),
-        ] {
-            std::fs::write(d.join(format!("{stem}.ext")), ext).unwrap();
-            run(&[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{stem}.key"),
-                "-out",
-                &format!("{stem}.csr"),
-                "-subj",
-                &format!("/CN={stem}"),
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{stem}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{stem}.pem"),
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{stem}.ext"),
-            ]);
-        }
-        Pki { dir }
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
 }
 
 struct Conn(TlsStream<TcpStream>);

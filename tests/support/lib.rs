@@ -363,11 +363,23 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<HttpResponse> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
+    let s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    http_exchange(s, addr, method, path, headers, body)
+}
+
+/// One HTTP/1.1 request and its answer over `s` (plain TCP, or a TLS stream a test made), with
+/// `host` as the `Host` header; the connection is closed after the answer.
+pub fn http_exchange(
+    mut s: impl std::io::Read + std::io::Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -763,5 +775,106 @@ pub fn str_kv(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1:
             value: Some(any_value::Value::StringValue(value.into())),
         }),
         ..Default::default()
+    }
+}
+
+/// A throwaway CA (`ca.pem`), a server certificate for `localhost` (`server.pem`, `server.key`)
+/// and a client certificate (`client.pem`, `client.key`), as PEM files made with the `openssl`
+/// CLI (this crate has no certificate library).
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tailweave test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        for (stem, ext) in [
+            (
+                "server",
+                "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
+            ),
+            (
+                "client",
+                "subjectAltName=DNS:client\nextendedKeyUsage=clientAuth",
+            ),
+        ] {
+            std::fs::write(d.join(format!("{stem}.ext")), ext).unwrap();
+            run(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{stem}.key"),
+                "-out",
+                &format!("{stem}.csr"),
+                "-subj",
+                &format!("/CN={stem}"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{stem}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{stem}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{stem}.ext"),
+            ]);
+        }
+        Pki { dir }
+    }
+    /// A file of this PKI, e.g. `ca.pem`.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
     }
 }
