@@ -173,6 +173,8 @@ pub struct TailSamplingStats {
     pub restored_spans: u64,
     /// Decisions read back from the log at start.
     pub restored_decisions: u64,
+    /// Kept spans read back from the log that downstream had not taken: sent again.
+    pub restored_kept_spans: u64,
     pub storage_errors: u64,
     /// Held spans whose bytes did not parse again when their trace was decided (none should:
     /// they parsed when they arrived); they are lost, and logged.
@@ -276,8 +278,24 @@ pub struct TailSampling {
     runs: Vec<(u32, u32, Fate)>,
     seen: hashbrown::HashSet<TraceId>,
     storage: Option<Storage>,
+    /// With `storage`: emitted batches of kept spans downstream has not taken yet.
+    inflight: Vec<Inflight>,
+    /// Kept spans read back from the log that downstream never took: sent again first.
+    replay_out: Vec<Span>,
     scopes: Scopes,
 }
+
+/// A batch of kept spans on its way downstream (`storage: file`): its spans stay in the log (and
+/// in a compaction) until `wait` resolves, then `delivered` records name its traces.
+struct Inflight {
+    wait: tailweave_core::AckWait,
+    keys: Vec<u64>,
+    spans: Vec<Span>,
+}
+
+/// How long a stopping sampler waits, in the background, for downstream to take its last kept
+/// batches before the log says so; a process gone sooner sends them again after its restart.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// What `process_whole` did with one trace's run of spans.
 #[derive(Clone, Copy, Debug)]
@@ -370,6 +388,8 @@ impl TailSampling {
             runs: Vec::new(),
             seen: hashbrown::HashSet::new(),
             storage: None,
+            inflight: Vec::new(),
+            replay_out: Vec::new(),
             scopes: Scopes::new(MAX_SHARED_SCOPES),
         }
     }
@@ -405,7 +425,7 @@ impl TailSampling {
                 "tail_sampling log ended in a torn record; cut it off"
             );
         }
-        let mut decided = hashbrown::HashSet::new();
+        let mut decided = HashMap::new();
         for d in replayed.decisions {
             let c = match d.kept {
                 Some((name, adjusted)) => Cached::Kept {
@@ -415,22 +435,45 @@ impl TailSampling {
                 None => Cached::Dropped,
             };
             ts.cache.remember_key(d.key, c);
-            decided.insert(d.key);
+            decided.insert(d.key, c);
             ts.stats.restored_decisions += 1;
         }
+        let delivered: hashbrown::HashSet<u64> = replayed.delivered.into_iter().collect();
         for s in replayed.spans {
-            if !decided.contains(&cache::key(&s.trace_id)) {
-                ts.stats.restored_spans += 1;
-                ts.ingest(now, s);
+            let key = cache::key(&s.trace_id);
+            match decided.get(&key) {
+                None => {
+                    ts.stats.restored_spans += 1;
+                    ts.ingest(now, s);
+                }
+                // Kept before the crash, and downstream may not have had them: again.
+                Some(&Cached::Kept { policy, adjusted }) if !delivered.contains(&key) => {
+                    let mut s = s;
+                    let a = Annotation::new(&ts.names[policy as usize].name, adjusted);
+                    if !a.apply(&mut s) {
+                        ts.stats.annotate_failed += 1;
+                    }
+                    ts.stats.restored_kept_spans += 1;
+                    ts.replay_out.push(s);
+                }
+                Some(_) => {}
             }
         }
         tracing::info!(
             processor = id,
             spans = ts.stats.restored_spans,
             decisions = ts.stats.restored_decisions,
+            kept_spans_sent_again = ts.stats.restored_kept_spans,
             "tail_sampling state restored"
         );
-        compact(&mut st, &ts.traces, &ts.arrivals, &ts.cache, &ts.names)?;
+        compact(
+            &mut st,
+            &ts.traces,
+            &ts.arrivals,
+            &ts.cache,
+            &ts.names,
+            ts.replay_out.iter(),
+        )?;
         ts.storage = Some(st);
         Ok(ts)
     }
@@ -457,7 +500,15 @@ impl TailSampling {
         };
         let mut r = if sync { st.sync() } else { st.flush() };
         if r.is_ok() && sync && st.wants_compaction() {
-            r = compact(st, &self.traces, &self.arrivals, &self.cache, &self.names);
+            let unsent = self.inflight.iter().flat_map(|f| f.spans.iter());
+            r = compact(
+                st,
+                &self.traces,
+                &self.arrivals,
+                &self.cache,
+                &self.names,
+                unsent.chain(self.replay_out.iter()),
+            );
         }
         if let Err(e) = r {
             self.stats.storage_errors += 1;
@@ -871,17 +922,50 @@ impl TailSampling {
 
     /// Hands kept spans on, stamped with the decision time so exporters can measure
     /// decision-to-export latency.
+    /// With `storage`, each batch carries a fresh ack and stays in `inflight` (and its spans in
+    /// the log) until downstream took it.
     fn emit(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         for spans in [
+            std::mem::take(&mut self.replay_out),
             std::mem::take(&mut self.out_kept),
             std::mem::take(&mut self.out_late),
         ] {
-            if !spans.is_empty() {
-                let mut b = SpanBatch::new(spans);
-                b.decided_at = Some(now);
-                out.push(b);
+            if spans.is_empty() {
+                continue;
             }
+            let mut b = SpanBatch::new(spans);
+            b.decided_at = Some(now);
+            if self.storage.is_some() {
+                let (ack, wait) = tailweave_core::Ack::new();
+                let mut keys: Vec<u64> = b.spans.iter().map(|s| cache::key(&s.trace_id)).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                self.inflight.push(Inflight {
+                    wait,
+                    keys,
+                    spans: b.spans.clone(),
+                });
+                b.acks.push(ack);
+            }
+            out.push(b);
         }
+    }
+
+    /// Logs `delivered` for the emitted batches downstream has taken since the last look.
+    fn settle_inflight(&mut self) {
+        let Some(st) = &mut self.storage else {
+            return;
+        };
+        self.inflight.retain_mut(|f| match f.wait.try_take() {
+            None => true,
+            // Taken, or refused downstream (counted there): either way not sent again.
+            Some(_) => {
+                for k in &f.keys {
+                    st.delivered(*k);
+                }
+                false
+            }
+        });
     }
 
     /// Hands the counts since the last flush to `metrics`.
@@ -977,18 +1061,25 @@ impl TailSampling {
 }
 
 /// Rewrites the log from the live state: remembered decisions, then the spans of undecided
-/// traces in arrival order.
-fn compact(
+/// traces in arrival order, then `unsent` (kept spans downstream has not taken yet).
+fn compact<'a>(
     st: &mut Storage,
-    traces: &HashMap<TraceId, Trace>,
+    traces: &'a HashMap<TraceId, Trace>,
     arrivals: &VecDeque<(u64, TraceId)>,
     cache: &DecisionCache,
     names: &[PolicyName],
+    unsent: impl Iterator<Item = &'a Span>,
 ) -> std::io::Result<()> {
     let spans = arrivals
         .iter()
         .filter_map(|(seq, id)| traces.get(id).filter(|t| t.seq == *seq))
-        .flat_map(|t| t.spans.entries());
+        .flat_map(|t| t.spans.entries())
+        .chain(unsent.map(|s| packed::Entry {
+            scope: &s.scope,
+            source: s.source,
+            marks: s.marks,
+            raw: &s.raw,
+        }));
     let decisions = cache
         .iter()
         .map(|(k, c)| (k, storage::logged(c, |p| names[p as usize].name.as_str())));
@@ -1094,6 +1185,7 @@ impl Processor for TailSampling {
         let SpanBatch {
             spans, acks, whole, ..
         } = batch;
+        let first_out = out.len();
         if whole {
             self.process_whole(now, spans);
         } else {
@@ -1101,13 +1193,19 @@ impl Processor for TailSampling {
         }
         self.persist(false);
         self.scopes.end_batch();
-        // Whatever became of the spans (held, dropped by policy, or queued in `out`), this stage
-        // took them: in memory at once, with `storage: file` once `persist` handed the log
-        // records to the OS. A failed log write does not fail the acks: the sampler goes on in
-        // memory (counted in `storage_errors`) rather than refusing every request while the
-        // disk is full.
-        drop(acks);
+        // Whatever became of the spans (held, dropped by policy, or sent on), this stage took
+        // them: in memory at once, with `storage: file` once `persist` handed the log records to
+        // the OS. Spans sent on in this call (a late span of a kept trace is not logged) take
+        // the acks with them, so the client waits for the next stage. A failed log write does
+        // not fail the acks: the sampler goes on in memory (counted in `storage_errors`) rather
+        // than refusing every request while the disk is full.
         self.emit(now, out);
+        if let Some((last, rest)) = out[first_out..].split_last_mut() {
+            for b in rest {
+                b.acks.extend(acks.iter().cloned());
+            }
+            last.acks.extend(acks);
+        }
     }
 
     fn holds_spans(&self) -> bool {
@@ -1115,6 +1213,7 @@ impl Processor for TailSampling {
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
+        self.settle_inflight();
         self.expire(now);
         self.scopes.purge();
         self.persist(true);
@@ -1132,15 +1231,47 @@ impl Processor for TailSampling {
 
     fn shutdown(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         while self.decide_oldest(now, Trigger::Shutdown) {}
+        self.settle_inflight();
+        self.emit(now, out);
         self.persist(true);
         if let Some(st) = &mut self.storage {
-            // Only decisions are left: the next start needs them for late spans.
-            if let Err(e) = compact(st, &self.traces, &self.arrivals, &self.cache, &self.names) {
+            // Decisions, and the kept spans still on their way: the next start needs them.
+            let unsent = self.inflight.iter().flat_map(|f| f.spans.iter());
+            if let Err(e) = compact(
+                st,
+                &self.traces,
+                &self.arrivals,
+                &self.cache,
+                &self.names,
+                unsent,
+            ) {
                 self.stats.storage_errors += 1;
                 tracing::warn!(processor = %self.id, error = %e, "tail_sampling log compaction failed");
             }
         }
-        self.emit(now, out);
         self.flush_metrics();
+        // Downstream drains after this returns: note in the background what it took.
+        if let (Some(mut st), false) = (self.storage.take(), self.inflight.is_empty()) {
+            let mut inflight = std::mem::take(&mut self.inflight);
+            let id = self.id.clone();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+                while !inflight.is_empty() && Instant::now() < deadline {
+                    inflight.retain_mut(|f| match f.wait.try_take() {
+                        None => true,
+                        Some(_) => {
+                            for k in &f.keys {
+                                st.delivered(*k);
+                            }
+                            false
+                        }
+                    });
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Err(e) = st.sync() {
+                    tracing::warn!(processor = %id, error = %e, "tail_sampling log write failed");
+                }
+            });
+        }
     }
 }

@@ -12,6 +12,11 @@
 //! the last compaction (and at least `COMPACT_MIN_BYTES`), it is rewritten from the live state:
 //! the spans of undecided traces and the remembered decisions.
 //!
+//! Kept spans stay in the log until downstream took them: every batch the sampler emits carries
+//! a fresh ack, and once it resolves a `delivered` record names its traces. A replay sends the
+//! logged spans of kept traces with no such record again (at least once: a `kill -9` between
+//! the decision and the next stage's write loses nothing), and compaction keeps them.
+//!
 //! Not kept: the normalized eBPF model of a span (`Span::ebpf`), and a trace's wait, which
 //! restarts when the log is replayed.
 
@@ -36,6 +41,9 @@ const MAX_SCOPE_IDS: usize = 65_536;
 const TAG_SCOPE: u8 = 1;
 const TAG_SPAN: u8 = 2;
 const TAG_DECISION: u8 = 3;
+/// The kept spans of a trace reached the stage after the sampler (its ack resolved): a replay
+/// need not send them again.
+const TAG_DELIVERED: u8 = 4;
 
 /// A decision as logged: the cache key of the trace and the policy by name (ids change with
 /// the config).
@@ -50,6 +58,8 @@ pub(crate) struct LoggedDecision {
 pub(crate) struct Replayed {
     pub spans: Vec<Span>,
     pub decisions: Vec<LoggedDecision>,
+    /// Keys of kept traces whose spans downstream took.
+    pub delivered: Vec<u64>,
     /// Bytes cut from the end of the log (a torn record).
     pub truncated: u64,
 }
@@ -216,6 +226,11 @@ impl Storage {
         });
     }
 
+    /// Logs that downstream took the kept spans of trace `key` sent so far.
+    pub fn delivered(&mut self, key: u64) {
+        frame(&mut self.buf, TAG_DELIVERED, |b| b.put_u64_le(key));
+    }
+
     /// Hands the records written so far to the OS.
     pub fn flush(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
@@ -362,6 +377,12 @@ fn apply(
                 None
             };
             out.decisions.push(LoggedDecision { key, kept });
+        }
+        TAG_DELIVERED => {
+            if p.remaining() < 8 {
+                return Err(bad("short delivered"));
+            }
+            out.delivered.push(p.get_u64_le());
         }
         _ => return Err(bad("unknown record")),
     }

@@ -1309,6 +1309,10 @@ fn a_restart_keeps_buffered_traces_and_decisions() {
         let whole = vec![root(kept, 1).error().build(), root(dropped, 1).build()];
         a.process(t0, SpanBatch::whole(whole), &mut out);
         assert_eq!(flat(out).len(), 1);
+        // Downstream took the kept span; the next tick logs it.
+        let mut none = Vec::new();
+        a.tick(t0, &mut none);
+        assert!(none.is_empty());
         // Dropped here without shutdown: as after `kill -9`.
     }
     let t1 = t0 + Duration::from_secs(100);
@@ -1402,7 +1406,6 @@ fn with_storage_an_ack_resolves_once_its_spans_are_in_the_log() {
     let (ack, mut wait) = tailweave_core::Ack::new();
     let whole = vec![root(kept, 1).error().build(), root(dropped, 1).build()];
     a.process(t0, SpanBatch::whole(whole).with_ack(ack), &mut out);
-    assert_eq!(wait.try_take(), Some(Ok(())));
     let (spans, decisions) = logged_now(&dir);
     assert!(spans.contains(&(kept, tailweave_core::SpanId::from_u64(1))));
     assert!(spans.contains(&(dropped, tailweave_core::SpanId::from_u64(1))));
@@ -1410,9 +1413,67 @@ fn with_storage_an_ack_resolves_once_its_spans_are_in_the_log() {
     assert!(decisions.contains(&cache::key(&dropped)));
     assert!(!decisions.contains(&cache::key(&pending)));
 
-    // The kept trace went on without the input's ack: downstream stages do not hold it.
-    assert_eq!(flat_acks(&out), 0);
+    // The kept trace went on with the input's ack and the sampler's own: the client is
+    // answered when the next stage has the spans.
+    assert_eq!(flat_acks(&out), 2);
+    assert_eq!(wait.try_take(), None);
     assert_eq!(flat(out).len(), 1);
+    assert_eq!(wait.try_take(), Some(Ok(())));
+}
+
+#[test]
+fn kept_spans_downstream_never_took_are_sent_again_after_a_crash() {
+    let dir = TempDir::new("unsent");
+    let y = stored(
+        &dir,
+        "policies: [{name: e, type: status_code, status_code: {status_codes: [ERROR]}}]",
+    );
+    let t0 = Instant::now();
+    let (taken, unsent) = (tid(1), tid(2));
+    let held_downstream;
+    {
+        let mut a = open(&y, t0);
+        let mut out = Vec::new();
+        let b = vec![root(taken, 1).error().build(), child(taken, 2).build()];
+        a.process(t0, SpanBatch::new(b), &mut out);
+        a.tick(t0 + Duration::from_secs(40), &mut out);
+        assert_eq!(flat(std::mem::take(&mut out)).len(), 2, "first trace kept");
+        // Downstream took the first batch; the next tick says so in the log.
+        a.tick(t0 + Duration::from_secs(41), &mut out);
+        let b = vec![root(unsent, 1).error().build(), child(unsent, 2).build()];
+        a.process(t0 + Duration::from_secs(42), SpanBatch::new(b), &mut out);
+        a.tick(t0 + Duration::from_secs(90), &mut out);
+        assert_eq!(
+            out.iter().map(|b| b.len()).sum::<usize>(),
+            2,
+            "second trace kept"
+        );
+        // `kill -9` while the second batch is still on its way downstream.
+        held_downstream = out;
+    }
+    let t1 = t0 + Duration::from_secs(100);
+    let mut b = open(&y, t1);
+    assert_eq!(b.stats().restored_kept_spans, 2);
+    let mut out = Vec::new();
+    b.tick(t1, &mut out);
+    let again = flat(out);
+    assert_eq!(again.len(), 2);
+    assert!(
+        again.iter().all(|s| s.trace_id == unsent),
+        "only the untaken trace again"
+    );
+    assert!(again
+        .iter()
+        .all(|s| attr_str(s, ATTR_POLICY).as_deref() == Some("e")));
+    drop(held_downstream);
+    // Taken this time: a third start sends nothing again.
+    let mut out = Vec::new();
+    b.tick(t1 + Duration::from_secs(1), &mut out);
+    drop(b);
+    let mut c = open(&y, t1);
+    assert_eq!(c.stats().restored_kept_spans, 0);
+    c.tick(t1, &mut out);
+    assert!(flat(out).is_empty());
 }
 
 #[test]
@@ -1429,9 +1490,11 @@ fn without_storage_an_ack_resolves_when_the_spans_are_taken() {
     r.p.process(now, b, &mut out);
     assert_eq!(r.p.traces_held(), 1);
     assert_eq!(wait.try_take(), Some(Ok(())));
-    assert_eq!(wait2.try_take(), Some(Ok(())));
-    assert_eq!(flat_acks(&out), 0);
+    // The kept unit went on in the same call, carrying its input's ack (and no other).
+    assert_eq!(flat_acks(&out), 1);
+    assert_eq!(wait2.try_take(), None);
     assert_eq!(flat(out).len(), 1);
+    assert_eq!(wait2.try_take(), Some(Ok(())));
 }
 
 fn flat_acks(out: &[SpanBatch]) -> usize {
@@ -1453,12 +1516,33 @@ fn shutdown_compacts_the_log_to_decisions() {
     let before = std::fs::metadata(dir.log()).expect("log").len();
     assert!(before > 200_000);
     a.shutdown(t0, &mut out);
+    drop(a);
+    // Until downstream took them, the kept spans stay in the log with the decisions.
+    let (spans, decisions) = logged_now(&dir);
+    assert_eq!((spans.len(), decisions.len()), (20, 20));
     assert_eq!(flat(out).len(), 20);
-    let after = std::fs::metadata(dir.log()).expect("log").len();
-    assert!(after < 2_000, "log still {after} bytes");
+    // Taken: the stopped sampler's background wait logs it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let data = std::fs::read(dir.log()).expect("log");
+        let (r, _) = storage::replay(Bytes::from(data));
+        if r.delivered.len() == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} delivered records",
+            r.delivered.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let b = open(&y, t0);
     assert_eq!(b.traces_held(), 0);
+    assert_eq!(b.stats().restored_kept_spans, 0);
     assert_eq!(b.cached_decisions(), (20, 0));
+    // The start compacted the log down to the decisions.
+    let after = std::fs::metadata(dir.log()).expect("log").len();
+    assert!(after < 2_000, "log still {after} bytes");
 }
 
 // ---------------------------------------------------------------- self-metrics
@@ -1775,6 +1859,8 @@ fn a_grown_log_is_compacted_on_tick_and_still_replays() {
     }
     let grown = std::fs::metadata(dir.log()).expect("log").len();
     assert!(grown > 200_000, "{grown}");
+    // Downstream took the kept traces: the tick logs that, then compacts without them.
+    out.clear();
     a.tick(t0 + Duration::from_millis(100), &mut out);
     let compacted = std::fs::metadata(dir.log()).expect("log").len();
     assert!(compacted < 20_000, "log {compacted} bytes after compaction");
