@@ -421,32 +421,21 @@ struct Verdict {
     wrongly_kept: usize,
     /// Spans at the sink that were never sent.
     invented: usize,
-    /// Partial traces the documented `kill -9` window explains (docs/security.md, "Window
-    /// left"): kept spans decided just before the kill, on their way from the sampler to the
-    /// disk queue. Not counted in `partial` or `lost`.
-    in_window: usize,
 }
-
-/// A kept first half answered this shortly before the kill may have been decided (1 s wait,
-/// decided on the next tick) and still been on its way to the exporter's disk queue.
-const DECIDE_WINDOW: Duration = Duration::from_secs(3);
 
 /// Judges the sink's spans against what the sender saw. A span of a request cut by the kill
 /// may or may not have been taken, so it may arrive but need not. `before_kill` is how long
 /// before the kill each trace's first half was answered. With `tell`, prints each bad trace.
 ///
-/// Only one shape counts as the documented window (docs/security.md, "Window left"), and only
-/// close to the kill: a kept trace (error in the first half) whose whole first half is missing
-/// while its late half arrived, answered within [`DECIDE_WINDOW`]. A first half answered OK is in
-/// the sampler's log whenever the kill came (the receiver waited for it). A trace decided twice differently looks otherwise: a
-/// kept trace without its late half, or a dropped one whose late half was kept.
+/// No window is excused: a first half answered OK is in the sampler's log whenever the kill
+/// came (the receiver waited for it), and kept spans stay in that log until the disk queue has
+/// them.
 fn judge(
     t: &Tally,
     got: &HashMap<u64, u32>,
     before_kill: &HashMap<u64, Duration>,
     tell: bool,
 ) -> Verdict {
-    let recent = |no: u64, within: Duration| before_kill.get(&no).is_some_and(|&d| d <= within);
     let accepted: HashSet<u64> = t.accepted.iter().copied().collect();
     let unknown: HashSet<u64> = t.not_ok.iter().copied().collect();
     let mut traces: HashMap<u64, (Vec<u64>, HashSet<u64>)> = HashMap::new();
@@ -487,21 +476,8 @@ fn judge(
         }
         let acc_delivered = acc.iter().filter(|id| del.contains(id)).count();
         if acc_delivered != acc.len() {
-            let half = KILL_TRACE_SPANS / 2;
-            let first_half_gone = acc
-                .iter()
-                .filter(|&&id| id & 0xfffff <= half)
-                .all(|id| !del.contains(id));
-            let kept_first_half_in_flight = kill_error_at(*no) == Some(2)
-                && first_half_gone
-                && del.iter().all(|&id| id & 0xfffff > half)
-                && recent(*no, DECIDE_WINDOW);
-            if kept_first_half_in_flight {
-                v.in_window += 1;
-            } else {
-                // Decided twice differently (a late half decided afresh), or spans lost.
-                v.partial += 1;
-            }
+            // Decided twice differently (a late half decided afresh), or spans lost.
+            v.partial += 1;
             if tell {
                 eprintln!(
                     "trace {no}: kept with {acc_delivered} of its {} accepted spans (first half \
@@ -655,7 +631,6 @@ async fn kill_9_with_the_persistent_queue_and_sampling_log_loses_nothing_accepte
         lost,
         wrongly_kept,
         invented,
-        in_window,
     } = v;
     let dups: u32 = got.values().map(|&n| n.saturating_sub(1)).sum();
     let after = got.len() - delivered_before.len();
@@ -665,7 +640,7 @@ async fn kill_9_with_the_persistent_queue_and_sampling_log_loses_nothing_accepte
         "reliability: kill -9: accepted {accepted_before_kill} spans before the kill ({} requests cut by it), \
          {} delivered before it, {after} more delivered after the restart (drained {:.1}s after it), \
          {} second-half spans accepted after the restart; traces: {kept} kept, {dropped} dropped, \
-         {partial} partial, {lost} lost, {in_window} partial or lost in the documented kill window, {wrongly_kept} kept without an error; duplicates {dups}; \
+         {partial} partial, {lost} lost, {wrongly_kept} kept without an error; duplicates {dups}; \
          sampler restored {restored}",
         t.failed_requests,
         delivered_before.len(),
