@@ -19,8 +19,12 @@
 //! (`ca_file`, else the system roots; `cert_file` + `key_file` for mTLS; `server_name_override`)
 //! and the same connector, so both exporters verify a destination the same way. A handshake that
 //! fails (an untrusted certificate, a refused client certificate) is a connection error: retried
-//! like one, then counted as a failed push. As in the OTLP exporters the files are read once, at
-//! build: a rotated client certificate takes effect at the next restart.
+//! like one, then counted as a failed push. The files are read at build (a missing one stops the
+//! start-up) and again before every push: when their bytes changed, the next connections use
+//! them (a rotated client certificate or CA needs no restart; counted by
+//! `tailweave_tls_reloads_total`). A rotation that does not load (e.g. caught between the
+//! certificate and the key being written) keeps the previous config, is counted by
+//! `tailweave_tls_reload_failures_total` and is tried again at the next push.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -38,7 +42,7 @@ use prost::Message;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::red::{sanitize_name, RedRegistry, SetSnapshot};
-use tailweave_core::tls::ALPN_HTTP1;
+use tailweave_core::tls::{ALPN_HTTP1, TLS_RELOADS, TLS_RELOAD_FAILURES};
 use tailweave_core::{ComponentError, ExportError, SpanBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -145,7 +149,8 @@ pub struct PrometheusRemoteWriteExporterConfig {
     pub endpoint: String,
     /// TLS settings for an `https://` endpoint (`ca_file`, `cert_file`, `key_file`,
     /// `server_name_override`), as in the `otlp_http` exporter; the URL's scheme decides whether
-    /// TLS is used. Default: system roots, no client certificate.
+    /// TLS is used. The files are read again before each push and changed ones take effect for
+    /// new connections. Default: system roots, no client certificate.
     pub tls: TlsConfig,
     /// Prefix added to every metric name, before the `span_metrics` namespace. Default none.
     pub namespace: String,
@@ -324,6 +329,13 @@ impl PrometheusRemoteWriteExporterConfig {
             .header_map()
             .map_err(|_| ComponentError::build(&ctx.id, "headers: invalid HTTP header"))?;
         // Reads the TLS files now, so a missing or broken one stops the start-up with its key.
+        let tls_files = self.encrypts().then(|| {
+            std::sync::Mutex::new(TlsFiles {
+                contents: read_tls_files(&self.tls),
+                settings: self.tls.clone(),
+                timeout: self.timeout,
+            })
+        });
         let connector =
             crate::otlp::connector(&self.tls, self.encrypts(), ALPN_HTTP1, self.timeout)
                 .map_err(|m| ComponentError::build(&ctx.id, m))?;
@@ -331,7 +343,8 @@ impl PrometheusRemoteWriteExporterConfig {
             id: ctx.id.clone(),
             url,
             headers,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: std::sync::Mutex::new(http_client(connector)),
+            tls_files,
             opts: Encoding {
                 namespace: sanitize_name(&self.namespace),
                 external_labels: self
@@ -520,11 +533,36 @@ pub fn encode_body(req: &prompb::WriteRequest) -> Result<Bytes, snap::Error> {
         .map(Bytes::from)
 }
 
+type HttpClient = Client<Connector, Full<Bytes>>;
+
+fn http_client(connector: Connector) -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// The TLS settings of an `https://` endpoint and the bytes of their files when the current
+/// client was built.
+struct TlsFiles {
+    settings: TlsConfig,
+    timeout: Duration,
+    contents: Vec<Option<Vec<u8>>>,
+}
+
+/// The bytes of `ca_file`, `cert_file` and `key_file` (`None`: not set, or unreadable now).
+fn read_tls_files(tls: &TlsConfig) -> Vec<Option<Vec<u8>>> {
+    [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect()
+}
+
 struct Pusher {
     id: String,
     url: Uri,
     headers: HeaderMap,
-    client: Client<Connector, Full<Bytes>>,
+    /// Replaced (with a fresh connection pool) when the TLS files change.
+    client: std::sync::Mutex<HttpClient>,
+    /// `None` for plaintext.
+    tls_files: Option<std::sync::Mutex<TlsFiles>>,
     opts: Encoding,
     timeout: Duration,
     retry: RetryConfig,
@@ -550,7 +588,39 @@ impl Pusher {
         self.push_once().await;
     }
 
+    /// Rebuilds the client when the TLS files changed since it was built.
+    fn reload_tls(&self) {
+        let Some(files) = &self.tls_files else {
+            return;
+        };
+        let mut f = files.lock().unwrap_or_else(|p| p.into_inner());
+        let now = read_tls_files(&f.settings);
+        if now == f.contents {
+            return;
+        }
+        let path = f
+            .settings
+            .cert_file
+            .as_ref()
+            .or(f.settings.ca_file.as_ref())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        match crate::otlp::connector(&f.settings, true, ALPN_HTTP1, f.timeout) {
+            Ok(connector) => {
+                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = http_client(connector);
+                f.contents = now;
+                metrics::counter!(TLS_RELOADS, "path" => path.clone()).increment(1);
+                tracing::info!(exporter = %self.id, file = %path, "TLS files changed; new connections use them");
+            }
+            Err(e) => {
+                metrics::counter!(TLS_RELOAD_FAILURES, "path" => path.clone()).increment(1);
+                tracing::warn!(exporter = %self.id, error = %e, "TLS reload failed; keeping the previous config");
+            }
+        }
+    }
+
     async fn push_once(&self) {
+        self.reload_tls();
         let sets = self.registry.snapshot();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -636,8 +706,12 @@ impl Pusher {
         for (k, v) in &self.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
-        let resp = self
+        let client = self
             .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let resp = client
             .request(req)
             .await
             .map_err(|e| ExportError::retryable(format!("{}: {}", self.url, chain(&e))))?;
@@ -1300,5 +1374,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls") && e.contains("missing-ca.pem"), "{e}");
+    }
+
+    /// Polls `done` every few milliseconds; panics after 20 s (a bound, not a timing assertion).
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotated_client_certificate_is_used_from_the_next_push() {
+        let pki = Pki::new("remote write ca");
+        let (url, seen, shakes) = tls_receiver(&pki, Some(&pki.path("ca.pem"))).await;
+        // The exporter's own files, which the rotation overwrites in place.
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+        let other = Pki::new("someone else's ca");
+        let (oc, ok) = other.leaf("client", &["client"]);
+        std::fs::copy(&oc, &cert).unwrap();
+        std::fs::copy(&ok, &key).unwrap();
+        let mut c = tls_cfg(
+            url,
+            TlsConfig {
+                cert_file: Some(cert.clone()),
+                key_file: Some(key.clone()),
+                ..trusting(&pki)
+            },
+        );
+        c.push_interval = Duration::from_millis(10);
+        c.retry_on_failure.enabled = false;
+        let (running, stats) = c.build_with(&ctx(), registry()).unwrap();
+        until("a push refused for the foreign certificate", || {
+            stats.failed() >= 1
+        })
+        .await;
+        assert_eq!(stats.sent(), 0);
+        assert!(seen.lock().unwrap().requests.is_empty());
+
+        let (gc, gk) = pki.leaf("client", &["client"]);
+        std::fs::copy(&gk, &key).unwrap();
+        std::fs::copy(&gc, &cert).unwrap();
+        until("a push with the rotated certificate", || stats.sent() >= 1).await;
+        drop(running.input);
+        running.done.await.unwrap();
+        assert!(!seen.lock().unwrap().requests.is_empty());
+        let pem = std::fs::read(&gc).unwrap();
+        let want = tailweave_core::tls::parse_certs(&pem, &gc).unwrap();
+        let shakes = shakes.lock().unwrap();
+        assert!(!shakes.is_empty());
+        assert!(
+            shakes
+                .iter()
+                .all(|s| s.as_deref() == Some(want[0].as_ref())),
+            "every accepted handshake presented the rotated certificate"
+        );
     }
 }
