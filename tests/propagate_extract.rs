@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tailweave_collector::loadgen::scenario::{generate, ScenarioConfig, ScenarioKind};
 use tailweave_suite::{
     hex, service_yaml, validate_config, wait_for, Collector, Ports, ReceivedSpan, Sink, GAME_JOIN,
-    SDK_AND_DEEPFLOW_RECEIVERS,
+    OTLP_GRPC_RECEIVER, SDK_AND_DEEPFLOW_RECEIVERS,
 };
 
 fn kv(k: &str, v: any_value::Value) -> KeyValue {
@@ -199,12 +199,7 @@ fn an_error_found_by_extraction_keeps_the_trace_and_every_span_has_the_user_id()
     let sink = Sink::start_blocking();
     let yaml = format!(
         r#"
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{GRPC}}
-processors:
+{OTLP_GRPC_RECEIVER}processors:
   extract:
     rules:
       - name: bk_api_result

@@ -29,7 +29,7 @@ use tailweave_core::tls::{ClientTlsSettings, ALPN_HTTP1};
 use tailweave_exporters::prometheus_remote_write::PUSHES;
 use tailweave_suite::{
     free_port, hex, http_exchange, http_request, service_yaml, wait_for, Collector, HttpResponse,
-    Pki, Ports, Sink, GAME_JOIN, SDK_AND_DEEPFLOW_RECEIVERS,
+    Pki, Ports, Sink, GAME_JOIN, OTLP_GRPC_RECEIVER, SDK_AND_DEEPFLOW_RECEIVERS,
 };
 
 /// A Prometheus server with the remote-write receiver on, on a free loopback port.
@@ -298,12 +298,7 @@ fn truth_of(sent: &[ResourceSpans]) -> Truth {
 fn config(prom: &Prometheus, sink: &Sink) -> String {
     format!(
         r#"
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{GRPC}}
-processors:
+{OTLP_GRPC_RECEIVER}processors:
   span_metrics:
     histogram:
       explicit:
@@ -633,12 +628,7 @@ fn remote_write_over_mtls_reaches_a_real_prometheus_and_untrusted_or_anonymous_p
     // (Prometheus refuses the handshake), and trusting another CA (we refuse Prometheus).
     let yaml = format!(
         r#"
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{{GRPC}}
-processors:
+{OTLP_GRPC_RECEIVER}processors:
   span_metrics:
 exporters:
   prometheus_remote_write/mtls:

@@ -687,6 +687,14 @@ pub fn service_yaml(receivers: &[&str], processors: &[&str], exporters: &[&str])
     out
 }
 
+/// `receivers:` with the OTLP receiver on gRPC only, on `{GRPC}`.
+pub const OTLP_GRPC_RECEIVER: &str = "receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{GRPC}
+";
+
 /// `receivers:` of a joining collector: SDK spans over OTLP/gRPC on `{GRPC}`, DeepFlow's spans
 /// on `{EXTRA0}` (where the loadgen scenarios send their eBPF halves).
 pub const SDK_AND_DEEPFLOW_RECEIVERS: &str = "receivers:
