@@ -80,13 +80,40 @@ fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
 struct Running {
     grpc: Option<SocketAddr>,
     http: Option<SocketAddr>,
-    rx: mpsc::Receiver<SpanBatch>,
+    rx: Rx,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), tailweave_core::ComponentError>>,
 }
 
+/// What the receiver handed on, as the test reads it (see [`start_receiver_as`]).
+enum Rx {
+    Stage(mpsc::UnboundedReceiver<SpanBatch>),
+    Raw(mpsc::Receiver<SpanBatch>),
+}
+
+impl Rx {
+    async fn recv(&mut self) -> Option<SpanBatch> {
+        match self {
+            Rx::Stage(r) => r.recv().await,
+            Rx::Raw(r) => r.recv().await,
+        }
+    }
+    fn try_recv(&mut self) -> Result<SpanBatch, mpsc::error::TryRecvError> {
+        match self {
+            Rx::Stage(r) => r.try_recv(),
+            Rx::Raw(r) => r.try_recv(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Rx::Stage(r) => r.len(),
+            Rx::Raw(r) => r.len(),
+        }
+    }
+}
+
 impl Running {
-    async fn stop(self) -> mpsc::Receiver<SpanBatch> {
+    async fn stop(self) -> Rx {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
@@ -98,9 +125,37 @@ impl Running {
 }
 
 fn start_receiver(r: OtlpReceiver, cap: usize, limiter: Option<Arc<MemoryLimiter>>) -> Running {
+    start_receiver_as(r, cap, limiter, true)
+}
+
+/// With `stage`, a task plays the pipeline's first stage: a request is answered once a stage
+/// took its batch (end-to-end acknowledgement), and this task takes each batch at once (letting
+/// its acks go) and hands it to the test through a channel of `cap`. Without, the test reads the
+/// receiver's own channel of `cap` and a request is answered when the test drops its batch.
+fn start_receiver_as(
+    r: OtlpReceiver,
+    cap: usize,
+    limiter: Option<Arc<MemoryLimiter>>,
+    stage: bool,
+) -> Running {
     // The recorder must be in place before the first request is counted.
     snapshotter();
-    let (tx, rx) = mpsc::channel(cap);
+    let (tx, rx) = if stage {
+        let (tx, mut taken) = mpsc::channel::<SpanBatch>(cap);
+        let (to_test, rx) = mpsc::unbounded_channel::<SpanBatch>();
+        tokio::spawn(async move {
+            while let Some(mut b) = taken.recv().await {
+                b.acks.clear();
+                if to_test.send(b).is_err() {
+                    break;
+                }
+            }
+        });
+        (tx, Rx::Stage(rx))
+    } else {
+        let (tx, rx) = mpsc::channel(cap);
+        (tx, Rx::Raw(rx))
+    };
     let shutdown = CancellationToken::new();
     let grpc = r.grpc_addr();
     let http = r.http_addr();
@@ -137,6 +192,27 @@ const BOTH: &str = "protocols: {grpc: {endpoint: '127.0.0.1:0'}, http: {endpoint
 
 async fn start(id: &str, cap: usize) -> Running {
     start_with(id, BOTH, cap, None).await
+}
+
+/// A receiver whose channel of `cap` the test reads itself (no stage in between).
+async fn start_raw(id: &str, cap: usize) -> Running {
+    let cfg: OtlpReceiverConfig = parse(serde_yaml::from_str(BOTH).unwrap()).unwrap();
+    let ctx = BuildContext {
+        id: id.into(),
+        ..Default::default()
+    };
+    start_receiver_as(cfg.bind(&ctx).await.unwrap(), cap, None, false)
+}
+
+/// Waits until `n` batches sit in the receiver's channel.
+async fn queued(r: &Running, n: usize) {
+    for _ in 0..1000 {
+        if r.rx.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} batch(es) never reached the receiver's channel");
 }
 
 fn kv(k: &str, v: any_value::Value) -> KeyValue {
@@ -467,9 +543,14 @@ async fn grpc_over_max_message_size_is_refused() {
 
 #[tokio::test]
 async fn grpc_full_pipeline_is_unavailable_and_counted() {
-    let mut r = start("otlp/grpc_full", 1).await;
+    let mut r = start_raw("otlp/grpc_full", 1).await;
     let mut c = grpc_client(r.grpc.unwrap()).await;
-    c.export(request(vec![span(1, 1)])).await.unwrap();
+    // The first request is in the pipeline's channel, its client waiting for a stage to take it.
+    let first = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.export(request(vec![span(1, 1)])).await }
+    });
+    queued(&r, 1).await;
     let e = c
         .export(request(vec![span(1, 2), span(1, 3)]))
         .await
@@ -480,12 +561,12 @@ async fn grpc_full_pipeline_is_unavailable_and_counted() {
     assert_eq!(info.retry_delay.unwrap().seconds, 1);
     let l = [("receiver", "otlp/grpc_full"), ("reason", "pipeline_full")];
     assert_eq!(counter(names::RECEIVER_REFUSED_SPANS, &l), 2);
-    // Downstream drains: the first batch was kept, and the client's retry now succeeds.
+    // A stage takes the first batch (its client is answered), and the retry now succeeds.
     assert_delivered(&r.rx.recv().await.unwrap(), &[span(1, 1)]);
-    c.export(request(vec![span(1, 2), span(1, 3)]))
-        .await
-        .unwrap();
+    first.await.unwrap().unwrap();
+    let retry = tokio::spawn(async move { c.export(request(vec![span(1, 2), span(1, 3)])).await });
     assert_eq!(r.rx.recv().await.unwrap().spans.len(), 2);
+    retry.await.unwrap().unwrap();
     r.stop().await;
 }
 
@@ -827,15 +908,19 @@ async fn http_big_oversize_bodies_are_413_declared_or_chunked() {
 
 #[tokio::test]
 async fn http_full_pipeline_is_503_with_retry_after() {
-    let mut r = start("otlp/http_full", 1).await;
+    let mut r = start_raw("otlp/http_full", 1).await;
     let addr = r.http.unwrap();
     let body = request(vec![span(1, 1)]).encode_to_vec();
-    assert_eq!(
-        http_send(addr, "POST", "/v1/traces", &[PB], body.clone())
-            .await
-            .status,
-        200
-    );
+    // The first request waits in the pipeline's channel for a stage to take it.
+    let first = tokio::spawn({
+        let body = body.clone();
+        async move {
+            http_send(addr, "POST", "/v1/traces", &[PB], body)
+                .await
+                .status
+        }
+    });
+    queued(&r, 1).await;
     let reply = http_send(
         addr,
         "POST",
@@ -851,12 +936,14 @@ async fn http_full_pipeline_is_503_with_retry_after() {
     let l = [("receiver", "otlp/http_full"), ("reason", "pipeline_full")];
     assert_eq!(counter(names::RECEIVER_REFUSED_SPANS, &l), 1);
     r.rx.recv().await.unwrap();
-    assert_eq!(
+    assert_eq!(first.await.unwrap(), 200);
+    let retry = tokio::spawn(async move {
         http_send(addr, "POST", "/v1/traces", &[PB], body)
             .await
-            .status,
-        200
-    );
+            .status
+    });
+    r.rx.recv().await.unwrap();
+    assert_eq!(retry.await.unwrap(), 200);
     r.stop().await;
 }
 
