@@ -4,6 +4,8 @@
 //! and scope, and a raw-bytes codec hands that buffer to tonic, so nothing is decoded or re-encoded
 //! on the way out. The tonic `Channel` connects on first use and reconnects after a failure, so an
 //! outage of the destination shows up as retryable `UNAVAILABLE` answers until it is back.
+//! Each new connection first reads the TLS files again (see [`ReloadingTls`]): a reconnect after
+//! a certificate rotation uses the new CA or client certificate.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -17,6 +19,7 @@ use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::otlp::encode_request;
 use tailweave_core::proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use tailweave_core::tls::rustls::pki_types::ServerName;
 use tailweave_core::tls::{ClientTlsSettings, ALPN_H2};
 use tailweave_core::{ComponentError, ExportError, Span};
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -41,11 +44,13 @@ pub enum Compression {
 }
 
 /// `tls`: transport security of the connection (`insecure`, `ca_file`, `cert_file`, `key_file`,
-/// `server_name_override`); see [`ClientTlsSettings`].
+/// `server_name_override`); see [`ClientTlsSettings`]. The `otlp` and `otlp_http` exporters read
+/// the files again before each new connection, so rotated certificates are used without a
+/// restart.
 pub type TlsConfig = ClientTlsSettings;
 
 mod connect;
-pub use connect::Connector;
+pub use connect::{Connector, ReloadingTls};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -150,7 +155,19 @@ fn uses_tls(tls: &TlsConfig, plaintext_scheme: Option<bool>) -> bool {
     }
 }
 
-/// The connector of an exporter: TLS with the rustls config built from `tls`, offering `alpn`.
+/// `server_name_override` as the name to verify, if given.
+fn override_name(tls: &TlsConfig) -> Result<Option<ServerName<'static>>, String> {
+    match &tls.server_name_override {
+        Some(n) => tls
+            .server_name(n)
+            .map(Some)
+            .map_err(|e| format!("tls.server_name_override: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// The connector of an exporter: TLS with the rustls config built from `tls` once, offering
+/// `alpn`.
 pub(crate) fn connector(
     tls: &TlsConfig,
     encrypt: bool,
@@ -164,14 +181,30 @@ pub(crate) fn connector(
     let cfg = tls
         .client_config(&[alpn])
         .map_err(|e| format!("tls: {e}"))?;
-    let name = match &tls.server_name_override {
-        Some(n) => Some(
-            tls.server_name(n)
-                .map_err(|e| format!("tls.server_name_override: {e}"))?,
-        ),
-        None => None,
-    };
-    Ok(Connector::new(timeout, Some((cfg, name))))
+    Ok(Connector::new(timeout, Some((cfg, override_name(tls)?))))
+}
+
+/// As [`connector`], but `ca_file`, `cert_file` and `key_file`, when set, are read again before
+/// each new connection, so that rotated files are used without a restart (see
+/// [`ReloadingTls`]). `id` names the exporter in the logs.
+pub(crate) fn reloading_connector(
+    id: &str,
+    tls: &TlsConfig,
+    encrypt: bool,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<Connector, String> {
+    if !encrypt || (tls.ca_file.is_none() && tls.cert_file.is_none()) {
+        // Nothing read from files (or no TLS): nothing to reload.
+        return connector(tls, encrypt, alpn, timeout);
+    }
+    let timeout = (!timeout.is_zero()).then_some(timeout);
+    let reloading = ReloadingTls::new(id, tls.clone(), alpn).map_err(|e| format!("tls: {e}"))?;
+    Ok(Connector::reloading(
+        timeout,
+        Arc::new(reloading),
+        override_name(tls)?,
+    ))
 }
 
 fn grpc_metadata(headers: &BTreeMap<String, String>) -> Result<MetadataMap, Vec<ConfigIssue>> {
@@ -250,7 +283,7 @@ impl OtlpExporterConfig {
         let endpoint = Channel::from_shared(format!("http://{}", target.authority))
             .map_err(|e| ComponentError::build(id, format!("endpoint: {e}")))?;
         let encrypt = uses_tls(&self.tls, target.plaintext_scheme);
-        let connector = connector(&self.tls, encrypt, ALPN_H2, self.timeout)
+        let connector = reloading_connector(id, &self.tls, encrypt, ALPN_H2, self.timeout)
             .map_err(|m| ComponentError::build(id, m))?;
         let channel = endpoint.connect_with_connector_lazy(connector);
         Ok(GrpcExporter {

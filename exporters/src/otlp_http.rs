@@ -1,9 +1,10 @@
 //! The `otlp_http` exporter (alias `otlphttp`): OTLP/HTTP with protobuf bodies.
 //!
 //! The body is the re-framed request from `encode_request` (no re-encoding), gzipped unless
-//! `compression: none`. hyper-util's pooled client is used rather than reqwest: only plaintext
-//! HTTP/1.1 is needed for now, hyper is already in the tree through tonic, and it keeps the
-//! dependency set (and its TLS choices) small.
+//! `compression: none`. hyper-util's pooled client is used rather than reqwest: HTTP/1.1 is all
+//! that is needed, hyper is already in the tree through tonic, and the TLS is the shared
+//! connector's (`otlp::connect`), which reads rotated certificate files before each new
+//! connection.
 //!
 //! Answers follow the OTLP/HTTP spec: 2xx is delivered (with `partial_success` read from the
 //! body), 429/502/503/504 are retryable and honour `Retry-After` (seconds or an HTTP date), every
@@ -49,8 +50,9 @@ pub struct OtlpHttpExporterConfig {
     /// Full URL for traces; overrides `endpoint`. Default none.
     pub traces_endpoint: Option<String>,
     /// TLS settings for an `https://` URL (`ca_file`, `cert_file`, `key_file`,
-    /// `server_name_override`); the URL's scheme decides whether TLS is used. Default: system roots,
-    /// no client certificate.
+    /// `server_name_override`); the URL's scheme decides whether TLS is used. The files are read
+    /// again before each new connection, so rotated certificates are used without a restart.
+    /// Default: system roots, no client certificate.
     pub tls: TlsConfig,
     /// HTTP headers sent with every request (e.g. `authorization`). Default none.
     pub headers: BTreeMap<String, String>,
@@ -216,8 +218,9 @@ impl OtlpHttpExporterConfig {
             .header_map()
             .map_err(|_| ComponentError::build(id, "headers: invalid HTTP header"))?;
         let encrypt = url.scheme_str() == Some("https");
-        let connector = crate::otlp::connector(&self.tls, encrypt, ALPN_HTTP1, self.timeout)
-            .map_err(|m| ComponentError::build(id, m))?;
+        let connector =
+            crate::otlp::reloading_connector(id, &self.tls, encrypt, ALPN_HTTP1, self.timeout)
+                .map_err(|m| ComponentError::build(id, m))?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(HttpExporter {
             url,
@@ -269,7 +272,7 @@ impl Destination for HttpExporter {
             .client
             .request(req)
             .await
-            .map_err(|e| ExportError::retryable(format!("{}: {e}", self.url)))?;
+            .map_err(|e| ExportError::retryable(format!("{}: {}", self.url, causes(&e))))?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -284,6 +287,19 @@ impl Destination for HttpExporter {
             .unwrap_or_default();
         answer(&self.url, status, retry_after, &body)
     }
+}
+
+/// An error and its sources: hyper's own text ("client error (Connect)") hides why, e.g. the
+/// TLS handshake failed on an unknown issuer, which is what an operator needs to read.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        next = c.source();
+    }
+    out
 }
 
 /// What an OTLP/HTTP answer means for the batch.

@@ -5,11 +5,21 @@
 //! and the hyper client through `Client::build`. tonic is always given an `http://` URI, so it
 //! never needs TLS support of its own; whether the bytes are encrypted is decided here, per
 //! exporter, from its config.
+//!
+//! # Certificate rotation
+//! With [`ReloadingTls`] the `ca_file`, `cert_file` and `key_file` are read again before each new
+//! connection, and when their bytes changed the rustls config is rebuilt for that connection and
+//! every later one (open connections keep the config they were made with, as on the receivers).
+//! No interval is needed: an h2 channel holds one connection and the HTTP client pools its
+//! connections, so connections are rare, and reading three small files costs far less than the
+//! handshake it precedes. A rotation that does not load (a file caught half-written, a key that
+//! does not match its certificate) keeps the previous config, is counted once as
+//! [`TLS_RELOAD_FAILURES`], and is tried again as soon as the bytes change again.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use tailweave_core::tls::rustls::pki_types::ServerName;
 use tailweave_core::tls::rustls::ClientConfig;
 use tailweave_core::tls::tokio_rustls::{self, client::TlsStream};
+use tailweave_core::tls::{ClientTlsSettings, TlsError, TLS_RELOADS, TLS_RELOAD_FAILURES};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -146,11 +157,110 @@ impl Connection for Conn {
     }
 }
 
+/// The bytes of `ca_file`, `cert_file` and `key_file`, in that order (`None`: not set, or
+/// unreadable when read).
+type FileBytes = [Option<Vec<u8>>; 3];
+
+fn read_files(s: &ClientTlsSettings) -> FileBytes {
+    [&s.ca_file, &s.cert_file, &s.key_file].map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+}
+
+/// The client TLS config of one exporter, rebuilt from its files when they change (see the
+/// module docs).
+pub struct ReloadingTls {
+    /// The exporter, for the logs.
+    id: String,
+    settings: ClientTlsSettings,
+    alpn: Vec<u8>,
+    /// The `path` label of the reload counters: `cert_file`, else `ca_file`.
+    path: String,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    config: Arc<ClientConfig>,
+    /// The bytes the files had when `config` was built.
+    files: FileBytes,
+    /// The bytes of the last rotation that did not load, so that it is counted and logged
+    /// once rather than at every connection until the files change again.
+    failed: Option<FileBytes>,
+}
+
+impl ReloadingTls {
+    /// Loads the files now, so that a missing or broken one stops the start-up.
+    pub fn new(id: &str, settings: ClientTlsSettings, alpn: &[u8]) -> Result<Self, TlsError> {
+        let files = read_files(&settings);
+        let config = Arc::new(settings.client_config(&[alpn])?);
+        let path = settings
+            .cert_file
+            .as_ref()
+            .or(settings.ca_file.as_ref())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Ok(ReloadingTls {
+            id: id.to_string(),
+            settings,
+            alpn: alpn.to_vec(),
+            path,
+            state: Mutex::new(Loaded {
+                config,
+                files,
+                failed: None,
+            }),
+        })
+    }
+
+    /// The config for a new connection: rebuilt first when the files changed since it was.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let files = read_files(&self.settings);
+        if files == st.files || st.failed.as_ref() == Some(&files) {
+            return st.config.clone();
+        }
+        // `client_config` reads the files once more; bytes that change between the two reads
+        // only cost one more rebuild at the next connection.
+        match self.settings.client_config(&[&self.alpn]) {
+            Ok(cfg) => {
+                st.config = Arc::new(cfg);
+                st.files = files;
+                st.failed = None;
+                metrics::counter!(TLS_RELOADS, "path" => self.path.clone()).increment(1);
+                tracing::info!(exporter = %self.id, file = %self.path, "TLS files changed; new connections use them");
+            }
+            Err(e) => {
+                metrics::counter!(TLS_RELOAD_FAILURES, "path" => self.path.clone()).increment(1);
+                tracing::warn!(exporter = %self.id, error = %e, "TLS reload failed; keeping the previous config");
+                // Remembered only if the files held still meanwhile: a write that was under
+                // way is tried again at the next connection.
+                if read_files(&self.settings) == files {
+                    st.failed = Some(files);
+                }
+            }
+        }
+        st.config.clone()
+    }
+}
+
+#[derive(Clone)]
+enum TlsSource {
+    Fixed(tokio_rustls::TlsConnector),
+    Reloading(Arc<ReloadingTls>),
+}
+
 #[derive(Clone)]
 struct Tls {
-    connector: tokio_rustls::TlsConnector,
+    source: TlsSource,
     /// `server_name_override`; else the URI's host.
     name: Option<ServerName<'static>>,
+}
+
+impl Tls {
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        match &self.source {
+            TlsSource::Fixed(c) => c.clone(),
+            TlsSource::Reloading(r) => tokio_rustls::TlsConnector::from(r.current()),
+        }
+    }
 }
 
 /// Connects TCP, then TLS when configured.
@@ -162,23 +272,42 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// `timeout` bounds the TCP connect and the handshake together (`None`: unbounded).
+    /// `timeout` bounds the TCP connect and the handshake together (`None`: unbounded). The TLS
+    /// config, when given, is used for every connection.
     pub fn new(
         timeout: Option<Duration>,
         tls: Option<(ClientConfig, Option<ServerName<'static>>)>,
     ) -> Connector {
+        Self::with_source(
+            timeout,
+            tls.map(|(cfg, name)| Tls {
+                source: TlsSource::Fixed(tokio_rustls::TlsConnector::from(Arc::new(cfg))),
+                name,
+            }),
+        )
+    }
+
+    /// TLS whose files are read again before each new connection (see the module docs).
+    pub fn reloading(
+        timeout: Option<Duration>,
+        tls: Arc<ReloadingTls>,
+        name: Option<ServerName<'static>>,
+    ) -> Connector {
+        Self::with_source(
+            timeout,
+            Some(Tls {
+                source: TlsSource::Reloading(tls),
+                name,
+            }),
+        )
+    }
+
+    fn with_source(timeout: Option<Duration>, tls: Option<Tls>) -> Connector {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
         http.set_connect_timeout(timeout);
-        Connector {
-            http,
-            tls: tls.map(|(cfg, name)| Tls {
-                connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
-                name,
-            }),
-            timeout,
-        }
+        Connector { http, tls, timeout }
     }
 
     pub fn is_tls(&self) -> bool {
@@ -203,22 +332,23 @@ impl Service<Uri> for Connector {
             .trim_end_matches(']')
             .to_string();
         let tcp = self.http.call(uri);
-        let tls = self.tls.clone();
+        // Chosen now, at the start of the connection, so that a rotation is seen by it.
+        let tls = self.tls.as_ref().map(|t| (t.connector(), t.name.clone()));
         let timeout = self.timeout;
         let connect = async move {
             let tcp = tcp.await?.into_inner();
-            let Some(tls) = tls else {
+            let Some((connector, name)) = tls else {
                 return Ok(Conn {
                     io: TokioIo::new(Stream::Plain(tcp)),
                     h2: false,
                 });
             };
-            let name = match tls.name {
+            let name = match name {
                 Some(n) => n,
                 None => ServerName::try_from(host.clone())
                     .map_err(|e| format!("{host:?} cannot be verified as a server name: {e}"))?,
             };
-            let s = tls.connector.connect(name, tcp).await?;
+            let s = connector.connect(name, tcp).await?;
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             Ok::<_, BoxError>(Conn {
                 io: TokioIo::new(Stream::Tls(Box::new(s))),
