@@ -365,3 +365,137 @@ impl Service<Uri> for Connector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::path::PathBuf;
+    use tailweave_core::tls::ALPN_H2;
+
+    /// A CA in a tempdir; `leaf` makes a client pair it signs.
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+            Pki {
+                dir,
+                ca: Issuer::new(params, key),
+            }
+        }
+        fn path(&self, f: &str) -> PathBuf {
+            self.dir.path().join(f)
+        }
+        fn leaf(&self) -> (Vec<u8>, Vec<u8>) {
+            let params = CertificateParams::new(vec!["client".to_string()]).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.ca).unwrap();
+            (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+        }
+    }
+
+    /// The counters by (name, `path` label). A snapshot hands over what was counted since the
+    /// one before, so each test takes one, at its end.
+    fn counters(rec: &DebuggingRecorder) -> Vec<(String, String, u64)> {
+        rec.snapshotter()
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(k, _, _, v)| match v {
+                DebugValue::Counter(n) => {
+                    let path = k.key().labels().find(|l| l.key() == "path")?;
+                    Some((k.key().name().to_string(), path.value().to_string(), n))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn files_are_reloaded_only_when_their_bytes_change_and_load() {
+        let pki = Pki::new();
+        let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+        let (c1, k1) = pki.leaf();
+        std::fs::write(&cert, &c1).unwrap();
+        std::fs::write(&key, &k1).unwrap();
+        let settings = ClientTlsSettings {
+            ca_file: Some(pki.path("ca.pem")),
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+            ..Default::default()
+        };
+        let rec = DebuggingRecorder::new();
+        // Counters accumulate: the snapshot is taken once, at the end.
+        metrics::with_local_recorder(&rec, || {
+            let tls = ReloadingTls::new("otlp/t", settings, ALPN_H2).unwrap();
+            let first = tls.current();
+            assert!(Arc::ptr_eq(&first, &tls.current()), "unchanged files");
+            assert_eq!(first.alpn_protocols, vec![ALPN_H2.to_vec()]);
+
+            // A new pair: a new config, kept while the files stay as they are.
+            let (c2, k2) = pki.leaf();
+            std::fs::write(&key, &k2).unwrap();
+            std::fs::write(&cert, &c2).unwrap();
+            let second = tls.current();
+            assert!(!Arc::ptr_eq(&first, &second));
+            assert!(Arc::ptr_eq(&second, &tls.current()));
+
+            // A certificate caught half-written, then a key that does not match its
+            // certificate, then a CA file gone: each keeps the working config.
+            std::fs::write(&cert, &c2[..c2.len() / 2]).unwrap();
+            assert!(Arc::ptr_eq(&second, &tls.current()));
+            assert!(
+                Arc::ptr_eq(&second, &tls.current()),
+                "tried once per change"
+            );
+            std::fs::write(&cert, &c1).unwrap();
+            assert!(Arc::ptr_eq(&second, &tls.current()), "c1 with k2");
+            std::fs::write(&cert, &c2).unwrap();
+            std::fs::rename(pki.path("ca.pem"), pki.path("ca.old")).unwrap();
+            assert!(Arc::ptr_eq(&second, &tls.current()), "no CA file");
+            // Back to the bytes in use: nothing to rebuild.
+            std::fs::rename(pki.path("ca.old"), pki.path("ca.pem")).unwrap();
+            assert!(Arc::ptr_eq(&second, &tls.current()));
+        });
+        let mut got = counters(&rec);
+        got.sort();
+        let path = cert.display().to_string();
+        assert_eq!(
+            got,
+            [
+                (TLS_RELOAD_FAILURES.to_string(), path.clone(), 3),
+                (TLS_RELOADS.to_string(), path, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_broken_file_fails_the_start_with_its_path() {
+        let pki = Pki::new();
+        let key = pki.path("client.key");
+        std::fs::write(&key, "not a key").unwrap();
+        let (c, _) = pki.leaf();
+        std::fs::write(pki.path("client.pem"), c).unwrap();
+        let settings = ClientTlsSettings {
+            ca_file: Some(pki.path("ca.pem")),
+            cert_file: Some(pki.path("client.pem")),
+            key_file: Some(key),
+            ..Default::default()
+        };
+        let e = ReloadingTls::new("otlp/t", settings, ALPN_H2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("client.key"), "{e}");
+    }
+}
