@@ -211,6 +211,9 @@ impl ReloadingTls {
     }
 
     /// The config for a new connection: rebuilt first when the files changed since it was.
+    ///
+    /// Reads the files on the calling (runtime) thread: a few kilobytes, once per connection,
+    /// which is less than moving the work to the blocking pool would cost.
     pub fn current(&self) -> Arc<ClientConfig> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let files = read_files(&self.settings);
