@@ -11,6 +11,8 @@ use bytes::{BufMut, Bytes};
 pub enum WireError {
     #[error("truncated varint at byte {0}")]
     TruncatedVarint(usize),
+    #[error("varint at byte {0} overflows 64 bits")]
+    VarintOverflow(usize),
     #[error("field {field} at byte {at}: length {len} runs past the end of the message ({remaining} bytes left)")]
     TruncatedField {
         field: u32,
@@ -93,6 +95,10 @@ impl<'a> Reader<'a> {
                 return Err(WireError::TruncatedVarint(start));
             };
             self.pos += 1;
+            // The tenth byte holds bit 63 alone; more is an overflow, which decoders refuse.
+            if shift == 9 && b > 1 {
+                return Err(WireError::VarintOverflow(start));
+            }
             out |= ((b & 0x7f) as u64) << (shift * 7);
             if b < 0x80 {
                 return Ok(out);
@@ -258,5 +264,18 @@ mod tests {
             Reader::new(&b).next_field(),
             Some(Err(WireError::BadWireType { .. }))
         ));
+        // Ten bytes whose last sets bits past 63.
+        let mut b = vec![0x08];
+        b.extend([0xff; 9]);
+        b.push(0x02);
+        assert!(matches!(
+            Reader::new(&b).next_field(),
+            Some(Err(WireError::VarintOverflow(1)))
+        ));
+        b[10] = 0x01;
+        assert_eq!(
+            Reader::new(&b).next_field().map(|r| r.map(|(_, v, _)| v)),
+            Some(Ok(Value::Varint(u64::MAX)))
+        );
     }
 }
