@@ -11,9 +11,19 @@
 //! 1.0 with exemplars (`# {trace_id="...",span_id="..."} value timestamp`), unless
 //! `enable_open_metrics: false`.
 //!
+//! With a `tls` block (the receivers' [`ServerTlsSettings`]: `cert_file`, `key_file`,
+//! `client_ca_file` for mTLS, `reload_interval`, `handshake_timeout`) `/metrics` is served over
+//! HTTPS only. The files are loaded at build, so a missing or broken one stops the start-up with
+//! its key (`tls.cert_file`, ...); they are read again every `reload_interval` at the next
+//! handshake, and a rotation that does not load keeps the previous certificate. Each handshake
+//! runs in the connection's own task, bounded by `handshake_timeout` and, in number, by
+//! [`MAX_PENDING_HANDSHAKES`], so a stalled or plaintext client never holds the accept loop; a
+//! failed one is counted ([`TLS_HANDSHAKE_FAILURES`]) and the listener goes on.
+//!
 //! # Layout
 //! The pure part ([`render`], [`series_name`], [`label_set`]) is shared with
-//! `prometheus_remote_write`; the server is a plain hyper HTTP/1 loop on a socket bound at build.
+//! `prometheus_remote_write`; the server is a plain hyper HTTP/1 loop on a socket bound at build,
+//! over TCP or over TLS.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,8 +39,10 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::red::{sanitize_name, RedRegistry, SeriesSnapshot, SetSnapshot};
+use tailweave_core::tls::{ServerTls, ServerTlsSettings, ALPN_HTTP1};
 use tailweave_core::{ComponentError, SpanBatch, TraceId};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::RunningExporter;
@@ -42,6 +54,12 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Scrapes answered.
 pub const SCRAPES: &str = "tailweave_prometheus_exporter_scrapes_total";
+/// Counter (`exporter`, `reason`: `timeout` or `error`): TLS handshakes on the scrape port that
+/// failed (plaintext scrapers, missing or untrusted client certificates, stalled clients).
+pub const TLS_HANDSHAKE_FAILURES: &str = "tailweave_exporter_tls_handshake_failures_total";
+/// Handshakes in progress at once, at most; at the bound the loop stops accepting and the
+/// kernel's backlog holds further scrapers. A scrape port sees a handful of scrapers, not fleets.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Batches the input holds before the pipeline waits; the input task only reads trace ids.
 const INPUT_CAPACITY: usize = 64;
 
@@ -56,6 +74,10 @@ pub struct PrometheusExporterConfig {
     pub const_labels: BTreeMap<String, String>,
     /// Answer OpenMetrics with exemplars when the scraper asks for it. Default `true`.
     pub enable_open_metrics: bool,
+    /// Serve `/metrics` over HTTPS with this certificate (`cert_file`, `key_file`, optional
+    /// `client_ca_file` for mTLS, `reload_interval`, `handshake_timeout`), as the receivers do.
+    /// Default none: plain HTTP.
+    pub tls: Option<ServerTlsSettings>,
 }
 
 impl Default for PrometheusExporterConfig {
@@ -65,6 +87,7 @@ impl Default for PrometheusExporterConfig {
             namespace: String::new(),
             const_labels: BTreeMap::new(),
             enable_open_metrics: true,
+            tls: None,
         }
     }
 }
@@ -114,7 +137,26 @@ impl PrometheusExporterConfig {
         let mut out = Vec::new();
         out.extend(check_host_port("endpoint", &self.endpoint));
         out.extend(check_label_names("const_labels", &self.const_labels));
+        if let Some(t) = &self.tls {
+            out.extend(t.validate("tls"));
+        }
         out
+    }
+
+    /// Loads the certificate files, reporting a missing one with its key first (the loader's
+    /// own error names only the path).
+    fn load_tls(&self, id: &str) -> Result<Option<Arc<ServerTls>>, ComponentError> {
+        let Some(t) = &self.tls else {
+            return Ok(None);
+        };
+        let missing = t.check_files("tls");
+        if !missing.is_empty() {
+            let all: Vec<String> = missing.iter().map(|i| i.to_string()).collect();
+            return Err(ComponentError::build(id, all.join("; ")));
+        }
+        ServerTls::new(t.clone(), &[ALPN_HTTP1])
+            .map(|t| Some(Arc::new(t)))
+            .map_err(|e| ComponentError::build(id, format!("tls: {e}")))
     }
 
     /// The listening address, so the self-filter recognises scrapes of it.
@@ -141,6 +183,8 @@ impl PrometheusExporterConfig {
             let all: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
             return Err(ComponentError::build(&ctx.id, all.join("; ")));
         }
+        // Before binding: a bad certificate must not leave a half-started listener behind.
+        let tls = self.load_tls(&ctx.id)?;
         let addr = self.endpoint.trim().to_string();
         let bind_err = |source| ComponentError::Bind {
             component: ctx.id.clone(),
@@ -151,25 +195,25 @@ impl PrometheusExporterConfig {
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let local = std_listener.local_addr().map_err(bind_err)?;
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?;
-        tracing::info!(exporter = %ctx.id, addr = %local, "serving span metrics on /metrics");
+        tracing::info!(exporter = %ctx.id, addr = %local, tls = tls.is_some(),
+            "serving span metrics on /metrics");
 
-        let opts = Arc::new(RenderOptions {
+        let opts = RenderOptions {
             namespace: sanitize_name(&self.namespace),
             const_labels: self
                 .const_labels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+        };
+        let scrape = Arc::new(Scrape {
+            registry: registry.clone(),
+            opts,
+            open_metrics: self.enable_open_metrics,
+            id: ctx.id.clone(),
         });
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            registry.clone(),
-            opts,
-            self.enable_open_metrics,
-            ctx.id.clone(),
-            stop.clone(),
-        ));
+        let server = tokio::spawn(serve(listener, tls, scrape, stop.clone()));
         let (tx, rx) = mpsc::channel::<SpanBatch>(INPUT_CAPACITY);
         let done = tokio::spawn(async move {
             note_kept(rx, &registry).await;
@@ -192,44 +236,95 @@ pub(crate) async fn note_kept(mut rx: mpsc::Receiver<SpanBatch>, registry: &RedR
     }
 }
 
-async fn serve(
-    listener: tokio::net::TcpListener,
+/// What every connection needs to answer a scrape.
+struct Scrape {
     registry: Arc<RedRegistry>,
-    opts: Arc<RenderOptions>,
+    opts: RenderOptions,
     open_metrics: bool,
     id: String,
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    scrape: Arc<Scrape>,
     stop: CancellationToken,
 ) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
+        let permit = match &tls {
+            None => None,
+            Some(_) => tokio::select! {
+                _ = stop.cancelled() => break,
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+            },
+        };
         let conn = tokio::select! {
             _ = stop.cancelled() => break,
             c = listener.accept() => c,
         };
-        let (stream, _) = match conn {
+        let (stream, peer) = match conn {
             Ok(c) => c,
             Err(e) => {
                 // Accept errors (too many open files) are transient; keep serving.
-                tracing::warn!(exporter = %id, error = %e, "accept failed");
+                tracing::warn!(exporter = %scrape.id, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let registry = registry.clone();
-        let opts = opts.clone();
-        let id = id.clone();
-        let stop = stop.clone();
+        let (tls, scrape, stop) = (tls.clone(), scrape.clone(), stop.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = answer(&req, &registry, &opts, open_metrics, &id);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
+            let Some(tls) = tls else {
+                return serve_connection(stream, scrape, stop).await;
+            };
+            let handshake = tokio::select! {
+                _ = stop.cancelled() => return,
+                h = tls.accept(stream) => h,
+            };
+            drop(permit);
+            match handshake {
+                Ok(s) => serve_connection(s, scrape, stop).await,
+                Err(e) => {
+                    let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+                        "timeout"
+                    } else {
+                        "error"
+                    };
+                    metrics::counter!(TLS_HANDSHAKE_FAILURES,
+                        "exporter" => scrape.id.clone(), "reason" => reason)
+                    .increment(1);
+                    // Debug, not warn: a port scanner must not flood the log.
+                    tracing::debug!(exporter = %scrape.id, %peer, error = %e,
+                        "TLS handshake failed");
+                }
             }
         });
+    }
+}
+
+/// Answers the scrapes of one connection (plain or decrypted) until it closes or the exporter
+/// stops.
+async fn serve_connection<IO>(io: IO, scrape: Arc<Scrape>, stop: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let resp = answer(
+            &req,
+            &scrape.registry,
+            &scrape.opts,
+            scrape.open_metrics,
+            &scrape.id,
+        );
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = stop.cancelled() => {}
     }
 }
 
@@ -520,26 +615,47 @@ mod tests {
         assert!(ok.validate().is_empty());
     }
 
-    async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (u16, String, String) {
+    /// One `GET` over an open stream; `Err` when the server closed it without an answer.
+    async fn get_over<S>(
+        mut s: S,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<(u16, String, String), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
         if let Some(a) = accept {
             req.push_str(&format!("Accept: {a}\r\n"));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
+        // TLS 1.3 reports a refused client certificate only at the first read.
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("no HTTP answer: {text:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status in {head:?}"))?;
         let ctype = head
             .lines()
             .find_map(|l| l.strip_prefix("content-type: "))
             .unwrap_or("")
             .to_string();
-        (status, ctype, body.to_string())
+        Ok((status, ctype, body.to_string()))
+    }
+
+    async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (u16, String, String) {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_over(s, path, accept).await.unwrap()
     }
 
     #[tokio::test]
@@ -591,5 +707,344 @@ mod tests {
         running.done.await.unwrap();
         // The listener is gone once the exporter is done.
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    mod tls {
+        use super::*;
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        use std::path::PathBuf;
+        use tailweave_core::tls::tokio_rustls::TlsConnector;
+        use tailweave_core::tls::ClientTlsSettings;
+
+        /// A CA and the PEM files of the leaves it signs, in a tempdir.
+        struct Pki {
+            dir: tempfile::TempDir,
+            ca: Issuer<'static, KeyPair>,
+        }
+
+        impl Pki {
+            fn new(name: &str) -> Pki {
+                let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                params.distinguished_name.push(DnType::CommonName, name);
+                let key = KeyPair::generate().unwrap();
+                let cert = params.self_signed(&key).unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+                Pki {
+                    dir,
+                    ca: Issuer::new(params, key),
+                }
+            }
+
+            fn path(&self, f: &str) -> PathBuf {
+                self.dir.path().join(f)
+            }
+
+            fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+                let params =
+                    CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                        .unwrap();
+                let key = KeyPair::generate().unwrap();
+                let cert = params.signed_by(&key, &self.ca).unwrap();
+                let (c, k) = (
+                    self.path(&format!("{stem}.pem")),
+                    self.path(&format!("{stem}.key")),
+                );
+                std::fs::write(&c, cert.pem()).unwrap();
+                std::fs::write(&k, key.serialize_pem()).unwrap();
+                (c, k)
+            }
+
+            fn trusted_by_client(&self) -> ClientTlsSettings {
+                ClientTlsSettings {
+                    ca_file: Some(self.path("ca.pem")),
+                    ..Default::default()
+                }
+            }
+        }
+
+        fn start(reg: Arc<RedRegistry>, tls: ServerTlsSettings) -> (RunningExporter, SocketAddr) {
+            let cfg = PrometheusExporterConfig {
+                endpoint: "127.0.0.1:0".into(),
+                tls: Some(tls),
+                ..Default::default()
+            };
+            let ctx = BuildContext {
+                id: "prometheus/tls".into(),
+                ..Default::default()
+            };
+            cfg.build_with(&ctx, reg).unwrap()
+        }
+
+        /// `/metrics` over HTTPS as `client` sees it.
+        async fn https_get(
+            addr: SocketAddr,
+            client: &ClientTlsSettings,
+        ) -> Result<(u16, String, String), String> {
+            let cfg = client
+                .client_config(&[ALPN_HTTP1])
+                .map_err(|e| e.to_string())?;
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = client.server_name("localhost").map_err(|e| e.to_string())?;
+            let s = TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            get_over(s, "/metrics", None).await
+        }
+
+        fn failures(snap: &Snapshotter, reason: &str) -> u64 {
+            snap.snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(k, _, _, _)| {
+                    let key = k.key();
+                    key.name() == TLS_HANDSHAKE_FAILURES
+                        && key
+                            .labels()
+                            .any(|l| l.key() == "exporter" && l.value() == "prometheus/tls")
+                        && key
+                            .labels()
+                            .any(|l| l.key() == "reason" && l.value() == reason)
+                })
+                .map(|(_, _, _, v)| match v {
+                    DebugValue::Counter(n) => n,
+                    _ => 0,
+                })
+                .sum()
+        }
+
+        /// Polls the failure count until `total` reaches `want`, for a bounded number of
+        /// rounds: the count is made in the server's connection task. A snapshot drains the
+        /// recorder's counters, so `total` adds them up across calls.
+        async fn wait_failures(snap: &Snapshotter, total: &mut u64, want: u64) {
+            for _ in 0..500 {
+                *total += failures(snap, "error");
+                if *total >= want {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(*total, want, "handshake failures counted");
+        }
+
+        // A current-thread runtime (the default of `tokio::test`): every task of the exporter
+        // records on this thread, into this test's recorder.
+        #[tokio::test]
+        async fn https_scrape_is_served_and_a_plaintext_one_refused_without_stopping() {
+            let recorder = DebuggingRecorder::new();
+            let snap = recorder.snapshotter();
+            let _guard = metrics::set_default_local_recorder(&recorder);
+            let pki = Pki::new("scrape ca");
+            let (c, k) = pki.leaf("server", &["localhost"]);
+            let (running, addr) = start(registry(), ServerTlsSettings::new(c, k));
+
+            let (st, ctype, body) = https_get(addr, &pki.trusted_by_client()).await.unwrap();
+            assert_eq!((st, ctype.as_str()), (200, TEXT_CONTENT_TYPE));
+            assert!(body.contains("traces_span_metrics_calls_total{"), "{body}");
+            let mut total = 0;
+            wait_failures(&snap, &mut total, 0).await;
+
+            // Plaintext to the TLS port: read as a bad ClientHello, closed without an answer.
+            let plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let e = get_over(plain, "/metrics", None).await.unwrap_err();
+            assert!(!e.contains("traces_span_metrics"), "{e}");
+            wait_failures(&snap, &mut total, 1).await;
+
+            // A scraper that trusts another CA refuses the server; that is a failure too.
+            let other = Pki::new("other ca");
+            let e = https_get(addr, &other.trusted_by_client())
+                .await
+                .unwrap_err();
+            assert!(
+                e.contains("certificate") || e.contains("Certificate"),
+                "{e}"
+            );
+            wait_failures(&snap, &mut total, 2).await;
+
+            // The listener kept serving.
+            let (st, _, body) = https_get(addr, &pki.trusted_by_client()).await.unwrap();
+            assert_eq!(st, 200);
+            assert!(body.contains("traces_span_metrics_duration_milliseconds_bucket{"));
+
+            drop(running.input);
+            running.done.await.unwrap();
+            assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        }
+
+        #[tokio::test]
+        async fn mtls_refuses_a_scraper_without_a_good_client_certificate() {
+            let pki = Pki::new("scrape ca");
+            let (c, k) = pki.leaf("server", &["localhost"]);
+            let (cc, ck) = pki.leaf("scraper", &["scraper"]);
+            let mut settings = ServerTlsSettings::new(c, k);
+            settings.client_ca_file = Some(pki.path("ca.pem"));
+            let (running, addr) = start(registry(), settings);
+
+            let e = https_get(addr, &pki.trusted_by_client()).await.unwrap_err();
+            assert!(
+                e.contains("certificate") || e.contains("Certificate"),
+                "{e}"
+            );
+
+            let other = Pki::new("other ca");
+            let (oc, ok) = other.leaf("scraper", &["scraper"]);
+            let foreign = ClientTlsSettings {
+                cert_file: Some(oc),
+                key_file: Some(ok),
+                ..pki.trusted_by_client()
+            };
+            assert!(https_get(addr, &foreign).await.is_err());
+
+            let good = ClientTlsSettings {
+                cert_file: Some(cc),
+                key_file: Some(ck),
+                ..pki.trusted_by_client()
+            };
+            let (st, _, body) = https_get(addr, &good).await.unwrap();
+            assert_eq!(st, 200);
+            assert!(body.contains("traces_span_metrics_calls_total{"), "{body}");
+            drop(running.input);
+            running.done.await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_rotated_certificate_is_served_after_reload_interval() {
+            let old = Pki::new("old ca");
+            let (c, k) = old.leaf("server", &["localhost"]);
+            let mut settings = ServerTlsSettings::new(&c, &k);
+            // The shortest interval there is: every handshake after a millisecond re-reads.
+            settings.reload_interval = std::time::Duration::from_millis(1);
+            let (running, addr) = start(registry(), settings);
+            assert_eq!(
+                https_get(addr, &old.trusted_by_client()).await.unwrap().0,
+                200
+            );
+            let new = Pki::new("new ca");
+            assert!(https_get(addr, &new.trusted_by_client()).await.is_err());
+
+            // Rotate in place. A handshake between the two copies sees a mismatched pair, keeps
+            // the old certificate and re-reads at a later one.
+            let (nc, nk) = new.leaf("server", &["localhost"]);
+            std::fs::copy(&nc, &c).unwrap();
+            std::fs::copy(&nk, &k).unwrap();
+            let mut served = false;
+            for _ in 0..500 {
+                if https_get(addr, &new.trusted_by_client()).await.is_ok() {
+                    served = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(served, "the rotated certificate was never served");
+            assert!(https_get(addr, &old.trusted_by_client()).await.is_err());
+
+            // A broken rotation keeps the working certificate.
+            std::fs::write(&k, "not a key").unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            assert_eq!(
+                https_get(addr, &new.trusted_by_client()).await.unwrap().0,
+                200
+            );
+            drop(running.input);
+            running.done.await.unwrap();
+        }
+
+        #[test]
+        fn tls_settings_are_validated_with_their_keys() {
+            let cfg = |yaml: &str| -> PrometheusExporterConfig {
+                tailweave_core::config::parse(serde_yaml::from_str(yaml).unwrap()).unwrap()
+            };
+            let paths = |c: &PrometheusExporterConfig| -> Vec<String> {
+                c.validate().into_iter().map(|i| i.path).collect()
+            };
+            assert_eq!(
+                paths(&cfg("{endpoint: '127.0.0.1:0', tls: {cert_file: c.pem}}")),
+                ["tls.key_file"]
+            );
+            assert_eq!(
+                paths(&cfg("{endpoint: '127.0.0.1:0', tls: {key_file: k.pem}}")),
+                ["tls.cert_file"]
+            );
+            assert_eq!(
+                paths(&cfg(
+                    "{endpoint: x, tls: {cert_file: '', key_file: k, client_ca_file: '', handshake_timeout: 0s}}"
+                )),
+                [
+                    "endpoint",
+                    "tls.cert_file",
+                    "tls.client_ca_file",
+                    "tls.handshake_timeout"
+                ]
+            );
+            let full = cfg(
+                "{endpoint: '127.0.0.1:0', tls: {cert_file: c, key_file: k, client_ca_file: ca, reload_interval: 1m}}",
+            );
+            assert!(paths(&full).is_empty());
+            let tls = full.tls.unwrap();
+            assert_eq!(tls.reload_interval, std::time::Duration::from_secs(60));
+            assert_eq!(tls.client_ca_file, Some(PathBuf::from("ca")));
+            // Without a tls block: plain HTTP, nothing to check.
+            assert!(cfg("{endpoint: '127.0.0.1:0'}").tls.is_none());
+            // Unknown keys in the block are refused.
+            assert!(tailweave_core::config::parse::<PrometheusExporterConfig>(
+                serde_yaml::from_str(
+                    "{endpoint: '127.0.0.1:0', tls: {cert_file: c, key_file: k, ca_file: x}}"
+                )
+                .unwrap()
+            )
+            .is_err());
+        }
+
+        #[tokio::test]
+        async fn bad_certificate_files_fail_the_build_with_their_key() {
+            let pki = Pki::new("ca");
+            let (c, k) = pki.leaf("server", &["localhost"]);
+            let ctx = BuildContext {
+                id: "prometheus".into(),
+                ..Default::default()
+            };
+            let build = |tls: ServerTlsSettings| {
+                PrometheusExporterConfig {
+                    endpoint: "127.0.0.1:0".into(),
+                    tls: Some(tls),
+                    ..Default::default()
+                }
+                .build_with(&ctx, registry())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+            };
+            let e = build(ServerTlsSettings::new(pki.path("missing.pem"), &k));
+            assert!(
+                e.contains("tls.cert_file") && e.contains("missing.pem"),
+                "{e}"
+            );
+            let e = build(ServerTlsSettings::new(&c, pki.path("missing.key")));
+            assert!(
+                e.contains("tls.key_file") && e.contains("missing.key"),
+                "{e}"
+            );
+            let mut with_ca = ServerTlsSettings::new(&c, &k);
+            with_ca.client_ca_file = Some(pki.path("missing-ca.pem"));
+            let e = build(with_ca);
+            assert!(e.contains("tls.client_ca_file"), "{e}");
+            // The files are there but the key file holds a certificate.
+            let e = build(ServerTlsSettings::new(&c, &c));
+            assert!(
+                e.starts_with("prometheus: tls:") && e.contains("private key"),
+                "{e}"
+            );
+            // A settings problem fails the build before any file is read.
+            let e = build(ServerTlsSettings {
+                key_file: None,
+                ..ServerTlsSettings::new(&c, &k)
+            });
+            assert!(e.contains("tls.key_file"), "{e}");
+        }
     }
 }
