@@ -877,6 +877,56 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_stalled_handshake_holds_only_its_own_connection_and_times_out() {
+            let recorder = DebuggingRecorder::new();
+            let snap = recorder.snapshotter();
+            let _guard = metrics::set_default_local_recorder(&recorder);
+            let pki = Pki::new("scrape ca");
+            let (c, k) = pki.leaf("server", &["localhost"]);
+
+            // A client that connects and never says hello, under the default 10s bound: were
+            // the handshake run by the accept loop, the scrape would wait for it; the generous
+            // deadline only turns that hang into a failure.
+            let (running, addr) = start(registry(), ServerTlsSettings::new(&c, &k));
+            let _stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let client = pki.trusted_by_client();
+            let scrape = https_get(addr, &client);
+            let (st, _, _) = tokio::time::timeout(std::time::Duration::from_secs(8), scrape)
+                .await
+                .expect("the scrape waited for the stalled handshake")
+                .unwrap();
+            assert_eq!(st, 200);
+            drop(running.input);
+            running.done.await.unwrap();
+
+            // Under a short bound the server drops the stalled client and counts it as such.
+            let mut settings = ServerTlsSettings::new(&c, &k);
+            settings.handshake_timeout = std::time::Duration::from_millis(100);
+            let (running, addr) = start(registry(), settings);
+            let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::new();
+            let _ = stalled.read_to_end(&mut buf).await;
+            assert!(buf.is_empty(), "{buf:?}");
+            let mut timeouts = 0;
+            for _ in 0..500 {
+                timeouts += failures(&snap, "timeout");
+                if timeouts > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(timeouts, 1);
+            assert_eq!(failures(&snap, "error"), 0);
+            assert_eq!(
+                https_get(addr, &pki.trusted_by_client()).await.unwrap().0,
+                200
+            );
+            drop(running.input);
+            running.done.await.unwrap();
+        }
+
+        #[tokio::test]
         async fn mtls_refuses_a_scraper_without_a_good_client_certificate() {
             let pki = Pki::new("scrape ca");
             let (c, k) = pki.leaf("server", &["localhost"]);
