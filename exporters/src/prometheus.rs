@@ -35,7 +35,10 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+/// Longest a connection may take to send its request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 use serde::Deserialize;
 use tailweave_core::config::{BuildContext, ConfigIssue};
 use tailweave_core::red::{sanitize_name, RedRegistry, SeriesSnapshot, SetSnapshot};
@@ -138,7 +141,13 @@ impl PrometheusExporterConfig {
         out.extend(check_host_port("endpoint", &self.endpoint));
         out.extend(check_label_names("const_labels", &self.const_labels));
         if let Some(t) = &self.tls {
-            out.extend(t.validate("tls"));
+            // The settings, then (when they are complete) whether the files are there, as the
+            // receivers do: a missing certificate is the likely mistake, and `validate` catches it.
+            let found = t.validate("tls");
+            if found.is_empty() {
+                out.extend(t.check_files("tls"));
+            }
+            out.extend(found);
         }
         out
     }
@@ -321,7 +330,12 @@ where
         );
         async move { Ok::<_, Infallible>(resp) }
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    // A scraper that connects and then sends its request slowly holds a task, not the listener;
+    // the header-read timeout bounds it.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc);
     tokio::select! {
         _ = conn => {}
         _ = stop.cancelled() => {}
@@ -1034,7 +1048,11 @@ mod tests {
             let full = cfg(
                 "{endpoint: '127.0.0.1:0', tls: {cert_file: c, key_file: k, client_ca_file: ca, reload_interval: 1m}}",
             );
-            assert!(paths(&full).is_empty());
+            // Complete settings: `validate` then checks the files, which are not there.
+            assert_eq!(
+                paths(&full),
+                ["tls.cert_file", "tls.key_file", "tls.client_ca_file"]
+            );
             let tls = full.tls.unwrap();
             assert_eq!(tls.reload_interval, std::time::Duration::from_secs(60));
             assert_eq!(tls.client_ca_file, Some(PathBuf::from("ca")));
