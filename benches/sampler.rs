@@ -220,7 +220,7 @@ fn report_memory(_c: &mut Criterion) {
     println!(
         "tail_sampling memory: {} traces, {} spans held, {} bytes held = {:.1} bytes/span; \
          encoded span bytes {:.1}/span; {:.2} bytes held per encoded byte \
-         (shared resources/scopes not counted; size_of::<Span>() = {})",
+         (the shared copies of resources/scopes included; size_of::<Span>() = {})",
         s.traces_held(),
         spans,
         bytes,
