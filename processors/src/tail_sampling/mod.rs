@@ -278,6 +278,9 @@ pub struct TailSampling {
     runs: Vec<(u32, u32, Fate)>,
     seen: hashbrown::HashSet<TraceId>,
     storage: Option<Storage>,
+    /// Deciding needs the spans themselves (a policy reads attributes or trace state, or the
+    /// tenant comes from a resource), not only the trace's summary.
+    votes_on_spans: bool,
     /// With `storage`: emitted batches of kept spans downstream has not taken yet.
     inflight: Vec<Inflight>,
     /// Kept spans read back from the log that downstream never took: sent again first.
@@ -350,6 +353,7 @@ impl TailSampling {
         }
         let expected = (cfg.expected_new_traces_per_sec as f64 * cfg.decision_wait.as_secs_f64())
             .min(cfg.num_traces as f64) as usize;
+        let votes_on_spans = cfg.tenant_key.is_some() || sets.iter().any(|s| s.reads_spans);
         let stats = TailSamplingStats {
             per_policy: vec![PolicyCounts::default(); names.len()],
             ..Default::default()
@@ -388,6 +392,7 @@ impl TailSampling {
             runs: Vec::new(),
             seen: hashbrown::HashSet::new(),
             storage: None,
+            votes_on_spans,
             inflight: Vec::new(),
             replay_out: Vec::new(),
             scopes: Scopes::new(MAX_SHARED_SCOPES),
@@ -691,13 +696,25 @@ impl TailSampling {
             return;
         };
         self.span_bytes -= t.bytes;
-        self.spans_held -= t.spans.len();
-        let (spans, failed) = t.spans.into_spans();
-        if failed > 0 {
-            self.stats.unpack_failed += failed as u64;
-            tracing::error!(processor = %self.id, trace = %id, spans = failed, "held spans no longer parse; lost");
-        }
-        if let Some((policy, adjusted)) = self.judge(now, id, &spans, t.summary, t.first, why) {
+        let count = t.spans.len();
+        self.spans_held -= count;
+        // The spans are parsed again only when a policy (or the tenant lookup) reads them, or
+        // when the trace is kept: most traces are dropped on their summary alone.
+        let unpack = |me: &mut Self, p: Packed| {
+            let (spans, failed) = p.into_spans();
+            if failed > 0 {
+                me.stats.unpack_failed += failed as u64;
+                tracing::error!(processor = %me.id, trace = %id, spans = failed, "held spans no longer parse; lost");
+            }
+            spans
+        };
+        if self.votes_on_spans {
+            let spans = unpack(self, t.spans);
+            if let Some((policy, adjusted)) = self.judge(now, id, &spans, t.summary, t.first, why) {
+                self.keep(policy, adjusted, spans);
+            }
+        } else if let Some((policy, adjusted)) = self.judge(now, id, &[], t.summary, t.first, why) {
+            let spans = unpack(self, t.spans);
             self.keep(policy, adjusted, spans);
         }
     }
@@ -724,14 +741,16 @@ impl TailSampling {
         first: Instant,
         why: Trigger,
     ) -> Option<(u32, f64)> {
+        let count = summary.spans as usize;
         let set = self.tenant_set(spans);
         let view = TraceView {
             trace_id: *id,
             spans,
+            count,
             summary,
         };
         let outcome = self.sets[set].decide(&view, &Ctx { now });
-        let n = spans.len() as u64;
+        let n = count as u64;
         self.stats.decided_by[why as usize] += 1;
         if self.latencies.len() < MAX_LATENCY_SAMPLES {
             self.latencies

@@ -21,6 +21,8 @@ pub(crate) struct Summary {
     pub max_end: u64,
     /// Bit per effective status (`status_bit`): a timed-out eBPF call counts as ERROR.
     pub status_mask: u8,
+    /// Spans added.
+    pub spans: u32,
 }
 
 impl Default for Summary {
@@ -29,6 +31,7 @@ impl Default for Summary {
             min_start: u64::MAX,
             max_end: 0,
             status_mask: 0,
+            spans: 0,
         }
     }
 }
@@ -39,6 +42,7 @@ impl Summary {
         self.min_start = self.min_start.min(s.start_ns);
         self.max_end = self.max_end.max(s.end_ns);
         self.status_mask |= status_bit(effective_status(s));
+        self.spans = self.spans.saturating_add(1);
     }
 
     pub fn duration_ms(&self) -> i64 {
@@ -68,7 +72,11 @@ fn status_bit(s: StatusCode) -> u8 {
 /// One trace as the policies see it.
 pub(crate) struct TraceView<'a> {
     pub trace_id: TraceId,
+    /// The spans, for the policies that read them ([`PolicySet::reads_spans`]); may be empty
+    /// for a set that does not.
     pub spans: &'a [Span],
+    /// How many spans the trace has.
+    pub count: usize,
     pub summary: Summary,
 }
 
@@ -340,6 +348,25 @@ impl Eval {
         }
     }
 
+    /// Whether the vote looks at the spans themselves (attributes, trace state), not only at
+    /// the trace's summary, id and span count.
+    fn reads_spans(&self) -> bool {
+        match self {
+            Eval::Numeric { .. } | Eval::Str(_) | Eval::Bool { .. } | Eval::TraceState { .. } => {
+                true
+            }
+            Eval::Always
+            | Eval::Latency { .. }
+            | Eval::Probabilistic(_)
+            | Eval::Status { .. }
+            | Eval::Rate(_)
+            | Eval::SpanCount { .. } => false,
+            Eval::And(subs) | Eval::Drop(subs) => subs.iter().any(Eval::reads_spans),
+            Eval::Not(sub) => sub.reads_spans(),
+            Eval::Composite(c) => c.subs.iter().any(|(e, _)| e.reads_spans()),
+        }
+    }
+
     pub fn vote(&mut self, t: &TraceView<'_>, ctx: &Ctx) -> Vote {
         match self {
             Eval::Always => Vote::Sampled { adjusted: 1.0 },
@@ -393,7 +420,7 @@ impl Eval {
             }
             Eval::Rate(w) => {
                 w.roll(ctx.now);
-                let n = t.spans.len() as u64;
+                let n = t.count as u64;
                 if w.has_room(n) {
                     w.used += n;
                     Vote::Sampled { adjusted: 1.0 }
@@ -402,7 +429,7 @@ impl Eval {
                 }
             }
             Eval::SpanCount { min, max } => {
-                let n = t.spans.len() as u64;
+                let n = t.count as u64;
                 flip(n >= *min && (*max == 0 || n <= *max), false)
             }
             Eval::TraceState { key, values } => {
@@ -436,7 +463,7 @@ impl Eval {
             }
             Eval::Composite(c) => {
                 c.total.roll(ctx.now);
-                let n = t.spans.len() as u64;
+                let n = t.count as u64;
                 for (sub, budget) in c.subs.iter_mut() {
                     budget.roll(ctx.now);
                     if let Vote::Sampled { .. } = sub.vote(t, ctx) {
@@ -520,6 +547,8 @@ pub(crate) struct PolicySet {
     /// Drop policies first: a matching drop ends the evaluation.
     pub policies: Vec<Policy>,
     pub first_match: bool,
+    /// Some policy reads the spans themselves (see `Eval::reads_spans`).
+    pub reads_spans: bool,
 }
 
 /// The outcome of a set's vote.
@@ -552,6 +581,7 @@ impl PolicySet {
         // Stable: drops first, each group in config order.
         out.sort_by_key(|p| !p.is_drop);
         PolicySet {
+            reads_spans: out.iter().any(|p| p.eval.reads_spans()),
             policies: out,
             first_match,
         }

@@ -1068,6 +1068,31 @@ fn held_traces_release_their_request_buffers_and_share_resources() {
     assert_eq!(r.p.buffered_bytes(), 0);
 }
 
+#[test]
+fn only_policies_that_read_spans_make_a_decision_unpack_them() {
+    assert!(!sampler(MISSION).votes_on_spans);
+    assert!(
+        !sampler("policies: [{name: n, type: span_count, span_count: {min_spans: 2}}]")
+            .votes_on_spans
+    );
+    for yaml in [
+        "policies: [{name: s, type: string_attribute, string_attribute: {key: k, values: [v]}}]",
+        "policies: [{name: n, type: not, not: {not_sub_policy: {name: t, type: trace_state, trace_state: {key: a, values: [b]}}}}]",
+        "tenant_key: tenant\npolicies: [{name: all, type: always_sample}]",
+    ] {
+        assert!(sampler(yaml).votes_on_spans, "{yaml}");
+    }
+    // Decided on the summary alone, a kept trace still goes out whole and a dropped one is
+    // counted with all its spans.
+    let mut r = Run::new("policies: [{name: n, type: span_count, span_count: {min_spans: 3}}]");
+    r.send(0, vec![root(tid(1), 1), child(tid(1), 2), child(tid(1), 3)]);
+    r.send(0, vec![root(tid(2), 1), child(tid(2), 2)]);
+    let out = r.tick(3_000);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|s| s.trace_id == tid(1)));
+    assert_eq!(r.p.stats().spans_dropped, 2);
+}
+
 // ---------------------------------------------------------------- tenants
 
 #[test]
