@@ -88,32 +88,65 @@ pub fn self_info(cfg: &Config) -> SelfInfo {
 }
 
 /// How long a batch whose client still waits for its answer (it carries acks) waits for room in
-/// the next stage or exporter queue before it is refused: its acks fail, its client is answered
+/// the next stage or exporter queue before it is refused (one bound per turn of a stage, shared
+/// by the batches it sends): its acks fail, its client is answered
 /// `UNAVAILABLE` / 503 and sends again, and the batch is dropped here and counted
 /// (`tailweave_processor_dropped_spans_total{reason="refused_downstream_full"}`), so a retry does
 /// not duplicate it. Batches without acks (a holding stage's output, already answered for) wait
 /// for room as long as it takes: that is the backpressure that stops the stage.
 const REFUSE_AFTER: Duration = Duration::from_secs(1);
 
-/// Sends `batch` on `tx`: waiting for room, bounded by [`REFUSE_AFTER`] when a client waits for
-/// it. `false`: not sent (refused or closed), its acks failed.
-async fn send_or_refuse(tx: &mpsc::Sender<SpanBatch>, batch: SpanBatch, at: &str) -> bool {
-    let (b, why) = if batch.acks.is_empty() {
-        match tx.send(batch).await {
-            Ok(()) => return true,
-            Err(mpsc::error::SendError(b)) => (b, "pipeline stopped"),
+/// Why a bounded send gave a batch back.
+enum NotSent {
+    Full(SpanBatch),
+    Closed(SpanBatch),
+}
+
+/// Sends `batch` on `tx`, waiting for room until `deadline` (then `Full`); a `deadline` of `None`
+/// waits as long as it takes.
+async fn send_by(
+    tx: &mpsc::Sender<SpanBatch>,
+    batch: SpanBatch,
+    deadline: Option<Instant>,
+) -> Result<(), NotSent> {
+    let Some(deadline) = deadline else {
+        return tx
+            .send(batch)
+            .await
+            .map_err(|mpsc::error::SendError(b)| NotSent::Closed(b));
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return tx.try_send(batch).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(b) => NotSent::Full(b),
+            mpsc::error::TrySendError::Closed(b) => NotSent::Closed(b),
+        });
+    }
+    tx.send_timeout(batch, left).await.map_err(|e| match e {
+        mpsc::error::SendTimeoutError::Timeout(b) => NotSent::Full(b),
+        mpsc::error::SendTimeoutError::Closed(b) => NotSent::Closed(b),
+    })
+}
+
+/// Sends `batch` on `tx`: a batch a client waits for (it carries acks) waits for room until
+/// `deadline` (one [`REFUSE_AFTER`] per turn of the stage, shared by the batches it sends), then
+/// is refused; any other batch waits as long as it takes. `false`: not sent, its acks failed.
+async fn send_or_refuse(
+    tx: &mpsc::Sender<SpanBatch>,
+    batch: SpanBatch,
+    at: &str,
+    deadline: Instant,
+) -> bool {
+    let bound = (!batch.acks.is_empty()).then_some(deadline);
+    let (b, why) = match send_by(tx, batch, bound).await {
+        Ok(()) => return true,
+        Err(NotSent::Full(b)) => {
+            metrics::counter!(names::PROCESSOR_DROPPED_SPANS, "processor" => at.to_string(),
+                "reason" => "refused_downstream_full")
+            .increment(b.len() as u64);
+            (b, "pipeline full")
         }
-    } else {
-        match tx.send_timeout(batch, REFUSE_AFTER).await {
-            Ok(()) => return true,
-            Err(mpsc::error::SendTimeoutError::Timeout(b)) => {
-                metrics::counter!(names::PROCESSOR_DROPPED_SPANS, "processor" => at.to_string(),
-                    "reason" => "refused_downstream_full")
-                .increment(b.len() as u64);
-                (b, "pipeline full")
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(b)) => (b, "pipeline stopped"),
-        }
+        Err(NotSent::Closed(b)) => (b, "pipeline stopped"),
     };
     for a in &b.acks {
         a.fail(why);
@@ -132,39 +165,27 @@ struct ExporterInput {
 }
 
 impl ExporterInput {
-    async fn send(&self, mut batch: SpanBatch) -> bool {
+    async fn send(&self, mut batch: SpanBatch, deadline: Instant) -> bool {
         if self.durable {
-            return send_or_refuse(&self.tx, batch, &self.id).await;
+            return send_or_refuse(&self.tx, batch, &self.id, deadline).await;
         }
         // Taken when the queue takes it; the acks still bound the wait for room.
         let acks = std::mem::take(&mut batch.acks);
-        let bound = if acks.is_empty() {
-            None
-        } else {
-            Some(REFUSE_AFTER)
-        };
-        let r = match bound {
-            None => self.tx.send(batch).await.map_err(|_| "exporter stopped"),
-            Some(t) => match self.tx.send_timeout(batch, t).await {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::SendTimeoutError::Timeout(b)) => {
-                    metrics::counter!(names::EXPORTER_ENQUEUE_FAILED_SPANS, "exporter" => self.id.clone(),
-                        "reason" => "queue_full")
-                    .increment(b.len() as u64);
-                    Err("sending queue full")
-                }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => Err("exporter stopped"),
-            },
-        };
-        match r {
-            Ok(()) => true,
-            Err(why) => {
-                for a in &acks {
-                    a.fail(why);
-                }
-                false
+        let bound = (!acks.is_empty()).then_some(deadline);
+        let why = match send_by(&self.tx, batch, bound).await {
+            Ok(()) => return true,
+            Err(NotSent::Full(b)) => {
+                metrics::counter!(names::EXPORTER_ENQUEUE_FAILED_SPANS, "exporter" => self.id.clone(),
+                    "reason" => "queue_full")
+                .increment(b.len() as u64);
+                "sending queue full"
             }
+            Err(NotSent::Closed(_)) => "exporter stopped",
+        };
+        for a in &acks {
+            a.fail(why);
         }
+        false
     }
 }
 
@@ -177,9 +198,9 @@ enum Next {
 impl Next {
     /// Waits for room: a full downstream stops this stage, and so, upstream, the receivers. A
     /// batch a client waits for is refused after [`REFUSE_AFTER`] instead.
-    async fn send(&self, batch: SpanBatch, from: &str) -> bool {
+    async fn send(&self, batch: SpanBatch, from: &str, deadline: Instant) -> bool {
         match self {
-            Next::Stage(tx) => send_or_refuse(tx, batch, from).await,
+            Next::Stage(tx) => send_or_refuse(tx, batch, from, deadline).await,
             Next::Exporters(txs) => {
                 let mut ok = true;
                 let n = txs.len();
@@ -190,7 +211,7 @@ impl Next {
                     } else {
                         batch.clone().unwrap_or_default()
                     };
-                    ok &= tx.send(b).await;
+                    ok &= tx.send(b, deadline).await;
                 }
                 ok
             }
@@ -237,8 +258,11 @@ async fn send_merged(
         }
         last.acks.extend(acks);
     }
+    // One bound for the whole turn: a stage whose downstream stays full refuses what it holds
+    // within about REFUSE_AFTER, so the clients waiting in its input are answered soon too.
+    let deadline = Instant::now() + REFUSE_AFTER;
     for b in merged {
-        send_one(b, next, outgoing, id, pipeline).await;
+        send_one(b, next, outgoing, id, pipeline, deadline).await;
     }
 }
 
@@ -248,10 +272,11 @@ async fn send_one(
     outgoing: &metrics::Counter,
     id: &str,
     pipeline: &str,
+    deadline: Instant,
 ) {
     outgoing.increment(b.len() as u64);
     let n = b.len();
-    if !next.send(b, id).await {
+    if !next.send(b, id, deadline).await {
         tracing::debug!(processor = %id, pipeline = %pipeline, spans = n,
             "downstream full or closed: batch refused, its clients answered with a retryable error");
     }
