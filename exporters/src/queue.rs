@@ -60,6 +60,8 @@ pub const EXPORTER_DECISION_TO_EXPORT_SECONDS: &str =
 
 /// `reason` label: a batch larger than the whole on-disk queue (`sending_queue.max_size_mib`).
 pub const REASON_TOO_LARGE_FOR_QUEUE: &str = "too_large_for_queue";
+/// A send that panicked (caught, see `deliver_guarded`).
+pub const REASON_PANIC: &str = "panic";
 /// `reason` label: a record of the on-disk queue that no longer decodes as an OTLP request.
 pub const REASON_UNREADABLE: &str = "unreadable";
 
@@ -724,7 +726,7 @@ async fn consume_disk(shared: Arc<Shared>, q: Arc<DiskQueue>, reported_corrupt: 
                     shared.count_failed(bad, REASON_UNREADABLE);
                 }
                 if !d.spans.is_empty() {
-                    shared.deliver(&d.spans, rec.decided_at).await;
+                    shared.deliver_guarded(&d.spans, rec.decided_at).await;
                 }
             }
             Err(e) => {
@@ -758,12 +760,26 @@ async fn consume(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<SpanBatch>>>)
         };
         let Some(batch) = batch else { break };
         if !batch.is_empty() {
-            shared.deliver(&batch.spans, batch.decided_at).await;
+            shared.deliver_guarded(&batch.spans, batch.decided_at).await;
         }
     }
 }
 
 impl Shared {
+    /// [`Shared::deliver`], with a panic in the destination caught: the batch is counted as
+    /// failed (`reason="panic"`) and logged, and the sender task goes on. An uncaught panic ended
+    /// the task; with every sender gone the queue's channel closed and what it held was lost.
+    async fn deliver_guarded(&self, spans: &[Span], decided_at: Option<std::time::Instant>) {
+        use futures::FutureExt;
+        let r = std::panic::AssertUnwindSafe(self.deliver(spans, decided_at))
+            .catch_unwind()
+            .await;
+        if r.is_err() {
+            self.count_failed(spans.len() as u64, REASON_PANIC);
+            tracing::error!(exporter = %self.id, spans = spans.len(), "dropping batch: the exporter panicked while sending it");
+        }
+    }
+
     async fn deliver(&self, spans: &[Span], decided_at: Option<std::time::Instant>) {
         let n = spans.len() as u64;
         let id = &self.id;
@@ -1468,6 +1484,35 @@ mod tests {
         running.done.await.unwrap();
         assert_eq!(stats.sent(), accepted * 200);
         assert_eq!(stats.failed(), 0);
+    }
+
+    /// Panics on its first send, then accepts.
+    #[derive(Default)]
+    struct PanicsOnce {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Destination for PanicsOnce {
+        async fn send(&self, _spans: &[Span]) -> Result<Accepted, ExportError> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) == 0 {
+                panic!("a destination bug");
+            }
+            Ok(Accepted::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_send_is_counted_and_the_queue_goes_on() {
+        let mut s = no_jitter();
+        s.queue.num_consumers = 1;
+        let (running, stats) = spawn("otlp/x", &s, Arc::new(PanicsOnce::default()));
+        running.input.send(SpanBatch::new(spans(3))).await.unwrap();
+        running.input.send(SpanBatch::new(spans(4))).await.unwrap();
+        drop(running.input);
+        running.done.await.unwrap();
+        // The one sender task survived its panic and delivered the second batch.
+        assert_eq!((stats.failed(), stats.sent()), (3, 4));
     }
 
     #[tokio::test]
