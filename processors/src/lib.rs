@@ -19,6 +19,7 @@ pub mod batch;
 pub mod extract;
 pub mod join;
 pub mod propagate;
+mod record_log;
 pub mod self_filter;
 pub mod span_metrics;
 pub mod tail_sampling;

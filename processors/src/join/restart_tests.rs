@@ -247,7 +247,7 @@ fn compaction_keeps_the_live_state_and_shrinks_the_log() {
     let out = tick(&mut j, t0 + LATER);
     assert_eq!(out.len(), 20);
     // From here on any growth is enough (64 MiB otherwise).
-    j.durable.as_mut().unwrap().log.set_compact_min(1);
+    j.durable.as_mut().unwrap().log.log.set_compact_min(1);
     // One unit stays in flight downstream; three traces are still held.
     let mut out = out.into_iter();
     let in_flight = out.next().unwrap();

@@ -1,12 +1,9 @@
 //! The join's restart-safe log (`storage: file`): the spans it holds and which of them went out
 //! in units that downstream took.
 //!
-//! Each record is `tag u8 | len u32 | payload | check u32` (little endian; the check is FNV-1a
-//! over tag and payload, as in `tail_sampling`'s log), so a record torn by a crash is recognised
-//! and the log is cut there. Records:
-//! - scope: a scope with its resource, written once and referenced by id (the map that remembers
-//!   written scopes holds `Weak`s, so it pins no request buffer and a freed scope's address is
-//!   never mistaken for a new one);
+//! The framing, the scope records (a scope with its resource, written once and referenced by
+//! id) and the file handling are `crate::record_log`'s, shared with `tail_sampling`. This log's
+//! own records:
 //! - span: a log id (growing with arrival), the scope id, source, marks, the encoded span and
 //!   the normalized eBPF model, which the join's rules read and which the span's attributes
 //!   alone cannot always give back (the native `ebpf` receiver fills it directly);
@@ -16,24 +13,19 @@
 //! A replay keeps the spans with no done record, in log id order.
 
 use std::collections::HashMap as StdHashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes};
 use hashbrown::HashSet;
 use tailweave_core::ebpf::{EbpfSpan, Signal, TapSide};
 use tailweave_core::span::SpanMarks;
-use tailweave_core::{Resource, Scope, Span, SpanSource};
+use tailweave_core::{Scope, Span, SpanSource};
 
-/// The log is rewritten only once it holds at least this much.
-pub(crate) const COMPACT_MIN_BYTES: u64 = 64 << 20;
-/// Scopes remembered as written before the map starts afresh (ids are never reused).
-const MAX_SCOPE_IDS: usize = 65_536;
+use crate::record_log::{self, bad, put_bytes, RecordLog, TAG_SCOPE};
 
-const TAG_SCOPE: u8 = 1;
 const TAG_SPAN: u8 = 2;
 const TAG_DONE: u8 = 3;
 
@@ -49,45 +41,7 @@ pub(crate) struct Replayed {
 }
 
 pub(crate) struct Storage {
-    path: PathBuf,
-    file: File,
-    buf: Vec<u8>,
-    scopes: StdHashMap<usize, (u32, Weak<Scope>)>,
-    next_scope: u32,
-    len: u64,
-    compacted_len: u64,
-    /// No compaction below this size (`COMPACT_MIN_BYTES`; smaller in tests).
-    compact_min: u64,
-    dirty: bool,
-}
-
-fn check(tag: u8, payload: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for &b in std::iter::once(&tag).chain(payload) {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
-fn bad(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
-}
-
-fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
-    b.put_u32_le(v.len() as u32);
-    b.put_slice(v);
-}
-
-fn frame(out: &mut Vec<u8>, tag: u8, payload: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    out.put_u8(tag);
-    out.put_u32_le(0);
-    payload(out);
-    let len = out.len() - start - 5;
-    out[start + 1..start + 5].copy_from_slice(&(len as u32).to_le_bytes());
-    let c = check(tag, &out[start + 5..]);
-    out.put_u32_le(c);
+    pub(super) log: RecordLog,
 }
 
 /// Reads fields of one record; every read is checked, a short record is an error.
@@ -307,89 +261,19 @@ impl Storage {
     /// Opens (creating if needed) the log `name` in `dir` and reads what it holds. A torn or
     /// damaged record and everything after it are cut off.
     pub fn open(dir: &Path, name: &str) -> io::Result<(Storage, Replayed)> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{name}.log"));
-        let mut data = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut data)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let total = data.len() as u64;
-        let (replayed, good) = replay(Bytes::from(data));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
-        file.set_len(good)?;
-        let mut st = Storage {
-            path,
-            file,
-            buf: Vec::new(),
-            scopes: StdHashMap::new(),
-            next_scope: 0,
-            len: good,
-            compacted_len: good,
-            compact_min: COMPACT_MIN_BYTES,
-            dirty: false,
-        };
-        st.file.seek(io::SeekFrom::Start(good))?;
+        let (log, replayed, truncated) = RecordLog::open(dir, name, replay)?;
         Ok((
-            st,
+            Storage { log },
             Replayed {
-                truncated: total - good,
+                truncated,
                 ..replayed
             },
         ))
     }
 
-    fn scope_id(&mut self, scope: &Arc<Scope>) -> u32 {
-        let addr = Arc::as_ptr(scope) as usize;
-        if let Some((id, w)) = self.scopes.get(&addr) {
-            if w.strong_count() > 0 {
-                return *id;
-            }
-        }
-        if self.scopes.len() >= MAX_SCOPE_IDS {
-            self.scopes.clear();
-        }
-        let id = self.next_scope;
-        self.next_scope = self.next_scope.wrapping_add(1);
-        self.scopes.insert(addr, (id, Arc::downgrade(scope)));
-        let r = &scope.resource;
-        frame(&mut self.buf, TAG_SCOPE, |b| {
-            b.put_u32_le(id);
-            put_bytes(b, &r.raw);
-            put_bytes(b, &r.schema_url);
-            put_bytes(b, &scope.raw);
-            put_bytes(b, &scope.schema_url);
-        });
-        id
-    }
-
     /// Logs a span the join now holds, under log id `lid`.
     pub fn span(&mut self, lid: u64, s: &Span) {
-        let scope = self.scope_id(&s.scope);
-        frame(&mut self.buf, TAG_SPAN, |b| {
-            b.put_u64_le(lid);
-            b.put_u32_le(scope);
-            b.put_u8(match s.source {
-                SpanSource::Sdk => 0,
-                SpanSource::Ebpf => 1,
-            });
-            b.put_u8(s.marks.late as u8 | (s.marks.timed_out as u8) << 1);
-            put_bytes(b, &s.raw);
-            match s.ebpf.as_deref() {
-                None => b.put_u8(0),
-                Some(e) => {
-                    b.put_u8(1);
-                    encode_model(b, e);
-                }
-            }
-        });
+        write_span(&mut self.log, lid, s);
     }
 
     /// Logs that the spans `lids` left the join for good.
@@ -397,7 +281,7 @@ impl Storage {
         if lids.len() == 0 {
             return;
         }
-        frame(&mut self.buf, TAG_DONE, |b| {
+        self.log.record(TAG_DONE, |b| {
             b.put_u32_le(lids.len() as u32);
             for l in lids {
                 b.put_u64_le(l);
@@ -407,106 +291,64 @@ impl Storage {
 
     /// Hands the records written so far to the OS (they survive `kill -9` from here on).
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let r = self.file.write_all(&self.buf);
-        if r.is_err() {
-            // Part of the buffer may be in the file: a torn record, cut at the next open.
-            // Later records must not follow it, so the file is rewound to the last good end.
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(io::SeekFrom::Start(self.len));
-            self.buf.clear();
-            // Scopes written in the lost buffer must be written again.
-            self.scopes.clear();
-            return r;
-        }
-        self.len += self.buf.len() as u64;
-        self.buf.clear();
-        self.dirty = true;
-        Ok(())
+        self.log.flush()
     }
 
     /// Flushes and makes the log durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.flush()?;
-        if self.dirty {
-            self.file.sync_data()?;
-            self.dirty = false;
-        }
-        Ok(())
-    }
-
-    #[cfg(test)]
-    pub fn set_compact_min(&mut self, bytes: u64) {
-        self.compact_min = bytes;
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len + self.buf.len() as u64
+        self.log.sync()
     }
 
     pub fn wants_compaction(&self) -> bool {
-        self.len() > self.compact_min.max(2 * self.compacted_len)
+        self.log.wants_compaction()
     }
 
-    /// Replaces the log with `spans` (written to a new file, synced, renamed over the old one).
+    /// Replaces the log with `spans`.
     pub fn compact<'a>(&mut self, spans: impl Iterator<Item = (u64, &'a Span)>) -> io::Result<()> {
-        self.buf.clear();
-        self.scopes.clear();
-        for (lid, s) in spans {
-            self.span(lid, s);
-        }
-        let tmp = self.path.with_extension("log.tmp");
-        let r = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&self.buf)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, &self.path)?;
-            // The rename must be durable too, or a crash could bring the old log back.
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)?.sync_all()?;
+        self.log.rewrite(|log| {
+            for (lid, s) in spans {
+                write_span(log, lid, s);
             }
-            Ok::<_, io::Error>(())
-        })();
-        let written = std::mem::take(&mut self.buf);
-        self.scopes.clear();
-        r?;
-        self.len = written.len() as u64;
-        self.compacted_len = self.len;
-        self.file = OpenOptions::new().write(true).open(&self.path)?;
-        self.file.seek(io::SeekFrom::Start(self.len))?;
-        self.dirty = false;
-        Ok(())
+        })
     }
+}
+
+fn write_span(log: &mut RecordLog, lid: u64, s: &Span) {
+    let scope = log.scope_id(&s.scope);
+    log.record(TAG_SPAN, |b| {
+        b.put_u64_le(lid);
+        b.put_u32_le(scope);
+        b.put_u8(match s.source {
+            SpanSource::Sdk => 0,
+            SpanSource::Ebpf => 1,
+        });
+        b.put_u8(s.marks.late as u8 | (s.marks.timed_out as u8) << 1);
+        put_bytes(b, &s.raw);
+        match s.ebpf.as_deref() {
+            None => b.put_u8(0),
+            Some(e) => {
+                b.put_u8(1);
+                encode_model(b, e);
+            }
+        }
+    });
 }
 
 /// Reads records until the end or the first damaged one; returns what they say and the good
 /// length.
-pub(crate) fn replay(mut data: Bytes) -> (Replayed, u64) {
+pub(crate) fn replay(data: Bytes) -> (Replayed, u64) {
     let mut scopes: StdHashMap<u32, Arc<Scope>> = StdHashMap::new();
     let mut strs: StdHashMap<Bytes, Arc<str>> = StdHashMap::new();
     let mut spans: Vec<(u64, Span)> = Vec::new();
     let mut done: HashSet<u64> = HashSet::new();
     let mut max_lid = 0u64;
-    let mut good = 0u64;
-    while data.remaining() >= 9 {
-        let tag = data[0];
-        let len = u32::from_le_bytes([data[1], data[2], data[3], data[4]]) as usize;
-        if data.remaining() - 9 < len {
-            break;
-        }
-        let payload = data.slice(5..5 + len);
-        let c = u32::from_le_bytes([data[5 + len], data[6 + len], data[7 + len], data[8 + len]]);
-        if c != check(tag, &payload) {
-            break;
-        }
+    let good = record_log::records(data, |tag, payload| {
         let mut r = Rd {
             p: payload,
             strs: &mut strs,
         };
-        let ok = match tag {
-            TAG_SCOPE => read_scope(&mut r).map(|(id, s)| {
+        match tag {
+            TAG_SCOPE => record_log::read_scope(&mut r.p).map(|(id, s)| {
                 scopes.insert(id, s);
             }),
             TAG_SPAN => read_span(&mut r, &scopes).map(|(lid, s)| {
@@ -520,13 +362,8 @@ pub(crate) fn replay(mut data: Bytes) -> (Replayed, u64) {
                 }
             }),
             _ => Err(bad("unknown record")),
-        };
-        if ok.is_err() {
-            break;
         }
-        data.advance(9 + len);
-        good += 9 + len as u64;
-    }
+    });
     spans.retain(|(lid, _)| !done.contains(lid));
     spans.sort_by_key(|(lid, _)| *lid);
     // A span logged twice (never by this code, but a log is input) is held once.
@@ -539,15 +376,6 @@ pub(crate) fn replay(mut data: Bytes) -> (Replayed, u64) {
         },
         good,
     )
-}
-
-fn read_scope(r: &mut Rd<'_>) -> io::Result<(u32, Arc<Scope>)> {
-    let id = r.u32()?;
-    let rraw = r.bytes()?;
-    let rschema = r.bytes()?;
-    let sraw = r.bytes()?;
-    let sschema = r.bytes()?;
-    Ok((id, Scope::new(Resource::new(rraw, rschema), sraw, sschema)))
 }
 
 fn read_span(r: &mut Rd<'_>, scopes: &StdHashMap<u32, Arc<Scope>>) -> io::Result<(u64, Span)> {
