@@ -296,6 +296,20 @@ struct Inflight {
     spans: Vec<Span>,
 }
 
+/// Logs `delivered` for the batches of `inflight` downstream has taken, and forgets them.
+fn note_taken(inflight: &mut Vec<Inflight>, st: &mut Storage) {
+    inflight.retain_mut(|f| match f.wait.try_take() {
+        None => true,
+        // Taken, or refused downstream (counted there): either way not sent again.
+        Some(_) => {
+            for k in &f.keys {
+                st.delivered(*k);
+            }
+            false
+        }
+    });
+}
+
 /// How long a stopping sampler waits, in the background, for downstream to take its last kept
 /// batches before the log says so; a process gone sooner sends them again after its restart.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(10);
@@ -972,19 +986,9 @@ impl TailSampling {
 
     /// Logs `delivered` for the emitted batches downstream has taken since the last look.
     fn settle_inflight(&mut self) {
-        let Some(st) = &mut self.storage else {
-            return;
-        };
-        self.inflight.retain_mut(|f| match f.wait.try_take() {
-            None => true,
-            // Taken, or refused downstream (counted there): either way not sent again.
-            Some(_) => {
-                for k in &f.keys {
-                    st.delivered(*k);
-                }
-                false
-            }
-        });
+        if let Some(st) = &mut self.storage {
+            note_taken(&mut self.inflight, st);
+        }
     }
 
     /// Hands the counts since the last flush to `metrics`.
@@ -1276,15 +1280,7 @@ impl Processor for TailSampling {
             std::thread::spawn(move || {
                 let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
                 while !inflight.is_empty() && Instant::now() < deadline {
-                    inflight.retain_mut(|f| match f.wait.try_take() {
-                        None => true,
-                        Some(_) => {
-                            for k in &f.keys {
-                                st.delivered(*k);
-                            }
-                            false
-                        }
-                    });
+                    note_taken(&mut inflight, &mut st);
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 if let Err(e) = st.sync() {
