@@ -21,6 +21,8 @@ pub mod otlp_http;
 pub mod prometheus;
 pub mod prometheus_remote_write;
 pub mod queue;
+#[cfg(test)]
+mod test_pki;
 
 /// Every exporter type this build knows.
 pub const KINDS: &[&str] = &[

@@ -725,59 +725,11 @@ mod tests {
 
     mod tls {
         use super::*;
+        use crate::test_pki::Pki;
         use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         use std::path::PathBuf;
         use tailweave_core::tls::tokio_rustls::TlsConnector;
         use tailweave_core::tls::ClientTlsSettings;
-
-        /// A CA and the PEM files of the leaves it signs, in a tempdir.
-        struct Pki {
-            dir: tempfile::TempDir,
-            ca: Issuer<'static, KeyPair>,
-        }
-
-        impl Pki {
-            fn new(name: &str) -> Pki {
-                let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-                params.distinguished_name.push(DnType::CommonName, name);
-                let key = KeyPair::generate().unwrap();
-                let cert = params.self_signed(&key).unwrap();
-                let dir = tempfile::tempdir().unwrap();
-                std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-                Pki {
-                    dir,
-                    ca: Issuer::new(params, key),
-                }
-            }
-
-            fn path(&self, f: &str) -> PathBuf {
-                self.dir.path().join(f)
-            }
-
-            fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-                let params =
-                    CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                        .unwrap();
-                let key = KeyPair::generate().unwrap();
-                let cert = params.signed_by(&key, &self.ca).unwrap();
-                let (c, k) = (
-                    self.path(&format!("{stem}.pem")),
-                    self.path(&format!("{stem}.key")),
-                );
-                std::fs::write(&c, cert.pem()).unwrap();
-                std::fs::write(&k, key.serialize_pem()).unwrap();
-                (c, k)
-            }
-
-            fn trusted_by_client(&self) -> ClientTlsSettings {
-                ClientTlsSettings {
-                    ca_file: Some(self.path("ca.pem")),
-                    ..Default::default()
-                }
-            }
-        }
 
         fn start(reg: Arc<RedRegistry>, tls: ServerTlsSettings) -> (RunningExporter, SocketAddr) {
             let cfg = PrometheusExporterConfig {

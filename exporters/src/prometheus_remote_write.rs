@@ -1123,52 +1123,9 @@ mod tests {
 
     // ---- TLS ----------------------------------------------------------------------------------
 
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    use std::path::{Path, PathBuf};
+    use crate::test_pki::Pki;
+    use std::path::Path;
     use tailweave_core::tls::{ServerTls, ServerTlsSettings};
-
-    /// A throwaway CA in a tempdir, and the PEM files of the leaves it signs.
-    struct Pki {
-        dir: tempfile::TempDir,
-        ca: Issuer<'static, KeyPair>,
-    }
-
-    impl Pki {
-        fn new(name: &str) -> Pki {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-            Pki {
-                dir,
-                ca: Issuer::new(params, key),
-            }
-        }
-
-        fn path(&self, f: &str) -> PathBuf {
-            self.dir.path().join(f)
-        }
-
-        /// Writes `<stem>.pem` and `<stem>.key`, a leaf valid for `names`.
-        fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &self.ca)
-                .unwrap();
-            let (c, k) = (
-                self.path(&format!("{stem}.pem")),
-                self.path(&format!("{stem}.key")),
-            );
-            std::fs::write(&c, cert.pem()).unwrap();
-            std::fs::write(&k, key.serialize_pem()).unwrap();
-            (c, k)
-        }
-    }
 
     /// What a TLS receiver saw besides the requests: the DER of the first certificate each
     /// client presented (`None`: none), per finished handshake.
