@@ -114,7 +114,7 @@ struct RunResult {
 const HELD_WAIT: Duration = Duration::from_secs(7);
 
 fn run_once(pipeline: &str, scenario: &[&str], traces: u64, conns: u64) -> RunResult {
-    let sink = Sink::start_blocking();
+    let sink = Sink::start_counting_blocking();
     let ports = Ports::new();
     let c = Collector::start(&template(pipeline, &sink), ports);
     let pid = c.child.id();
@@ -187,7 +187,7 @@ struct Held {
 }
 
 fn hold_phase(traces: u64) -> Held {
-    let sink = Sink::start_blocking();
+    let sink = Sink::start_counting_blocking();
     let c = Collector::start(&template("hold.yaml", &sink), Ports::new());
     let pid = c.child.id();
     let dir = tempfile::tempdir().unwrap();

@@ -742,6 +742,57 @@ async fn kill_9_of_a_relay_loses_no_span_it_answered_ok() {
     );
 }
 
+/// The process that reads a collector's logs dies (the e2e bench did once, killed by the OOM
+/// killer, and with it the pipes of the collector it had started): every log line then fails
+/// to write. The collector must go on as before, not panic: it used to die at start-up, and
+/// a task that logged while running ended with it (the exporter's senders: "exporter stopped").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_whose_log_reader_died_serves_and_delivers_everything() {
+    let sink = Sink::start().await;
+    sink.set_mode(SinkMode::Unavailable);
+    let yaml = config(&sink, "", "{num_consumers: 4, queue_size: 1000}");
+    let mut c =
+        tokio::task::block_in_place(|| Collector::start_without_log_reader(&yaml, Ports::new()));
+    let mut cl = client(&c.grpc_endpoint()).await;
+    let mut t = Tally::default();
+    for no in 1..=20 {
+        send(&mut cl, no, 50, &mut t).await;
+    }
+    // The exporter retries, logging each retry, while the destination refuses.
+    wait_for_async("export attempts refused", Duration::from_secs(30), || {
+        let n = sink.calls();
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+    sink.set_mode(SinkMode::Accept);
+    for no in 21..=40 {
+        send(&mut cl, no, 50, &mut t).await;
+    }
+    let got = all_delivered(Some(&c), &sink, &t.accepted, Duration::from_secs(60)).await;
+    let lost_lines = c.metric("tailweave_log_lines_lost_total", &[]);
+    eprintln!(
+        "reliability: log reader gone: {} spans accepted, {} delivered, {} export attempts refused \
+         by the destination, {lost_lines} log lines lost",
+        t.accepted.len(),
+        got.len(),
+        sink.calls()
+    );
+    assert_eq!(t.refused_total(), 0, "{:?}", t.refused);
+    assert_eq!(t.accepted.len(), 2000);
+    assert_eq!(missing(&t.accepted, &got), 0);
+    assert_eq!(
+        c.metric("tailweave_exporter_send_failed_spans_total", &[]),
+        0.0
+    );
+    assert!(lost_lines > 0.0, "no log line failed to write");
+    assert!(
+        c.child.try_wait().unwrap().is_none(),
+        "the collector exited"
+    );
+    let st = tokio::task::block_in_place(|| c.terminate());
+    assert!(st.success(), "{st}");
+}
+
 /// The destination's duty cycle in the overload test: stalled, then open.
 const STALL: Duration = Duration::from_millis(1970);
 const OPEN: Duration = Duration::from_millis(30);

@@ -1,6 +1,7 @@
 //! `tailweave`: the binary. Loads and checks the config before binding anything (exit 64 on a bad
 //! config), starts the pipelines, logs the bound addresses, waits for SIGTERM/SIGINT and drains.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -146,7 +147,7 @@ async fn run(cfg: Config, source: String) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("{source}: {e:#}");
-            eprintln!("tailweave: {e:#}");
+            let _ = writeln!(std::io::stderr(), "tailweave: {e:#}");
             return ExitCode::FAILURE;
         }
     };

@@ -20,13 +20,41 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LogsConfig;
 
+/// Where log lines go: stderr, or nowhere when stderr cannot take them (its reader is gone, a
+/// closed pipe). A failed write is counted (`tailweave_log_lines_lost_total`) and the line
+/// dropped: a collector whose log reader died must go on moving spans. tracing-subscriber's
+/// default answer to a failed write is an `eprintln!`, which panics on a closed stderr: the
+/// collector then died at start-up, and a task that logged while running ended (the e2e bench's
+/// "exporter stopped" after the bench process holding the pipe was killed).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            metrics::counter!(names::LOG_LINES_LOST).increment(1);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// Installs the global log subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logs(cfg: &LogsConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter)
+        .log_internal_errors(false);
     let _ = if cfg.encoding == "json" {
         b.json().try_init()
     } else {

@@ -25,3 +25,5 @@ pub const PIPELINE_QUEUE_LENGTH: &str = "tailweave_pipeline_queue_length";
 pub const PROCESS_RSS_BYTES: &str = "tailweave_process_memory_rss_bytes";
 /// Live heap bytes (the binary's counting allocator); with RSS it drives the memory budget.
 pub const PROCESS_HEAP_BYTES: &str = "tailweave_process_memory_heap_bytes";
+/// Log lines that could not be written (stderr closed or full): dropped, never a panic.
+pub const LOG_LINES_LOST: &str = "tailweave_log_lines_lost_total";

@@ -167,6 +167,17 @@ impl Collector {
     /// The YAML must enable `health_check` on `ports.health` and metrics on `ports.metrics`;
     /// `{GRPC}`, `{HTTP}`, `{METRICS}`, `{HEALTH}`, `{EXTRA0..3}` and `{DIR}` are replaced.
     pub fn start(yaml: &str, ports: Ports) -> Collector {
+        Self::spawn(yaml, ports, true)
+    }
+
+    /// [`Collector::start`] with the reading ends of the collector's stdout and stderr closed
+    /// at once, as when the process that read its logs died: every line it writes fails. Logs at
+    /// debug level, so it writes often.
+    pub fn start_without_log_reader(yaml: &str, ports: Ports) -> Collector {
+        Self::spawn(yaml, ports, false)
+    }
+
+    fn spawn(yaml: &str, ports: Ports, read_logs: bool) -> Collector {
         let dir = tempfile::tempdir().expect("tempdir");
         let yaml = fill(yaml, &ports, dir.path());
         let cfg = dir.path().join("config.yaml");
@@ -176,17 +187,22 @@ impl Collector {
             .arg(&cfg)
             .env(
                 "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+                match read_logs {
+                    true => std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+                    // Lines on every retry and request: writes that fail all the time.
+                    false => "debug".into(),
+                },
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tailweave");
         let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
+        let streams = [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
-        ] {
+        ];
+        for stream in streams.into_iter().filter(|_| read_logs) {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -454,6 +470,10 @@ struct SinkState {
     requests: Vec<ExportTraceServiceRequest>,
     mode: Option<SinkMode>,
     calls: u64,
+    /// Spans of the accepted requests.
+    spans: usize,
+    /// Counts requests without keeping them ([`Sink::start_counting_blocking`]).
+    count_only: bool,
 }
 
 /// An in-process OTLP/gRPC sink on 127.0.0.1 collecting what it receives.
@@ -485,9 +505,18 @@ impl TraceService for SinkSvc {
                 SinkMode::Stall => notified.await,
             }
         }
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
         let mut st = self.0.state.lock().expect("sink");
         st.calls += 1;
-        st.requests.push(req);
+        st.spans += n;
+        if !st.count_only {
+            st.requests.push(req);
+        }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -518,6 +547,16 @@ impl Sink {
 
     /// Starts a sink on its own runtime thread (for synchronous tests).
     pub fn start_blocking() -> Sink {
+        Self::blocking(false)
+    }
+
+    /// [`Sink::start_blocking`] for benchmarks: counts spans and drops the requests (a sink that
+    /// kept a million decoded game spans grew to 10 GB and became the bottleneck of the run).
+    pub fn start_counting_blocking() -> Sink {
+        Self::blocking(true)
+    }
+
+    fn blocking(count_only: bool) -> Sink {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -527,6 +566,7 @@ impl Sink {
                 .expect("runtime");
             rt.block_on(async move {
                 let s = Sink::start().await;
+                s.state.lock().expect("sink").count_only = count_only;
                 tx.send(s).expect("send sink");
                 std::future::pending::<()>().await;
             });
@@ -578,13 +618,9 @@ impl Sink {
         out
     }
 
+    /// Spans of every accepted request (counted on receipt: no copy of what the sink holds).
     pub fn span_count(&self) -> usize {
-        self.requests()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|rs| &rs.scope_spans)
-            .map(|ss| ss.spans.len())
-            .sum()
+        self.state.lock().expect("sink").spans
     }
 }
 
