@@ -3,7 +3,9 @@
 //! Builds the release binary, starts it with a benchmark pipeline, drives it with `tailweave loadgen`
 //! (a separate process, several gRPC connections, as fast as it accepts), and reports per run: input
 //! spans/s, tailweave CPU-seconds (utime + stime from `/proc/<pid>/stat`) and so spans per
-//! CPU-second, peak RSS (`VmHWM`), and the p99 decision-to-export latency (from tailweave's own
+//! CPU-second (and encoded request bytes per span and per CPU-second: a game row's span, with its
+//! own resource and DeepFlow's attributes, is several times an SDK span), peak RSS (`VmHWM`), and
+//! the p99 decision-to-export latency (from tailweave's own
 //! histogram). A last phase holds traces in the sampler and reports bytes of RSS per encoded byte of
 //! buffered span. Each configuration runs `E2E_RUNS` times (default 3); the table shows the median.
 //!
@@ -102,6 +104,8 @@ fn p99(metrics: &str, name: &str) -> Option<f64> {
 
 struct RunResult {
     spans_per_s: f64,
+    /// Encoded request bytes per accepted span.
+    bytes_per_span: f64,
     cpu_s: f64,
     spans_per_cpu_s: f64,
     peak_rss_mib: f64,
@@ -137,6 +141,7 @@ fn run_once(pipeline: &str, scenario: &[&str], traces: u64, conns: u64) -> RunRe
     let summary = loadgen(&args, &dir.path().join("summary.json"));
     let elapsed = t0.elapsed().as_secs_f64();
     let accepted = summary["accepted"].as_u64().unwrap_or(0) as f64;
+    let accepted_bytes = summary["accepted_bytes"].as_u64().unwrap_or(0) as f64;
     // CPU while ingesting, and the work on held traces afterwards: the join and the sampler hold
     // the last traces for their waits (benches/e2e/full.yaml: at most 5 s) while the process is
     // nearly idle, so "CPU stopped moving" alone would stop counting before that work is done.
@@ -159,6 +164,7 @@ fn run_once(pipeline: &str, scenario: &[&str], traces: u64, conns: u64) -> RunRe
     let rss = status_kib(pid, "VmHWM") as f64 / 1024.0;
     RunResult {
         spans_per_s: accepted / elapsed,
+        bytes_per_span: accepted_bytes / accepted.max(1.0),
         cpu_s: cpu,
         spans_per_cpu_s: accepted / cpu.max(1e-9),
         peak_rss_mib: rss,
@@ -302,9 +308,9 @@ fn main() {
         ("full", "full.yaml", &["--scenario", "game"]),
     ];
     println!(
-        "| pipeline | scenario | input spans/s | CPU-s | spans per CPU-s | peak RSS MiB | p99 decision->export ms | delivered |"
+        "| pipeline | scenario | input spans/s | CPU-s | spans per CPU-s | bytes per span | MB per CPU-s | peak RSS MiB | p99 decision->export ms | delivered |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("E2E_ONLY").unwrap_or_default();
     for (name, file, scenario) in configs {
         let row = format!("{name}-{}", scenario[1]);
@@ -322,11 +328,18 @@ fn main() {
             })
             .collect();
         println!(
-            "| {name} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            "| {name} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.0} | {} | {} |",
             scenario[1],
             median(results.iter().map(|r| r.spans_per_s).collect()),
             median(results.iter().map(|r| r.cpu_s).collect()),
             median(results.iter().map(|r| r.spans_per_cpu_s).collect()),
+            median(results.iter().map(|r| r.bytes_per_span).collect()),
+            median(
+                results
+                    .iter()
+                    .map(|r| r.spans_per_cpu_s * r.bytes_per_span / 1e6)
+                    .collect()
+            ),
             median(results.iter().map(|r| r.peak_rss_mib).collect()),
             median(
                 results

@@ -32,11 +32,17 @@ pub fn tailweave_bin() -> PathBuf {
         if let Ok(p) = std::env::var("TAILWEAVE_BIN") {
             return PathBuf::from(p);
         }
-        let release = std::env::var("TAILWEAVE_TEST_RELEASE").is_ok();
-        build_tailweave(if release { &["--release"] } else { &[] });
-        target_dir()
-            .join(if release { "release" } else { "debug" })
-            .join("tailweave")
+        if std::env::var("TAILWEAVE_TEST_RELEASE").is_err() {
+            build_tailweave(&[]);
+            return target_dir().join("debug").join("tailweave");
+        }
+        // Its own target directory: `cargo bench` builds the same crates under the same
+        // profile with the suite's features, and sharing `target/release` made each of the two
+        // builds undo the other (minutes of rebuild per bench run).
+        let dir = target_dir().join("bench-bin");
+        let dir = dir.to_str().expect("a UTF-8 target directory");
+        build_tailweave(&["--release", "--target-dir", dir]);
+        Path::new(dir).join("release").join("tailweave")
     })
     .clone()
 }

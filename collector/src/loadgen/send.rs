@@ -141,6 +141,8 @@ pub struct Summary {
     /// Spans handed to the workers (each counted once, however often retried).
     pub spans_sent: u64,
     pub accepted: u64,
+    /// Encoded bytes (uncompressed request bodies) of the requests answered OK.
+    pub accepted_bytes: u64,
     /// Refused after the last retry, or rejected through partial success.
     pub refused: u64,
     /// Failed for another reason (connection error after retries, invalid argument, ...).
@@ -172,6 +174,7 @@ pub enum SendError {
 struct Counters {
     sent: AtomicU64,
     accepted: AtomicU64,
+    accepted_bytes: AtomicU64,
     refused: AtomicU64,
     failed: AtomicU64,
     retries: AtomicU64,
@@ -350,6 +353,7 @@ where
     let elapsed = start.elapsed().as_secs_f64();
     summary.spans_sent = counters.sent.load(Ordering::Relaxed);
     summary.accepted = counters.accepted.load(Ordering::Relaxed);
+    summary.accepted_bytes = counters.accepted_bytes.load(Ordering::Relaxed);
     summary.refused = counters.refused.load(Ordering::Relaxed);
     summary.failed = counters.failed.load(Ordering::Relaxed);
     summary.retries = counters.retries.load(Ordering::Relaxed);
@@ -832,6 +836,7 @@ impl Worker {
         let mut failures_logged = 0u32;
         while let Some(batch) = rx.recv().await {
             let n = batch.spans;
+            let size = batch.body.len() as u64;
             let body = self.client.prepare(batch.body);
             let c = self.counters.clone();
             c.add(&c.sent, n, None);
@@ -843,6 +848,7 @@ impl Worker {
                     Outcome::Done { rejected } => {
                         let rejected = rejected.min(n);
                         c.add(&c.accepted, n - rejected, Some("accepted"));
+                        c.add(&c.accepted_bytes, size, None);
                         c.add(&c.refused, rejected, Some("refused"));
                         break;
                     }

@@ -663,6 +663,13 @@ impl Join {
         }
     }
 
+    /// What the state holds, on `/metrics`: once per call of the stage, not per span or unit.
+    fn publish_gauges(&self) {
+        self.m.pending_spans.set(self.live as f64);
+        self.m.pending_bytes.set(self.bytes as f64);
+        self.m.pending_groups.set(self.groups.len() as f64);
+    }
+
     /// Spans held.
     pub fn pending_spans(&self) -> usize {
         self.live
@@ -865,7 +872,78 @@ impl Join {
         true
     }
 
+    /// A node for `span` in a group of its own.
     fn insert_node(&mut self, span: Span, tenant: u32, agent: u32, now: Instant) -> u32 {
+        let id = self.new_node(span, tenant, agent);
+        let n = self.node(id);
+        let held = n.span.held_bytes();
+        let is_sdk = n.span.ebpf.is_none();
+        let key = match n.span.ebpf.as_deref() {
+            None => Some(n.span.trace_id.0),
+            Some(e) => e.trace_key,
+        };
+        self.groups.insert(
+            id,
+            Group {
+                tenant,
+                trace_key: key,
+                has_sdk: is_sdk,
+                first_sdk: is_sdk.then_some(now),
+                first_any: now,
+                last_seen: now,
+                head: id,
+                tail: id,
+                count: 1,
+                bytes: held,
+                sdk_timed: false,
+                orphan_timed: false,
+                idle_at: None,
+            },
+        );
+        id
+    }
+
+    /// An SDK span of the live trace whose group is rooted at `root`: linked into that group
+    /// directly. What [`Join::insert_node`] and a [`Join::union`] with the trace's group would
+    /// do, without a group of one made and merged away per span (the common case: every span
+    /// of a trace after its first). The span back, nothing done, where the union's guards
+    /// could refuse it.
+    fn append_sdk(
+        &mut self,
+        span: Span,
+        tenant: u32,
+        root: u32,
+        now: Instant,
+    ) -> Result<u32, Span> {
+        let Some(g) = self.groups.get(&root) else {
+            return Err(span);
+        };
+        let k = span.trace_id.0;
+        let other_trace = g.trace_key.is_some_and(|gk| gk != k);
+        if (other_trace && !self.cfg.allow_multiple_trace_ids)
+            || g.count + 1 > self.cfg.max_spans_per_trace
+        {
+            return Err(span);
+        }
+        let id = self.new_node(span, tenant, 0);
+        let held = self.node(id).span.held_bytes();
+        let g = self.groups.get_mut(&root).expect("group");
+        let tail = g.tail;
+        g.tail = id;
+        g.count += 1;
+        g.bytes += held;
+        g.trace_key = g.trace_key.or(Some(k));
+        g.has_sdk = true;
+        g.first_sdk = Some(g.first_sdk.map_or(now, |f| f.min(now)));
+        g.first_any = g.first_any.min(now);
+        g.last_seen = g.last_seen.max(now);
+        self.node_mut(tail).next = id;
+        self.node_mut(id).uf = root;
+        Ok(id)
+    }
+
+    /// A slot for `span`, not yet in a group (its `uf` names itself).
+    fn new_node(&mut self, span: Span, tenant: u32, agent: u32) -> u32 {
         self.seq += 1;
         let node = Node {
             span,
@@ -897,31 +975,8 @@ impl Join {
         let n = self.node_mut(id);
         n.uf = id;
         let held = n.span.held_bytes();
-        let is_sdk = n.span.ebpf.is_none();
-        let key = match n.span.ebpf.as_deref() {
-            None => Some(n.span.trace_id.0),
-            Some(e) => e.trace_key,
-        };
         self.live += 1;
         self.bytes += held;
-        self.groups.insert(
-            id,
-            Group {
-                tenant,
-                trace_key: key,
-                has_sdk: is_sdk,
-                first_sdk: is_sdk.then_some(now),
-                first_any: now,
-                last_seen: now,
-                head: id,
-                tail: id,
-                count: 1,
-                bytes: held,
-                sdk_timed: false,
-                orphan_timed: false,
-                idle_at: None,
-            },
-        );
         let gen = self.nodes[id as usize].gen;
         self.arrivals.push_back((id, gen));
         id
@@ -1008,18 +1063,37 @@ impl Join {
             return;
         }
         let lid = if lid != 0 { lid } else { self.log_span(&span) };
-        let id = self.insert_node(span, tenant, agent, now);
-        self.node_mut(id).lid = lid;
-        if let Some(k) = key {
-            match live_group {
-                Some(other) => {
-                    self.union(id, other);
-                }
-                None => {
-                    self.trace_idx.insert((tenant, k), id);
+        // An SDK span of a live trace joins its group directly; anything else gets a group of
+        // its own, united with the trace's under the guards.
+        let sdk_of_live = live_group.filter(|_| span.ebpf.is_none());
+        let id = match sdk_of_live {
+            Some(other) => {
+                let root = self.find(other);
+                match self.append_sdk(span, tenant, root, now) {
+                    Ok(id) => id,
+                    Err(span) => {
+                        let id = self.insert_node(span, tenant, agent, now);
+                        self.union(id, other);
+                        id
+                    }
                 }
             }
-        }
+            None => {
+                let id = self.insert_node(span, tenant, agent, now);
+                if let Some(k) = key {
+                    match live_group {
+                        Some(other) => {
+                            self.union(id, other);
+                        }
+                        None => {
+                            self.trace_idx.insert((tenant, k), id);
+                        }
+                    }
+                }
+                id
+            }
+        };
+        self.node_mut(id).lid = lid;
         if self.model(id).is_some() && !no_keys {
             self.associate(id);
         }
@@ -1028,7 +1102,6 @@ impl Join {
             g.last_seen = now;
         }
         self.arm(root);
-        self.m.pending_spans.set(self.live as f64);
 
         let size = self.groups.get(&root).map_or(0, |g| g.count);
         if size >= self.cfg.max_spans_per_trace {
@@ -1382,9 +1455,6 @@ impl Join {
                 None => members.push(tree::Member::new(r, Vec::new())),
             }
         }
-        self.m.pending_spans.set(self.live as f64);
-        self.m.pending_bytes.set(self.bytes as f64);
-        self.m.pending_groups.set(self.groups.len() as f64);
 
         if !g.has_sdk {
             let spans = members
@@ -1552,8 +1622,7 @@ impl Processor for Join {
             self.add(now, span, out);
         }
         self.last_tenant = None;
-        self.m.pending_bytes.set(self.bytes as f64);
-        self.m.pending_groups.set(self.groups.len() as f64);
+        self.publish_gauges();
         // With storage the spans are in the file from here: only now is the request taken.
         self.persist(false);
         self.input_acks.clear();
@@ -1562,6 +1631,7 @@ impl Processor for Join {
     fn tick(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {
         self.unstash(out);
         self.due(now, out);
+        self.publish_gauges();
         if let Some(d) = &mut self.durable {
             d.settle();
         }
@@ -1590,6 +1660,7 @@ impl Processor for Join {
         self.tombs = tomb::Tombs::default();
         self.timers.clear();
         self.arrivals.clear();
+        self.publish_gauges();
         if let Some(d) = &mut self.durable {
             d.settle();
             d.shut = true;
