@@ -19,6 +19,7 @@ use tailweave_core::config::{BuildContext, SelfInfo};
 use tailweave_core::otlp::{decode_request, encode_request, DecodeLimits};
 use tailweave_core::{Processor, Span, SpanBatch};
 use tailweave_processors::ProcessorConfig;
+use tailweave_receivers::deepflow::normalize::{normalize_spans, Role};
 
 /// ResourceSpans per request, as `tailweave loadgen` sends them (`--batch-size` default).
 const PER_REQUEST: usize = 32;
@@ -32,8 +33,14 @@ fn traces() -> usize {
 
 /// Request bodies: concatenations of encoded `resource_spans` fields.
 fn requests(traces: usize) -> Vec<Bytes> {
+    scenario_requests(ScenarioKind::Sdk, traces)
+}
+
+/// Request bodies of a scenario's traces: the SDK spans, or for the game scenario only its eBPF
+/// rows (DeepFlow's export: one ResourceSpans per row, dozens of `df.*` attributes).
+fn scenario_requests(kind: ScenarioKind, traces: usize) -> Vec<Bytes> {
     let cfg = ScenarioConfig {
-        scenario: ScenarioKind::Sdk,
+        scenario: kind,
         sdk_spans: 10,
         // As `tailweave loadgen --rate 0` generates them.
         trace_interval_us: 50,
@@ -42,7 +49,11 @@ fn requests(traces: usize) -> Vec<Bytes> {
     let mut g = Generator::new(cfg, 7);
     let mut fields = Vec::new();
     for _ in 0..traces {
-        fields.extend(g.next_wire().sdk);
+        let w = g.next_wire();
+        match kind {
+            ScenarioKind::Game => fields.extend(w.ebpf.into_iter().map(|(e, _)| e)),
+            _ => fields.extend(w.sdk),
+        }
     }
     fields
         .chunks(PER_REQUEST)
@@ -186,6 +197,48 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Elements(kept_spans.max(1) as u64));
     g.bench_function("exporter_encode_kept", |b| {
         b.iter(|| kept.iter().map(|s| encode_request(s).len()).sum::<usize>())
+    });
+    g.finish();
+
+    // DeepFlow rows: reading them into the eBPF model (the otlp/deepflow receivers do it on
+    // receipt), and the self-filter's rules on the rows read.
+    let rows = decode_all(&scenario_requests(ScenarioKind::Game, traces() / 10));
+    let row_spans = span_total(&rows);
+    let normalized: Vec<Vec<Span>> = rows
+        .iter()
+        .cloned()
+        .map(|mut b| {
+            normalize_spans(&mut b, Role::Ebpf);
+            b
+        })
+        .collect();
+    let mut g = c.benchmark_group("stages_ebpf_rows");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(row_spans as u64));
+    g.bench_function("deepflow_normalize", |b| {
+        b.iter_batched(
+            || rows.clone(),
+            |mut batches| {
+                for b in &mut batches {
+                    normalize_spans(b, Role::Ebpf);
+                }
+                batches
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("self_filter", |b| {
+        b.iter_batched(
+            || {
+                (
+                    processor("self_filter", "{}"),
+                    normalized.iter().cloned().map(SpanBatch::new).collect(),
+                )
+            },
+            |(mut p, batches)| run(p.as_mut(), batches),
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

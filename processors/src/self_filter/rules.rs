@@ -415,7 +415,7 @@ impl Rules {
             if server_port != 0
                 && (self.export_ports.contains(&server_port)
                     || self.listen_ports.contains(&server_port))
-                && f.paths.iter().flatten().any(|p| is_otlp_path(p))
+                && f.paths().iter().flatten().any(|p| is_otlp_path(p))
             {
                 return Some(Rule::ExportPath);
             }
@@ -526,7 +526,7 @@ impl ResourceCache {
 }
 
 /// What one eBPF span says about its two ends; `[0]` client, `[1]` server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Facts<'a> {
     pub port: [u16; 2],
     pub ip: [Option<IpAddr>; 2],
@@ -534,8 +534,10 @@ pub struct Facts<'a> {
     pub process: [Option<&'a str>; 2],
     pub host: [Option<&'a str>; 2],
     pub instance: [Option<&'a str>; 2],
-    /// `df.span.endpoint`, `df.http.path`, `rpc.service`, and the span name.
-    pub paths: [Option<&'a str>; 4],
+    /// The span, for [`Facts::paths`].
+    span: &'a Span,
+    /// `df.span.endpoint` as the model has it, or `None`: read from the attributes when asked.
+    endpoint: Option<Option<&'a str>>,
 }
 
 fn nonempty(s: Option<&str>) -> Option<&str> {
@@ -543,7 +545,14 @@ fn nonempty(s: Option<&str>) -> Option<&str> {
 }
 
 impl<'a> Facts<'a> {
-    fn paths_of(span: &'a Span, endpoint: Option<&'a str>) -> [Option<&'a str>; 4] {
+    /// `df.span.endpoint`, `df.http.path`, `rpc.service`, and the span name. Read when a rule
+    /// asks (only spans to or from tailweave's ports): each is a scan of the span's attributes,
+    /// which for every span was most of this processor's time on DeepFlow rows.
+    pub fn paths(&self) -> [Option<&'a str>; 4] {
+        let span = self.span;
+        let endpoint = self
+            .endpoint
+            .unwrap_or_else(|| span.attr("df.span.endpoint").and_then(|v| v.as_str()));
         [
             nonempty(endpoint),
             nonempty(span.attr("df.http.path").and_then(|v| v.as_str())),
@@ -561,7 +570,8 @@ impl<'a> Facts<'a> {
             process: [s(&m.process_name[0]), s(&m.process_name[1])],
             host: [s(&m.host[0]), s(&m.host[1])],
             instance: [s(&m.instance[0]), s(&m.instance[1])],
-            paths: Self::paths_of(span, m.endpoint.as_deref()),
+            span,
+            endpoint: Some(m.endpoint.as_deref()),
         }
     }
 
@@ -607,7 +617,8 @@ impl<'a> Facts<'a> {
             process: [side(&["thread.name"], 0), side(&["thread.name"], 1)],
             host: [side(&hosts, 0), side(&hosts, 1)],
             instance: [side(&inst, 0), side(&inst, 1)],
-            paths: Self::paths_of(span, span.attr("df.span.endpoint").and_then(|v| v.as_str())),
+            span,
+            endpoint: None,
         }
     }
 }
