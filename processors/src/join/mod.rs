@@ -325,6 +325,8 @@ struct Group {
     tenant: u32,
     trace_key: Option<[u8; 16]>,
     has_sdk: bool,
+    /// Members with an eBPF model: none, and the unit leaves as it came (no tree to build).
+    modeled: usize,
     first_sdk: Option<Instant>,
     first_any: Instant,
     last_seen: Instant,
@@ -858,6 +860,7 @@ impl Join {
         g.tail = g2.tail;
         g.count += g2.count;
         g.bytes += g2.bytes;
+        g.modeled += g2.modeled;
         g.trace_key = g.trace_key.or(g2.trace_key);
         g.has_sdk |= g2.has_sdk;
         g.first_sdk = match (g.first_sdk, g2.first_sdk) {
@@ -888,6 +891,7 @@ impl Join {
                 tenant,
                 trace_key: key,
                 has_sdk: is_sdk,
+                modeled: usize::from(!is_sdk),
                 first_sdk: is_sdk.then_some(now),
                 first_any: now,
                 last_seen: now,
@@ -1424,9 +1428,10 @@ impl Join {
             ids.sort_unstable_by_key(|&m| nodes[m as usize].node.as_ref().map_or(0, |n| n.seq));
         }
         if let Some(k) = g.trace_key {
-            if self.trace_idx.get(&(g.tenant, k)).is_some_and(|_| true) {
-                self.trace_idx.remove(&(g.tenant, k));
-            }
+            self.trace_idx.remove(&(g.tenant, k));
+        }
+        if g.modeled == 0 {
+            return self.flush_sdk_only(&g, ids, now, outcome, out);
         }
         // Take the nodes out; absorbed fragments go to their request fragment.
         let mut members: Vec<tree::Member> = Vec::with_capacity(ids.len());
@@ -1505,6 +1510,33 @@ impl Join {
         if !dropped.is_empty() {
             self.unassociated(dropped, out);
         }
+    }
+
+    /// [`Join::flush_unit`] of a unit without eBPF spans: its spans leave as they came, in
+    /// arrival order (`ids`), with no tree to build, nothing indexed to remove and nothing
+    /// merged into another member.
+    fn flush_sdk_only(
+        &mut self,
+        g: &Group,
+        ids: Vec<u32>,
+        now: Instant,
+        outcome: Outcome,
+        out: &mut Vec<SpanBatch>,
+    ) {
+        let mut spans = Vec::with_capacity(ids.len());
+        for id in ids {
+            let n = self.nodes[id as usize].node.take().expect("live node");
+            self.free.push(id);
+            self.live -= 1;
+            self.bytes -= n.span.held_bytes();
+            spans.push(n.span);
+        }
+        self.m.units[outcome as usize].increment(1);
+        self.m.spans_sdk_only.increment(spans.len() as u64);
+        let unit_trace = g.trace_key.unwrap_or_default();
+        self.tombs
+            .record(g.tenant, unit_trace, &spans, now + self.cfg.wait.late_ttl);
+        out.push(SpanBatch::whole(spans));
     }
 
     fn due(&mut self, now: Instant, out: &mut Vec<SpanBatch>) {

@@ -106,6 +106,9 @@ pub(super) struct Tombs {
     /// `Key::Xreq` only: positions, oldest first, at most `XREQ_CANDIDATES`.
     xreq: HashMap<Key, Vec<u64>>,
     pub(super) cap: usize,
+    /// The agent of a unit's own tombstone (none): one shared empty name, not an allocation
+    /// per emitted unit.
+    no_agent: Arc<str>,
 }
 
 impl Default for Tombs {
@@ -116,6 +119,7 @@ impl Default for Tombs {
             keys: HashMap::new(),
             xreq: HashMap::new(),
             cap: 1_000_000,
+            no_agent: Arc::from(""),
         }
     }
 }
@@ -198,7 +202,7 @@ impl Tombs {
             parent: SpanId::ZERO,
             via: Via::TraceId,
             tap: TapSide::Unknown,
-            agent: Arc::from(""),
+            agent: self.no_agent.clone(),
             pid: 0,
             start: 0,
             end: 0,
