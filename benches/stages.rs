@@ -161,6 +161,20 @@ fn stages(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements(spans as u64));
     g.bench_function("receiver_decode", |b| b.iter(|| decode_all(&reqs)));
+    // A shared `otlp` receiver tells DeepFlow rows from SDK spans (ebpf-spans.md §7.1): on SDK
+    // spans this is the marker test alone.
+    g.bench_function("deepflow_detect_sdk", |b| {
+        b.iter_batched(
+            || decoded.clone(),
+            |mut batches| {
+                for b in &mut batches {
+                    normalize_spans(b, Role::Shared);
+                }
+                batches
+            },
+            BatchSize::LargeInput,
+        )
+    });
     g.bench_function("self_filter", |b| {
         b.iter_batched(
             || (processor("self_filter", "{}"), input()),
