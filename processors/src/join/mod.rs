@@ -1069,30 +1069,25 @@ impl Join {
         let lid = if lid != 0 { lid } else { self.log_span(&span) };
         // An SDK span of a live trace joins its group directly; anything else gets a group of
         // its own, united with the trace's under the guards.
-        let sdk_of_live = live_group.filter(|_| span.ebpf.is_none());
-        let id = match sdk_of_live {
+        let appended = match live_group.filter(|_| span.ebpf.is_none()) {
             Some(other) => {
                 let root = self.find(other);
-                match self.append_sdk(span, tenant, root, now) {
-                    Ok(id) => id,
-                    Err(span) => {
-                        let id = self.insert_node(span, tenant, agent, now);
-                        self.union(id, other);
-                        id
-                    }
-                }
+                self.append_sdk(span, tenant, root, now)
             }
-            None => {
+            None => Err(span),
+        };
+        let id = match appended {
+            Ok(id) => id,
+            Err(span) => {
                 let id = self.insert_node(span, tenant, agent, now);
-                if let Some(k) = key {
-                    match live_group {
-                        Some(other) => {
-                            self.union(id, other);
-                        }
-                        None => {
-                            self.trace_idx.insert((tenant, k), id);
-                        }
+                match (live_group, key) {
+                    (Some(other), _) => {
+                        self.union(id, other);
                     }
+                    (None, Some(k)) => {
+                        self.trace_idx.insert((tenant, k), id);
+                    }
+                    (None, None) => {}
                 }
                 id
             }
@@ -1470,16 +1465,8 @@ impl Join {
             return;
         }
         self.m.units[outcome as usize].increment(1);
+        // At least one member has a model here: units without are `flush_sdk_only`'s.
         let unit_trace = g.trace_key.unwrap_or_default();
-        if members.iter().all(|m| m.model().is_none()) {
-            // SDK-only: unchanged.
-            self.m.spans_sdk_only.increment(members.len() as u64);
-            let spans: Vec<Span> = members.into_iter().map(|m| m.span).collect();
-            self.tombs
-                .record(g.tenant, unit_trace, &spans, now + self.cfg.wait.late_ttl);
-            out.push(SpanBatch::whole(spans));
-            return;
-        }
         let plan = tree::build(
             &mut members,
             unit_trace,
