@@ -291,7 +291,7 @@ impl Destination for HttpExporter {
 
 /// An error and its sources: hyper's own text ("client error (Connect)") hides why, e.g. the
 /// TLS handshake failed on an unknown issuer, which is what an operator needs to read.
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(c) = next {

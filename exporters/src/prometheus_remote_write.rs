@@ -48,7 +48,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::otlp::{Connector, TlsConfig};
-use crate::otlp_http::parse_retry_after;
+use crate::otlp_http::{causes, parse_retry_after};
 use crate::prometheus::{check_label_names, fmt_float, label_set, note_kept, series_name};
 use crate::queue::{Backoff, RetryConfig};
 use crate::RunningExporter;
@@ -714,7 +714,7 @@ impl Pusher {
         let resp = client
             .request(req)
             .await
-            .map_err(|e| ExportError::retryable(format!("{}: {}", self.url, chain(&e))))?;
+            .map_err(|e| ExportError::retryable(format!("{}: {}", self.url, causes(&e))))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -741,19 +741,6 @@ impl Pusher {
             Err(ExportError::permanent(message))
         }
     }
-}
-
-/// An error with its causes: hyper's own message ("client error (Connect)") hides why a TLS
-/// handshake failed (e.g. an unknown issuer), which is what an operator needs to see.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -33,19 +33,26 @@ impl Pki {
 
     /// Writes `<stem>.pem` and `<stem>.key`, a leaf valid for `names`.
     pub fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.leaf_pem(names);
+        let (c, k) = (
+            self.path(&format!("{stem}.pem")),
+            self.path(&format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k)
+    }
+
+    /// A leaf valid for `names`: its certificate and key in PEM, for a test that writes them
+    /// itself (in some order, or cut short).
+    pub fn leaf_pem(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(names)
             .unwrap()
             .signed_by(&key, &self.ca)
             .unwrap();
-        let (c, k) = (
-            self.path(&format!("{stem}.pem")),
-            self.path(&format!("{stem}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
     }
 
     /// Client settings trusting this CA.

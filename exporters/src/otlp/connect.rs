@@ -372,40 +372,9 @@ impl Service<Uri> for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_pki::Pki;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use std::path::PathBuf;
     use tailweave_core::tls::ALPN_H2;
-
-    /// A CA in a tempdir; `leaf` makes a client pair it signs.
-    struct Pki {
-        dir: tempfile::TempDir,
-        ca: Issuer<'static, KeyPair>,
-    }
-
-    impl Pki {
-        fn new() -> Pki {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-            Pki {
-                dir,
-                ca: Issuer::new(params, key),
-            }
-        }
-        fn path(&self, f: &str) -> PathBuf {
-            self.dir.path().join(f)
-        }
-        fn leaf(&self) -> (Vec<u8>, Vec<u8>) {
-            let params = CertificateParams::new(vec!["client".to_string()]).unwrap();
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &self.ca).unwrap();
-            (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-        }
-    }
 
     /// The counters by (name, `path` label). A snapshot hands over what was counted since the
     /// one before, so each test takes one, at its end.
@@ -426,9 +395,9 @@ mod tests {
 
     #[test]
     fn files_are_reloaded_only_when_their_bytes_change_and_load() {
-        let pki = Pki::new();
+        let pki = Pki::new("client ca");
         let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
-        let (c1, k1) = pki.leaf();
+        let (c1, k1) = pki.leaf_pem(&["client"]);
         std::fs::write(&cert, &c1).unwrap();
         std::fs::write(&key, &k1).unwrap();
         let settings = ClientTlsSettings {
@@ -446,7 +415,7 @@ mod tests {
             assert_eq!(first.alpn_protocols, vec![ALPN_H2.to_vec()]);
 
             // A new pair: a new config, kept while the files stay as they are.
-            let (c2, k2) = pki.leaf();
+            let (c2, k2) = pki.leaf_pem(&["client"]);
             std::fs::write(&key, &k2).unwrap();
             std::fs::write(&cert, &c2).unwrap();
             let second = tls.current();
@@ -484,10 +453,10 @@ mod tests {
 
     #[test]
     fn a_broken_file_fails_the_start_with_its_path() {
-        let pki = Pki::new();
+        let pki = Pki::new("client ca");
         let key = pki.path("client.key");
         std::fs::write(&key, "not a key").unwrap();
-        let (c, _) = pki.leaf();
+        let (c, _) = pki.leaf_pem(&["client"]);
         std::fs::write(pki.path("client.pem"), c).unwrap();
         let settings = ClientTlsSettings {
             ca_file: Some(pki.path("ca.pem")),
