@@ -146,6 +146,16 @@ impl Ingest {
         .increment(1);
     }
 
+    /// Counts an accepted request: `partial_success` when some of its spans were rejected.
+    fn count_accepted_request(&self, transport: Transport, rejected: u64) {
+        let outcome = if rejected > 0 {
+            "partial_success"
+        } else {
+            "success"
+        };
+        self.count_request(transport, outcome);
+    }
+
     fn count_refused(&self, transport: Transport, reason: &'static str, n: u64) {
         if n > 0 {
             metrics::counter!(REFUSED_SPANS, "receiver" => self.id.to_string(),
@@ -172,14 +182,7 @@ impl Ingest {
                 metrics::counter!(ACCEPTED_SPANS, "receiver" => self.id.to_string(),
                     "transport" => t.transport.as_str())
                 .increment(t.spans);
-                self.count_request(
-                    t.transport,
-                    if rejected > 0 {
-                        "partial_success"
-                    } else {
-                        "success"
-                    },
-                );
+                self.count_accepted_request(t.transport, rejected);
                 Answer::Accepted {
                     rejected,
                     message,
@@ -312,14 +315,7 @@ impl Ingest {
                 }),
             };
         }
-        self.count_request(
-            transport,
-            if rejected > 0 {
-                "partial_success"
-            } else {
-                "success"
-            },
-        );
+        self.count_accepted_request(transport, rejected);
         Answer::Accepted {
             rejected,
             message,
